@@ -1,0 +1,135 @@
+"""Public entry points: ``compile`` and ``explain``."""
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils import _pytree as pytree
+
+from nlcompile.capture import Traceable, flatten_call
+from nlcompile.compiler import Compiled, CompileOptions, compile_signature
+from nlcompile.report import Report, build_report
+from nlcompile.targets.registry import get_target
+
+
+class CompiledFunction:
+    """A compiled model or function: same call signature and outputs as the original.
+
+    Compiles on the first call for each input signature (rank, dtype, device and
+    sizes apart from the time axis, and the non-tensor arguments); a later call
+    with another T reuses the program.  ``captures`` counts compilations.
+    """
+
+    def __init__(self, model_or_fn: Callable, options: CompileOptions):
+        self._traceable = Traceable(model_or_fn)
+        self._options = options
+        self._target = get_target(options.target)
+        self._entries: list[tuple[tuple, Compiled, Any]] = []
+        self.captures = 0
+        if isinstance(model_or_fn, torch.nn.Module):
+            self.__wrapped__ = model_or_fn
+        else:
+            functools.update_wrapper(self, model_or_fn)
+
+    # -- signature handling -------------------------------------------------
+    @staticmethod
+    def _describe(t: torch.Tensor, skip: Sequence[int] = ()) -> tuple:
+        shape = tuple(-1 if d in skip else s for d, s in enumerate(t.shape))
+        return (t.dim(), t.dtype, t.device.type, shape)
+
+    def _find(self, tensors, layout_key):
+        for key, compiled, out_spec in self._entries:
+            if key[0] != layout_key or len(key[1]) != len(tensors):
+                continue
+            skips = {i: [] for i in range(len(tensors))}
+            for i, d in compiled.time_axis:
+                skips[i].append(d)
+            if all(self._describe(t, skips[i]) == key[1][i] for i, t in enumerate(tensors)):
+                return compiled, out_spec
+        return None
+
+    def _check_time_lengths(self, compiled: Compiled, tensors, names) -> None:
+        sizes = {(i, d): tensors[i].shape[d] for i, d in compiled.time_axis}
+        if len(set(sizes.values())) > 1:
+            parts = ", ".join(f"{names[i]} dim {d} = {n}" for (i, d), n in sizes.items())
+            raise ValueError(f"nlcompile: the time axis has different lengths across inputs ({parts}); "
+                             "all inputs must cover the same steps")
+
+    def compiled_for(self, *args, **kwargs) -> Compiled:
+        """The ``Compiled`` entry serving this call (compiling it if needed)."""
+        tensors, layout = flatten_call(args, kwargs)
+        found = self._find(tensors, layout.key())
+        if found is not None:
+            return found[0]
+        params = [t for _, t in self._traceable.named_tensors()]
+        names = [n for n, _ in self._traceable.named_tensors()]
+        compiled = compile_signature(self._traceable, layout, params, tensors, names, self._target, self._options)
+        compiled.input_names = _input_names(self._traceable.target, args, kwargs)
+        self.captures += 1
+        skips = {i: [d for j, d in compiled.time_axis if j == i] for i in range(len(tensors))}
+        key = (layout.key(), tuple(self._describe(t, skips[i]) for i, t in enumerate(tensors)))
+        self._entries.append((key, compiled, self._traceable.out_spec))
+        return compiled
+
+    def __call__(self, *args, **kwargs):
+        compiled = self.compiled_for(*args, **kwargs)
+        if compiled.run is None:
+            return self._traceable.target(*args, **kwargs)
+        tensors, _ = flatten_call(args, kwargs)
+        self._check_time_lengths(compiled, tensors, compiled.input_names)
+        params = [t for _, t in self._traceable.named_tensors()]
+        flat = compiled.run(*params, *tensors)
+        flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
+        return self._traceable.unflatten(flat)
+
+    def explain(self, *args, **kwargs) -> Report:
+        """What was found and chosen for calls shaped like these arguments."""
+        return build_report(self.compiled_for(*args, **kwargs), self._options)
+
+
+def _input_names(target: Callable, args: tuple, kwargs: dict) -> list[str]:
+    """Readable names of the flat tensor inputs (``q``, ``kwargs['initial_state']``...)."""
+    fn = target.forward if isinstance(target, torch.nn.Module) else target
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        params = []
+    leaves, _ = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+    names = []
+    for path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        top, *rest = path[1:] if path else (None,)
+        if path[0].idx == 0:
+            base = params[top.idx] if top.idx < len(params) else f"arg{top.idx}"
+        else:
+            base = str(top.key)
+        names.append(base + "".join(str(p) for p in rest))
+    return names
+
+
+def compile(model_or_fn: Callable, *, target: str = "torch", example_inputs: Sequence | None = None,
+            chunk_size: int | None = None, relax: Sequence[str] = ()) -> CompiledFunction:
+    """Compile the update loops of ``model_or_fn`` into exact chunkwise programs.
+
+    Returns a callable with the same signature and output structure.  It
+    compiles on the first call (or now, when ``example_inputs`` is given) and
+    caches per input signature; the time axis may change length freely.
+    ``relax`` names opt-in relaxations (none exist yet: any name is rejected).
+    """
+    if relax:
+        raise ValueError(f"unknown relaxation(s) {list(relax)}; none are available yet")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    compiled = CompiledFunction(model_or_fn, CompileOptions(target, chunk_size, tuple(relax)))
+    if example_inputs is not None:
+        compiled.compiled_for(*example_inputs)
+    return compiled
+
+
+def explain(model_or_fn: Callable, *example_inputs, target: str = "torch", **example_kwargs) -> Report:
+    """Report the update loops found in ``model_or_fn`` for these example inputs."""
+    fn = model_or_fn if isinstance(model_or_fn, CompiledFunction) else compile(model_or_fn, target=target)
+    return fn.explain(*example_inputs, **example_kwargs)

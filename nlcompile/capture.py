@@ -1,0 +1,174 @@
+"""Capture a function or module as functional ATen graphs at short probe lengths.
+
+Tracing costs tens of ms per unrolled step, so we never trace at the caller's
+T: we find the time axis, cut (or cycle) the inputs to a few steps, and trace
+there.  Parameters and buffers are traced as inputs (``functional_call``), so
+an updated parameter is seen by the compiled program.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from nlcompile.passes.fx.normalize import normalize
+
+
+class CaptureError(Exception):
+    """The model could not be traced; the message names the cause and the line."""
+
+
+class _BudgetExceeded(Exception):
+    pass
+
+
+class _OpBudget(TorchFunctionMode):
+    """Abort a trace that runs far more ops than a short probe can need."""
+
+    def __init__(self, budget: int):
+        super().__init__()
+        self.left = budget
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.left -= 1
+        if self.left < 0:
+            raise _BudgetExceeded()
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    """How one call's ``(args, kwargs)`` flatten: which leaves are tensors."""
+
+    spec: pytree.TreeSpec
+    tensor_slots: tuple[int, ...]
+    constants: tuple[tuple[int, Any], ...]
+
+    def key(self) -> tuple:
+        return (str(self.spec), self.tensor_slots, tuple((i, repr(c)) for i, c in self.constants))
+
+    def rebuild(self, tensors: Sequence[torch.Tensor]) -> tuple[tuple, dict]:
+        leaves: list[Any] = [None] * (len(self.tensor_slots) + len(self.constants))
+        for slot, t in zip(self.tensor_slots, tensors):
+            leaves[slot] = t
+        for slot, c in self.constants:
+            leaves[slot] = c
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
+def flatten_call(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], CallLayout]:
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    slots = tuple(i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor))
+    consts = tuple((i, x) for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor))
+    return [leaves[i] for i in slots], CallLayout(spec, slots, consts)
+
+
+class Traceable:
+    """``model_or_fn`` as a flat function of (parameters..., input tensors...)."""
+
+    def __init__(self, model_or_fn: Callable):
+        self.target = model_or_fn
+        self.is_module = isinstance(model_or_fn, torch.nn.Module)
+        self.out_spec: pytree.TreeSpec | None = None
+        self.out_constants: dict[int, Any] = {}
+
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        if not self.is_module:
+            return []
+        return list(self.target.named_parameters()) + list(self.target.named_buffers())
+
+    def flat_fn(self, layout: CallLayout, names: Sequence[str]) -> Callable:
+        def run(*tensors):
+            params, inputs = tensors[:len(names)], tensors[len(names):]
+            args, kwargs = layout.rebuild(inputs)
+            if self.is_module:
+                out = torch.func.functional_call(self.target, dict(zip(names, params)), args, kwargs)
+            else:
+                out = self.target(*args, **kwargs)
+            leaves, spec = pytree.tree_flatten(out)
+            self.out_spec = spec
+            self.out_constants = {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
+            return tuple(x for x in leaves if isinstance(x, torch.Tensor))
+
+        return run
+
+    def unflatten(self, flat: Sequence[torch.Tensor]) -> Any:
+        leaves, it = [], iter(flat)
+        for i in range(self.out_spec.num_leaves):
+            leaves.append(self.out_constants[i] if i in self.out_constants else next(it))
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+
+def user_line(exc: BaseException) -> str:
+    """The innermost frame of the user's code in an exception's traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    mine = [f for f in frames if "/torch/" not in f.filename and "/nlcompile/" not in f.filename
+            and "/passes/" not in f.filename and "/targets/" not in f.filename]
+    if not mine:
+        return "<unknown>"
+    f = mine[-1]
+    return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
+
+
+def trace(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = 20000) -> torch.fx.GraphModule:
+    """Functionalised ``make_fx`` trace of ``fn`` (normalised); raises CaptureError."""
+    try:
+        with _OpBudget(budget):
+            gm = make_fx(torch.func.functionalize(fn))(*tensors)
+    except _BudgetExceeded:
+        raise CaptureError(f"the trace ran more than {budget} ops at the probe length") from None
+    except Exception as exc:  # make_fx raises many kinds on value-dependent code
+        raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                           f"(at {user_line(exc)})") from exc
+    return normalize(gm)
+
+
+def resize_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """``x`` with ``dim`` cut or cycled to ``length`` steps (probe inputs)."""
+    n = x.shape[dim]
+    if n == length:
+        return x
+    index = torch.arange(length, device=x.device) % n
+    return x.index_select(dim, index)
+
+
+def probe_lengths(tensors: Sequence[torch.Tensor]) -> tuple[int, int, int]:
+    """Three probe lengths that equal no size of the inputs and are far apart."""
+    sizes = {s for t in tensors for s in t.shape}
+
+    def free(start: int) -> int:
+        n = start
+        while n in sizes or n - 1 in sizes or n + 1 in sizes:
+            n += 1
+        return n
+
+    t1 = free(5)
+    t2 = free(t1 + 3)
+    t3 = free(max(2 * t2 + 3, 19))
+    return t1, t2, t3
+
+
+def time_axis_candidates(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, int], ...]]:
+    """Groups of (input, dim) that may be the time axis, most plausible first.
+
+    All dims of one size form a group (larger sizes first, since a long
+    sequence is usually the largest dim); when several dims of one input share
+    that size, groups by dim position follow.
+    """
+    by_size: dict[int, list[tuple[int, int]]] = {}
+    for i, t in enumerate(tensors):
+        for d, s in enumerate(t.shape):
+            by_size.setdefault(s, []).append((i, d))
+    out: list[tuple[tuple[int, int], ...]] = []
+    for size in sorted(by_size, reverse=True):
+        group = by_size[size]
+        out.append(tuple(group))
+        positions = sorted({d for _, d in group})
+        if len(positions) > 1:
+            out += [tuple(x for x in group if x[1] == p) for p in positions]
+    return out

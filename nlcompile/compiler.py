@@ -1,0 +1,146 @@
+"""Compile one call signature: probe, re-roll, rewrite, build, verify.
+
+    capture at T1 and T2 (probe lengths that collide with no other size)
+      -> reroll both -> rewrite (analyse, choose chunkwise / sequential)
+      -> generic program (T from the input's size) -> target.finalize
+      -> verify against eager at a third length T3 (a mismatch vetoes)
+
+Nothing here traces at the caller's T, so compile time does not grow with T.
+"""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from nlcompile import knobs
+from nlcompile.capture import (CallLayout, CaptureError, Traceable, probe_lengths, resize_time,
+                               time_axis_candidates, trace)
+from nlcompile.dump import dump_graph
+from nlcompile.passes.fx.generic import Probe, build_program
+from nlcompile.passes.fx.reroll import NotALoop, reroll
+from nlcompile.passes.fx.rewrite import LoopDecision, plan_loop
+from nlcompile.targets.registry import Target
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "torch"
+    chunk_size: int | None = None
+    relax: tuple[str, ...] = ()
+
+
+@dataclass
+class Compiled:
+    """The program for one input signature, or the reasons it runs eagerly."""
+
+    run: Callable | None                      # flat tensors -> flat outputs; None: eager
+    time_axis: tuple[tuple[int, int], ...]     # (input tensor index, dim)
+    decisions: list[LoopDecision] = field(default_factory=list)
+    loops: list[Any] = field(default_factory=list)       # RerolledLoop per loop
+    fallback_reason: str | None = None
+    input_names: list[str] = field(default_factory=list)
+    compile_seconds: float = 0.0
+    program: torch.fx.GraphModule | None = None
+
+
+def _progress(msg: str) -> None:
+    if knobs.verbose():
+        print(f"[nlcompile] {msg}", file=sys.stderr)
+
+
+def _resized(params, tensors, group, length):
+    out = list(tensors)
+    for i, d in group:
+        out[i] = resize_time(out[i], d, length)
+    return [*params, *out]
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    scale = b.abs().max().item() or 1.0
+    return (a - b).abs().max().item() / scale
+
+
+def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> str | None:
+    if len(got) != len(want):
+        return f"{len(got)} outputs instead of {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        if g.shape != w.shape or g.dtype != w.dtype:
+            return f"output {i} is {tuple(g.shape)} {g.dtype}, eager gives {tuple(w.shape)} {w.dtype}"
+        tol = 1e-3 if w.dtype in (torch.float32, torch.float64) else 6e-2
+        if w.is_floating_point() and w.numel() and (err := _rel_error(g, w)) > tol:
+            return f"output {i} differs from eager by {err:.2e} (relative)"
+        if not w.is_floating_point() and not torch.equal(g, w):
+            return f"output {i} differs from eager"
+    return None
+
+
+def _try_axis(fn, params, tensors, group, lengths, target: Target, options: CompileOptions):
+    t1, t2, t3 = lengths
+    p1 = _resized(params, tensors, group, t1)
+    gm1 = trace(fn, p1)
+    loop1 = reroll(gm1, t1)
+    gm2 = trace(fn, _resized(params, tensors, group, t2))
+    loop2 = reroll(gm2, t2)
+    dump_graph("capture", gm1, f"probe T={t1}")
+    dump_graph("reroll_body", loop1.body.graph, f"{loop1.body}")
+    time_inputs = [(len(params) + i, d) for i, d in group]
+    check_inputs = _resized(params, tensors, group, t3)
+    with torch.no_grad():
+        want = fn(*check_inputs)
+    veto = None
+    for force in (None, "the chunkwise form did not match eager at the check length"):
+        decisions = []
+
+        def make_loop(loop):
+            module, decision = plan_loop(loop, target, options.chunk_size, force)
+            decisions.append(decision)
+            return module
+
+        program = build_program(Probe(gm1, t1, loop1), Probe(gm2, t2, loop2), time_inputs, make_loop)
+        dump_graph("program", program, f"target {target.name}")
+        run = target.finalize(program)
+        with torch.no_grad():
+            got = run(*check_inputs)
+        got = list(got) if isinstance(got, (tuple, list)) else [got]
+        veto = _matches(got, list(want))
+        if veto is None:
+            return run, decisions, [loop1], program
+        if all(d.rewrite == "sequential" for d in decisions):
+            break
+        _progress(f"check at T={t3} vetoed the chunkwise rewrite: {veto}")
+    raise NotALoop(f"the re-rolled program does not match eager at T={t3}: {veto}")
+
+
+def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence[torch.Tensor],
+                      tensors: Sequence[torch.Tensor], names: Sequence[str], target: Target,
+                      options: CompileOptions) -> Compiled:
+    """Compile ``traceable`` for calls shaped like ``tensors`` (apart from T)."""
+    start = time.perf_counter()
+    fn = traceable.flat_fn(layout, names)
+    lengths = probe_lengths([*params, *tensors])
+    reasons: list[str] = []
+    for group in time_axis_candidates(tensors):
+        _progress(f"probing time axis {group} at T={lengths[0]}, {lengths[1]}")
+        try:
+            run, decisions, loops, program = _try_axis(fn, params, tensors, group, lengths, target, options)
+        except (CaptureError, NotALoop) as exc:
+            reasons.append(f"axis {group}: {exc}")
+            continue
+        return Compiled(run, tuple(group), decisions, loops, compile_seconds=time.perf_counter() - start,
+                        program=program)
+    reason = _summarise(reasons)
+    warnings.warn(f"nlcompile: no update loop compiled, running eagerly: {reason}", stacklevel=4)
+    return Compiled(None, (), fallback_reason=reason, compile_seconds=time.perf_counter() - start)
+
+
+def _summarise(reasons: list[str]) -> str:
+    if not reasons:
+        return "no input has a dimension that could be a time axis"
+    interesting = [r for r in reasons if "no per-step slice" not in r]
+    return "; ".join(interesting[:3] or reasons[:1])

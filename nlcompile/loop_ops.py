@@ -1,0 +1,160 @@
+"""Loop modules called by the generic program: how one re-rolled loop runs.
+
+Each takes ``(*step_sources, *initial_states, *invariants)`` (a step source is
+the whole time-carrying tensor; step t reads ``source.select(dim, t)``) and
+returns ``(*final_states, *per_step_outputs stacked on a new leading T dim)``.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from nlcompile.ir import LoopBody
+
+
+def step_slice(source: torch.Tensor, dim: int, keepdim: bool, t: int) -> torch.Tensor:
+    return source.narrow(dim, t, 1) if keepdim else source.select(dim, t)
+
+
+class SequentialLoop(torch.nn.Module):
+    """Run the step body once per step: one loop op, never T unrolled copies.
+
+    The exact fallback for a loop with no chunkwise form (nonlinear, affine...).
+    """
+
+    def __init__(self, body: LoopBody, step_dims: Sequence[tuple[int, bool]]):
+        super().__init__()
+        self.body = body.graph
+        self.n_states = body.n_states
+        self.n_outputs = body.n_step_outputs
+        self.step_dims = tuple(step_dims)
+
+    def forward(self, *args: torch.Tensor):
+        n_src = len(self.step_dims)
+        sources = args[:n_src]
+        states = list(args[n_src:n_src + self.n_states])
+        invariants = args[n_src + self.n_states:]
+        dim0, _ = self.step_dims[0]
+        trip = sources[0].shape[dim0]
+        outs: list[list[torch.Tensor]] = [[] for _ in range(self.n_outputs)]
+        for t in range(trip):
+            xs = [step_slice(s, d, keep, t) for s, (d, keep) in zip(sources, self.step_dims)]
+            res = self.body(*states, *xs, *invariants)
+            states = list(res[:self.n_states])
+            for j in range(self.n_outputs):
+                outs[j].append(res[self.n_states + j])
+        return (*states, *(torch.stack(o) for o in outs))
+
+
+class UnsupportedLoop(Exception):
+    """The analysis holds something this loop module cannot run (the reason)."""
+
+
+def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+class ChunkwiseLoop(torch.nn.Module):
+    """Run a loop whose every state has an exact chunkwise form.
+
+    1. the state-free part of the step (the leaves: k, v, q, gates...) is batched
+       over all T at once (``vmap`` of the body's leaf sub-graph over the time dim);
+    2. each state runs as one chunkwise scan (``scan``, chosen by the target);
+    3. readouts go back to the body's layout and the post-processing of the
+       readouts (norms, gates, projections) is batched over T like the leaves.
+    """
+
+    def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
+                 chunk_size: int | None, choose_chunk_size):
+        super().__init__()
+        from nlcompile.passes.fx.subgraph import extract_subgraph
+
+        gm = body.graph
+        phs = _placeholders(gm)
+        ns, nx = body.n_states, body.n_step_inputs
+        step_ph, inv_ph = phs[ns:ns + nx], phs[ns + nx:]
+        nodes = {n.name: n for n in gm.graph.nodes}
+        out_nodes = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        self.analysis = analysis
+        self.step_dims = tuple(step_dims)
+        self.n_states = ns
+        self.scan, self.chunk_size, self.choose = scan, chunk_size, choose_chunk_size
+        self.leaf_names = sorted(analysis.leaf_nodes)
+        self.leaf_gm = extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.leaf_names])
+        self.state_vals = [n.meta["val"] for n in out_nodes[:ns]]
+        self.readout_vals = {r.node: nodes[r.node].meta["val"] for r in analysis.readouts}
+        readout_names = sorted(self.readout_vals)
+        self.sources: list[tuple[str, object]] = []
+        post_outs = []
+        for node in out_nodes[ns:]:
+            if node.name in self.readout_vals:
+                self.sources.append(("readout", node.name))
+            elif node.name in analysis.leaf_nodes:
+                self.sources.append(("leaf", node.name))
+            elif node.name in analysis.post_nodes:
+                self.sources.append(("post", len(post_outs)))
+                post_outs.append(node)
+            else:
+                raise UnsupportedLoop(f"per-step output {node.name} depends on the state in a way the "
+                                      "chunkwise form does not produce")
+        self.post_inputs = readout_names + self.leaf_names
+        self.post_gm = None
+        if post_outs:
+            self.post_gm = extract_subgraph(gm, [nodes[n] for n in self.post_inputs] + inv_ph, post_outs)
+
+    def _leaves(self, sources, invariants) -> dict[str, torch.Tensor]:
+        dims = self.step_dims
+
+        def call(*args):
+            xs = [x.unsqueeze(d) if keep else x for x, (d, keep) in zip(args[:len(dims)], dims)]
+            return self.leaf_gm(*xs, *args[len(dims):])
+
+        in_dims = tuple(d for d, _ in dims) + (None,) * len(invariants)
+        vals = torch.vmap(call, in_dims=in_dims)(*sources, *invariants)
+        return dict(zip(self.leaf_names, vals))
+
+    def forward(self, *args: torch.Tensor):
+        from nlcompile.passes.fx import layout as L
+
+        n_src = len(self.step_dims)
+        sources, inits = args[:n_src], args[n_src:n_src + self.n_states]
+        invariants = args[n_src + self.n_states:]
+        values = self._leaves(sources, invariants)
+        finals: list[torch.Tensor | None] = [None] * self.n_states
+        readouts: dict[str, torch.Tensor] = {}
+        for rule in self.analysis.rules:
+            lay = rule.layout
+            k = L.operand_for_kernel(rule.k, lay, "key", values)
+            v = (L.operand_for_kernel(rule.v, lay, "value", values) if rule.v is not None
+                 else k.new_ones(k.shape[0], k.shape[1], 1))
+            kw = dict(
+                beta=L.operand_for_kernel(rule.beta, lay, "scalar", values) if rule.beta is not None else None,
+                write=L.operand_for_kernel(rule.write, lay, "scalar", values) if rule.write is not None else None,
+                initial_state=L.state_to_kernel(lay, inits[rule.state]),
+            )
+            if rule.log_gate is not None:
+                kw["log_gate"] = L.operand_for_kernel(rule.log_gate, lay, "gate", values, per_channel=rule.per_channel)
+            elif rule.gate is not None:
+                kw["gate"] = L.operand_for_kernel(rule.gate, lay, "gate", values, per_channel=rule.per_channel)
+            chunk = self.chunk_size or self.choose(k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate")})
+            mine = [r for r in self.analysis.readouts if r.state == rule.state]
+            final = None
+            for r in mine:
+                q = L.operand_for_kernel(r.q, lay, "key", values)
+                o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, **kw)
+                val = self.readout_vals[r.node]
+                readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape)).to(val.dtype)
+            if not mine:
+                _, final = self.scan(k, v, chunk_size=chunk, **kw)
+            val = self.state_vals[rule.state]
+            finals[rule.state] = L.state_from_kernel(lay, final, tuple(val.shape)).to(val.dtype)
+        post = ()
+        if self.post_gm is not None:
+            ins = [readouts[n] if n in readouts else values[n] for n in self.post_inputs]
+            in_dims = (0,) * len(ins) + (None,) * len(invariants)
+            post = torch.vmap(self.post_gm, in_dims=in_dims)(*ins, *invariants)
+        outs = []
+        for kind, ref in self.sources:
+            outs.append(readouts[ref] if kind == "readout" else values[ref] if kind == "leaf" else post[ref])
+        return (*finals, *outs)

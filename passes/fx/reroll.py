@@ -1,0 +1,465 @@
+"""Re-roll the unrolled update loop of a trace into one step body.
+
+    before (trace at probe length T=5):
+        k0 = select(k, 1, 0); S1 = add(S0, mul(k0, ..)); o0 = ...
+        k1 = select(k, 1, 1); S2 = add(S1, mul(k1, ..)); o1 = ...
+        ...                                            out = stack([o0, .., o4], 1)
+    after:
+        body(state_0, step_0, ..) -> (new_state_0, o)       # one step, generic
+        RerolledLoop(inits=[S0], step_inputs=[(k, dim 1)], collectors=[stack -> o])
+
+Each node is tagged with the step it belongs to: a per-step slice of a
+time-carrying tensor (``select``/``slice`` at index t, ``unbind``/``split``
+items) or a write into an output buffer at index t anchors its step; other
+nodes take the latest step among their inputs, and never an earlier step
+than the last anchor before them in execution order (a Python loop runs its
+iterations one after the other).  Bodies of the middle steps must be
+isomorphic; values flowing from body t-1 into body t are the carried states;
+values gathered by ``stack``/``cat`` or written into a buffer at index t are
+per-step outputs.  Anything else raises ``NotALoop`` with the reason.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from nlcompile.ir import LoopBody
+
+aten = torch.ops.aten
+
+_SELECTS = (aten.select.int,)
+_SLICES = (aten.slice.Tensor,)
+_SCATTERS = (aten.select_scatter.default, aten.slice_scatter.default)
+_UNBINDS = (aten.unbind.int,)
+_SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
+_COLLECTORS = (aten.stack.default, aten.cat.default)
+
+
+class NotALoop(Exception):
+    """The trace holds no update loop we can re-roll; the message says why."""
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """Per-step slice ``source.select(dim, t)`` (``keepdim``: ``narrow(dim, t, 1)``)."""
+
+    source: fx.Node
+    dim: int
+    keepdim: bool
+
+
+@dataclass(frozen=True)
+class Gather:
+    """How per-step output ``output`` leaves the loop: a ``stack``/``cat`` node or a
+    buffer written at index t along ``dim`` (``node`` is the last write)."""
+
+    node: fx.Node
+    output: int
+    dim: int
+    kind: str  # "stack" | "cat" | "buffer"
+
+
+@dataclass
+class RerolledLoop:
+    trip_count: int
+    body: LoopBody
+    inits: list[fx.Node]
+    step_inputs: list[StepInput]
+    invariants: list[fx.Node]
+    gathers: list[Gather]
+    last_refs: dict[fx.Node, tuple[str, int]]   # node of the last step -> ("state", i) | ("output", j)
+    prologue: list[fx.Node]
+    epilogue: list[fx.Node]
+    template: list[fx.Node] = field(default_factory=list)
+
+
+def _time_dim(node: fx.Node, trip: int) -> int | None:
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return None
+    dims = [d for d, s in enumerate(val.shape) if s == trip]
+    return dims[0] if len(dims) == 1 else None
+
+
+def _norm_dim(dim: int, node: fx.Node) -> int:
+    return dim % node.meta["val"].dim()
+
+
+class _Tagger:
+    """Assign every node of the trace a step (None: prologue / invariant)."""
+
+    def __init__(self, gm: fx.GraphModule, trip: int):
+        self.trip = trip
+        self.asap: dict[fx.Node, int | None] = {}
+        self.anchor: dict[fx.Node, int] = {}
+        self.source: dict[fx.Node, StepInput] = {}
+        self.tcarry: dict[fx.Node, int] = {}
+        self.tag: dict[fx.Node, int | None] = {}
+        self.collectors: set[fx.Node] = set()
+        current = -1
+        for node in gm.graph.nodes:
+            if node.op == "output":
+                continue
+            ins = [self.asap[a] for a in node.all_input_nodes]
+            steps = [s for s in ins if s is not None]
+            asap = max(steps) if steps else None
+            t, positional = self._anchor(node)
+            if t is not None:
+                self.anchor[node] = t
+                asap = t if asap is None else max(asap, t)
+                if positional:
+                    current = max(current, t)
+            self.asap[node] = asap
+            if asap is None:
+                dim = _time_dim(node, trip)
+                if dim is not None:
+                    self.tcarry[node] = dim
+                self.tag[node] = None
+            else:
+                self.tag[node] = max(asap, current)
+            if node.target in _COLLECTORS and len({self.tag.get(a) for a in node.all_input_nodes}) > 1:
+                self.collectors.add(node)
+
+    def _anchor(self, node: fx.Node) -> tuple[int | None, bool]:
+        """Step index anchored by ``node``, and whether its position marks the step."""
+        if node.op != "call_function":
+            return None, False
+        args = node.args
+        if node.target in _SELECTS and args[0] in self.tcarry:
+            if _norm_dim(args[1], args[0]) == self.tcarry[args[0]]:
+                self.source[node] = StepInput(args[0], self.tcarry[args[0]], False)
+                return args[2], True
+        if node.target in _SLICES and args[0] in self.tcarry and len(args) >= 4:
+            step = args[4] if len(args) > 4 else 1
+            if _norm_dim(args[1], args[0]) == self.tcarry[args[0]] and args[3] == args[2] + 1 and step == 1:
+                self.source[node] = StepInput(args[0], self.tcarry[args[0]], True)
+                return args[2], True
+        if node.target is operator.getitem and isinstance(args[0], fx.Node):
+            parent = args[0]
+            if parent.target in _UNBINDS + _SPLITS and parent.args[0] in self.tcarry:
+                src = parent.args[0]
+                dim = _norm_dim(parent.args[2] if len(parent.args) > 2 else 0, src)
+                unit = parent.target in _UNBINDS or parent.args[1] in (1, [1] * self.trip)
+                if dim == self.tcarry[src] and unit:
+                    self.source[node] = StepInput(src, dim, parent.target in _SPLITS)
+                    return args[1], False
+        if node.target in _SCATTERS:
+            buf = args[0]
+            dim = self.tcarry.get(buf, self._buffer_dim(buf))
+            if dim is not None and _norm_dim(args[2], buf) == dim:
+                if node.target == aten.select_scatter.default:
+                    return args[3], True
+                if len(args) >= 5 and args[4] == args[3] + 1:
+                    return args[3], True
+        return None, False
+
+    def _buffer_dim(self, buf: fx.Node) -> int | None:
+        if buf.target in _SCATTERS and buf in self.anchor:
+            return _norm_dim(buf.args[2], buf.args[0])
+        return None
+
+
+def _step_index_slots(node: fx.Node) -> tuple[int, ...]:
+    """Positions in ``node.args`` that hold the step index (compared with an offset)."""
+    if node.target in _SELECTS:
+        return (2,)
+    if node.target in _SLICES:
+        return (2, 3)
+    if node.target is operator.getitem:
+        return (1,)
+    if node.target == aten.select_scatter.default:
+        return (3,)
+    if node.target == aten.slice_scatter.default:
+        return (3, 4)
+    return ()
+
+
+class _Matcher:
+    """Compare the bodies of two steps node by node (local positions)."""
+
+    def __init__(self, tagger: _Tagger, bodies: dict[int, list[fx.Node]]):
+        self.tagger = tagger
+        self.bodies = bodies
+        self.local = {n: i for b in bodies.values() for i, n in enumerate(b)}
+        self.inits: dict[int, fx.Node] = {}
+
+    def same(self, a: fx.Node, ta: int, m: fx.Node, tm: int) -> bool:
+        if a.op != m.op or a.target != m.target or len(a.args) != len(m.args):
+            return False
+        slots = _step_index_slots(a) if a in self.tagger.anchor else ()
+        for i, (x, y) in enumerate(zip(a.args, m.args)):
+            if i in slots:
+                if not (isinstance(x, int) and isinstance(y, int) and x - ta == y - tm):
+                    return False
+            elif not self._same_arg(x, ta, y, tm):
+                return False
+        return a.kwargs.keys() == m.kwargs.keys() and all(
+            self._same_arg(a.kwargs[k], ta, m.kwargs[k], tm) for k in a.kwargs
+        )
+
+    def _same_arg(self, x, ta: int, y, tm: int) -> bool:
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(
+                self._same_arg(p, ta, q, tm) for p, q in zip(x, y)
+            )
+        if not isinstance(x, fx.Node):
+            return not isinstance(y, fx.Node) and type(x) is type(y) and x == y
+        if not isinstance(y, fx.Node):
+            return False
+        tx, ty = self.tagger.tag[x], self.tagger.tag[y]
+        if tx is None or ty is None:
+            if tx is None and ty is None:
+                return x is y
+            if ta == 0 and tx is None and ty == tm - 1:   # initial value of a carried state
+                slot = self.local[y]
+                return self.inits.setdefault(slot, x) is x
+            return False
+        return tx - ta == ty - tm and tx >= ta - 1 and self.local.get(x) == self.local.get(y)
+
+
+def _bodies(tagger: _Tagger, gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
+    bodies: dict[int, list[fx.Node]] = {t: [] for t in range(tagger.trip)}
+    for node in gm.graph.nodes:
+        tag = tagger.tag.get(node)
+        if tag is None or node in tagger.collectors:
+            continue
+        if tag >= tagger.trip or tag < 0:
+            raise NotALoop(f"node {node.name} has step {tag} outside the trip count {tagger.trip}")
+        bodies[tag].append(node)
+    return bodies
+
+
+def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> int:
+    """Check every step's body against the template (step m); return the template length."""
+    template = bodies[m]
+    trip = len(bodies)
+    for t in range(trip - 1):
+        body = bodies[t]
+        if len(body) != len(template):
+            raise NotALoop(f"step {t} has {len(body)} ops, step {m} has {len(template)}: the loop body "
+                           "changes between steps (a branch on the step index?)")
+        for a, b in zip(body, template):
+            if not matcher.same(a, t, b, m):
+                raise NotALoop(f"step {t} differs from step {m} at {a.name} ({a.target}) vs {b.name}: "
+                               "the loop body changes between steps (a branch on the step index?)")
+    last = bodies[trip - 1]
+    if len(last) < len(template) or not all(
+        matcher.same(a, trip - 1, b, m) for a, b in zip(last, template)
+    ):
+        raise NotALoop("the last step does not repeat the loop body")
+    return len(template)
+
+
+def reroll(gm: fx.GraphModule, trip: int) -> RerolledLoop:
+    """Find the update loop of a trace made at probe length ``trip``."""
+    if trip < 5:
+        raise ValueError("re-rolling needs a probe of at least 5 steps")
+    tagger = _Tagger(gm, trip)
+    if not tagger.anchor:
+        raise NotALoop("no per-step slice of a time-carrying input: no loop over the time axis")
+    bodies = _bodies(tagger, gm)
+    m = 1
+    matcher = _Matcher(tagger, bodies)
+    n_template = _check_isomorphic(matcher, bodies, m)
+    return _assemble(gm, tagger, bodies, matcher, m, n_template)
+
+
+def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, n_template: int) -> RerolledLoop:
+    trip = tagger.trip
+    template = bodies[m]
+    previous = set(bodies[m - 1])
+    last_body = bodies[trip - 1]
+    carried, invariants, sources, source_of = _interface(template, previous, tagger, matcher)
+
+    # an output buffer: a carried write at index t that only the next step's write reads
+    buffers: dict[int, int] = {}
+    for slot in list(carried):
+        node = template[slot]
+        if node.target in _SCATTERS and node in tagger.anchor and all(
+            u is bodies[m + 1][slot] for u in node.users
+        ):
+            buffers[slot] = _norm_dim(node.args[2], node.args[0])
+            carried.remove(slot)
+
+    derived = _derived_slots(template, carried, previous, tagger)
+    carried = [slot for slot in carried if slot not in derived]
+
+    outputs: list[int] = []      # template positions of per-step outputs
+
+    def output_index(pos: int) -> int:
+        if pos not in outputs:
+            outputs.append(pos)
+        return outputs.index(pos)
+
+    gathers = [Gather(last_body[slot], output_index(_value_pos(template, slot, matcher)), dim, "buffer")
+               for slot, dim in buffers.items()]
+    gathers += [_collector(c, bodies, matcher, output_index) for c in tagger.collectors]
+
+    loop_part = last_body[:n_template]
+    last_refs: dict[fx.Node, tuple[str, int]] = {}
+    for node in loop_part:
+        slot = matcher.local[node]
+        if slot in buffers or all(u in loop_part or u in tagger.collectors for u in node.users):
+            continue
+        last_refs[node] = ("state", carried.index(slot)) if slot in carried else ("output", output_index(slot))
+    _check_no_stray_refs(tagger, bodies, n_template)
+
+    inits = [matcher.inits.get(slot) for slot in carried]
+    if any(i is None for i in inits):
+        raise NotALoop("a carried state has no initial value before the loop")
+    body = _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers, matcher)
+    order = list(gm.graph.nodes)
+    prologue = [n for n in order if n.op != "output" and tagger.tag.get(n) is None]
+    epilogue = [n for n in order if n in tagger.collectors or n in last_body[n_template:]]
+    return RerolledLoop(trip, body, inits, sources, invariants, gathers, last_refs, prologue, epilogue,
+                        list(template))
+
+
+def _derived_slots(template, carried, previous, tagger: _Tagger) -> dict[int, set[int]]:
+    """Carried values that are a function of other carried states alone (say a view
+    of S merged by CSE with the next step's use): recomputed, not carried."""
+    local = {n: i for i, n in enumerate(template)}
+    derived: dict[int, set[int]] = {}
+    for slot in carried:
+        stops = {template[y]: y for y in carried if y != slot}
+        found: set[int] = set()
+        todo, seen, ok = [template[slot]], set(), True
+        while todo and ok:
+            node = todo.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if node in stops:
+                found.add(stops[node])
+                continue
+            if node in tagger.source or any(a in previous for a in node.all_input_nodes):
+                ok = False
+            todo += [a for a in node.all_input_nodes if a in local]
+        if ok and found:
+            derived[slot] = found
+    return {s: f for s, f in derived.items() if not (f & derived.keys())}
+
+
+def _interface(template, previous, tagger: _Tagger, matcher: _Matcher):
+    """Carried slots, invariants and per-step sources read by the template body."""
+    carried: list[int] = []
+    invariants: list[fx.Node] = []
+    sources: list[StepInput] = []
+    source_of: dict[int, int] = {}
+    for i, node in enumerate(template):
+        if node in tagger.source:
+            src = tagger.source[node]
+            if src not in sources:
+                sources.append(src)
+            source_of[i] = sources.index(src)
+            continue
+        for arg in node.all_input_nodes:
+            if arg in previous:
+                if matcher.local[arg] not in carried:
+                    carried.append(matcher.local[arg])
+            elif tagger.tag[arg] is None and arg not in invariants:
+                invariants.append(arg)
+    return carried, invariants, sources, source_of
+
+
+def _value_pos(template: list[fx.Node], slot: int, matcher: _Matcher) -> int:
+    value = template[slot].args[1]
+    if value not in matcher.local or template[matcher.local[value]] is not value:
+        raise NotALoop(f"the value written into the output buffer at {template[slot].name} is not "
+                       "computed in the loop body")
+    return matcher.local[value]
+
+
+def _collector(coll: fx.Node, bodies, matcher: _Matcher, output_index) -> Gather:
+    items = coll.args[0]
+    trip = len(bodies)
+    dim = coll.args[1] if len(coll.args) > 1 else coll.kwargs.get("dim", 0)
+    if len(items) != trip:
+        raise NotALoop(f"{coll.name} gathers {len(items)} values over {trip} steps")
+    slots = {matcher.local.get(x) for x in items}
+    if len(slots) != 1 or any(bodies[t][matcher.local[x]] is not x for t, x in enumerate(items)):
+        raise NotALoop(f"{coll.name} does not gather one value per step in step order")
+    kind = "stack" if coll.target == aten.stack.default else "cat"
+    ndim = items[0].meta["val"].dim() + (1 if kind == "stack" else 0)
+    return Gather(coll, output_index(slots.pop()), dim % ndim, kind)
+
+
+def _check_no_stray_refs(tagger: _Tagger, bodies, n_template: int) -> None:
+    """Values of steps before the last may leave their step only through gathers."""
+    trip = len(bodies)
+    extras = set(bodies[trip - 1][n_template:])
+    for t in range(trip - 1):
+        for node in bodies[t]:
+            for user in node.users:
+                if user in tagger.collectors:
+                    continue
+                if tagger.tag.get(user) in (t, t + 1) and user not in extras:
+                    continue
+                raise NotALoop(f"{node.name} of step {t} is used after the loop by {user.name}; "
+                               "only gathered (stacked / written) values may leave a loop step")
+
+
+def _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers,
+                matcher) -> LoopBody:
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    prev_slot: dict[int, fx.Node] = {}
+    for i, slot in enumerate(carried):
+        ph = graph.placeholder(f"state_{i}")
+        ph.meta["val"] = template[slot].meta["val"]
+        prev_slot[slot] = ph
+    step_ph = []
+    for j, src in enumerate(sources):
+        ph = graph.placeholder(f"step_{j}")
+        step_ph.append(ph)
+    inv_ph = {}
+    for k, inv in enumerate(invariants):
+        ph = graph.placeholder(f"inv_{k}")
+        ph.meta["val"] = inv.meta.get("val")
+        inv_ph[inv] = ph
+    for pos, node in enumerate(template):
+        if pos in source_of:
+            ph = step_ph[source_of[pos]]
+            ph.meta["val"] = node.meta["val"]
+            env[node] = ph
+            continue
+        if pos in buffers:
+            continue
+
+        def remap(arg):
+            if arg in env:
+                return env[arg]
+            if arg in inv_ph:
+                return inv_ph[arg]
+            slot = matcher.local.get(arg)
+            if slot in prev_slot:
+                return prev_slot[slot]
+            if slot in derived:
+                return _recompute(graph, template[slot], {template[y]: prev_slot[y] for y in derived[slot]},
+                                  inv_ph)
+            raise NotALoop(f"{node.name} reads {arg.name}, which is neither in the step nor carried")
+
+        env[node] = graph.node_copy(node, remap)
+    outs = [env[template[s]] for s in carried] + [env[template[p]] for p in outputs]
+    graph.output(tuple(outs))
+    graph.eliminate_dead_code()
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    return LoopBody(gm, len(carried), len(sources), len(invariants), len(outputs))
+
+
+def _recompute(graph: fx.Graph, node: fx.Node, stops: dict[fx.Node, fx.Node], inv_ph) -> fx.Node:
+    """Emit the template's computation of ``node`` from the carried states ``stops``."""
+    memo = dict(stops)
+
+    def emit(n: fx.Node) -> fx.Node:
+        if n in memo:
+            return memo[n]
+        if n in inv_ph:
+            return inv_ph[n]
+        memo[n] = graph.node_copy(n, emit)
+        return memo[n]
+
+    return emit(node)
