@@ -1,0 +1,271 @@
+"""Capture and re-rolling: loops written in this file, checked against eager.
+
+These loops are written here (not taken from the zoo) in the ways researchers
+write them; every test compares with the eager function and asserts, through
+``explain``, what was found.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nlcompile
+
+torch.manual_seed(0)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
+
+
+def assert_close_outputs(got, want, tol=1e-4):
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) <= tol, rel_err(g, w)
+
+
+# ---- loops in several spellings -------------------------------------------------
+
+def la_stack_time1(q, k, v):
+    """[B, T, H, D], list + stack, broadcast-multiply-and-sum readout."""
+    S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    outs = []
+    for t in range(q.shape[1]):
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append((S * q[:, t, :, :, None]).sum(-2))
+    return torch.stack(outs, 1)
+
+
+def delta_inplace_time2(q, k, v, beta, initial_state=None):
+    """[B, H, T, D], preallocated output written in place, einsum, optional state."""
+    B, H, T, D = q.shape
+    S = torch.zeros(B, H, D, v.shape[-1]) if initial_state is None else initial_state.clone()
+    o = torch.zeros_like(v)
+    for t in range(T):
+        kt = k[:, :, t]
+        pred = torch.einsum("bhk,bhkv->bhv", kt, S)
+        S = S.clone() + torch.einsum("bhk,bhv->bhkv", kt, beta[:, :, t, None] * (v[:, :, t] - pred))
+        o[:, :, t] = torch.einsum("bhk,bhkv->bhv", q[:, :, t], S)
+    return o, S
+
+
+def decay_time0_cat(q, k, v, g):
+    """[T, B, D] with the state [dv, dk], matmul, cat of unsqueezed steps, readout before."""
+    S = q.new_zeros(q.shape[1], v.shape[2], q.shape[2])
+    outs = []
+    for t in range(q.shape[0]):
+        outs.append((S @ q[t].unsqueeze(-1)).squeeze(-1).unsqueeze(0))
+        S = torch.exp(g[t])[:, None, None] * S + v[t].unsqueeze(-1) @ k[t].unsqueeze(-2)
+    return torch.cat(outs, 0), S
+
+
+def nonlinear_time1(x, w):
+    h = torch.zeros(x.shape[0], x.shape[2])
+    outs = []
+    for t in range(x.shape[1]):
+        h = torch.tanh(h @ w + x[:, t])
+        outs.append(h)
+    return torch.stack(outs, 1)
+
+
+def inputs_la(T, B=2, H=3, D=8):
+    return torch.randn(B, T, H, D), torch.randn(B, T, H, D), torch.randn(B, T, H, D)
+
+
+def inputs_delta(T, B=2, H=3, D=8):
+    k = F.normalize(torch.randn(B, H, T, D), dim=-1)
+    return torch.randn(B, H, T, D), k, torch.randn(B, H, T, D), torch.rand(B, H, T)
+
+
+def inputs_decay(T, B=3, D=6):
+    return torch.randn(T, B, D), torch.randn(T, B, D), torch.randn(T, B, D + 1), -F.softplus(torch.randn(T, B))
+
+
+CASES = [
+    (la_stack_time1, inputs_la, "additive"),
+    (delta_inplace_time2, inputs_delta, "delta"),
+    (decay_time0_cat, inputs_decay, "decay"),
+]
+
+
+@pytest.mark.parametrize("fn,make,kind", CASES, ids=[c[0].__name__ for c in CASES])
+def test_one_program_serves_every_length(fn, make, kind):
+    compiled = nlcompile.compile(fn)
+    for T in (7, 64, 1000, 1, 33):
+        args = make(T)
+        assert_close_outputs(compiled(*args), fn(*args))
+    assert compiled.captures == 1
+    report = compiled.explain(*make(9))
+    assert [lp.kind for lp in report.loops] == [kind]
+    assert report.loops[0].rewrite == "chunkwise", str(report)
+
+
+def test_time_axis_found_when_another_dim_equals_T():
+    # D == T == 16 in the first call: the time axis must still be dim 1, not D.
+    compiled = nlcompile.compile(la_stack_time1)
+    args = inputs_la(16, D=16)
+    assert_close_outputs(compiled(*args), la_stack_time1(*args))
+    report = compiled.explain(*args)
+    assert report.loops[0].time_axis == ("q[dim 1]", "k[dim 1]", "v[dim 1]")
+    args = inputs_la(40, D=16)
+    assert_close_outputs(compiled(*args), la_stack_time1(*args))
+    assert compiled.captures == 1
+
+
+def test_first_call_at_T1_still_probes():
+    compiled = nlcompile.compile(delta_inplace_time2)
+    args = inputs_delta(1)
+    assert_close_outputs(compiled(*args), delta_inplace_time2(*args))
+    args = inputs_delta(50)
+    assert_close_outputs(compiled(*args), delta_inplace_time2(*args))
+    assert compiled.explain(*args).loops[0].kind == "delta"
+
+
+def test_initial_state_keyword_and_final_state():
+    compiled = nlcompile.compile(delta_inplace_time2)
+    q, k, v, b = inputs_delta(20)
+    s0 = torch.randn(2, 3, 8, 8)
+    assert_close_outputs(compiled(q, k, v, b, initial_state=s0), delta_inplace_time2(q, k, v, b, initial_state=s0))
+    # a different call structure (no initial state) is a different signature
+    assert_close_outputs(compiled(q, k, v, b), delta_inplace_time2(q, k, v, b))
+    assert compiled.captures == 2
+
+
+def test_nonlinear_loop_runs_as_one_sequential_loop():
+    w = torch.randn(5, 5) * 0.3
+    compiled = nlcompile.compile(nonlinear_time1)
+    x = torch.randn(2, 30, 5)
+    assert_close_outputs(compiled(x, w), nonlinear_time1(x, w))
+    loop = compiled.explain(x, w).loops[0]
+    assert loop.kind == "nonlinear" and loop.rewrite == "sequential"
+    assert "tanh" in loop.reason
+
+
+def test_value_dependent_branch_falls_back_with_the_line():
+    def gated(x):
+        h = torch.zeros(x.shape[0], x.shape[2])
+        outs = []
+        for t in range(x.shape[1]):
+            h = h + x[:, t]
+            if h.norm() > 3.0:  # value-dependent: cannot be traced
+                h = h * 0.5
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+    x = torch.randn(2, 12, 4)
+    compiled = nlcompile.compile(gated)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        out = compiled(x)
+    assert torch.equal(out, gated(x))
+    report = compiled.explain(x)
+    assert report.loops == () and "h.norm() > 3.0" in report.fallback_reason
+
+
+def test_branch_on_step_index_is_not_silently_baked_in():
+    def warmup(x):
+        h = torch.zeros(x.shape[0], x.shape[2])
+        outs = []
+        for t in range(x.shape[1]):
+            h = h + x[:, t] if t % 3 else h * 0.5 + x[:, t]
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+    x = torch.randn(2, 40, 4)
+    compiled = nlcompile.compile(warmup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = compiled(x)
+    assert_close_outputs(out, warmup(x), tol=1e-6)
+
+
+def test_model_without_update_loop_is_left_alone():
+    def mlp(x, w):
+        return torch.relu(x @ w)
+
+    x, w = torch.randn(4, 6), torch.randn(6, 3)
+    compiled = nlcompile.compile(mlp)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning for a model with nothing to do
+        assert torch.equal(compiled(x, w), mlp(x, w))
+    assert compiled.explain(x, w).loops == ()
+
+
+def test_non_tensor_arguments_are_part_of_the_signature():
+    def scaled(q, k, v, scale=1.0):
+        S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
+        outs = []
+        for t in range(q.shape[1]):
+            S = S + k[:, t, :, None] * v[:, t, None, :]
+            outs.append(torch.einsum("bk,bkv->bv", q[:, t] * scale, S))
+        return torch.stack(outs, 1)
+
+    compiled = nlcompile.compile(scaled)
+    q, k, v = torch.randn(2, 11, 4), torch.randn(2, 11, 4), torch.randn(2, 11, 5)
+    assert_close_outputs(compiled(q, k, v, scale=0.5), scaled(q, k, v, scale=0.5))
+    assert_close_outputs(compiled(q, k, v, scale=2.0), scaled(q, k, v, scale=2.0))
+    assert compiled.captures == 2
+
+
+def test_mismatched_time_lengths_raise_a_clear_error():
+    compiled = nlcompile.compile(la_stack_time1)
+    compiled(*inputs_la(10))
+    q, k, v = inputs_la(10)
+    with pytest.raises(Exception):
+        compiled(q, k[:, :8], v)
+
+
+def test_rank_change_recompiles_instead_of_returning_garbage():
+    def la_3d(q, k, v):
+        S = torch.zeros(*q.shape[:-2], q.shape[-1], v.shape[-1])
+        outs = []
+        for t in range(q.shape[-2]):
+            S = S + k[..., t, :, None] * v[..., t, None, :]
+            outs.append((S * q[..., t, :, None]).sum(-2))
+        return torch.stack(outs, -2)
+
+    compiled = nlcompile.compile(la_3d)
+    a = [torch.randn(3, 12, 4) for _ in range(3)]
+    b = [torch.randn(2, 3, 12, 4) for _ in range(3)]
+    assert_close_outputs(compiled(*a), la_3d(*a))
+    assert_close_outputs(compiled(*b), la_3d(*b))
+    assert compiled.captures == 2
+
+
+class TinyDelta(torch.nn.Module):
+    def __init__(self, d_model=12, d=6):
+        super().__init__()
+        self.wq = torch.nn.Linear(d_model, d, bias=False)
+        self.wk = torch.nn.Linear(d_model, d, bias=False)
+        self.wv = torch.nn.Linear(d_model, d, bias=False)
+        self.wb = torch.nn.Linear(d_model, 1)
+
+    def forward(self, x):
+        q, k, v = self.wq(x), F.normalize(self.wk(x), dim=-1), self.wv(x)
+        beta = torch.sigmoid(self.wb(x))[..., 0]
+        S = torch.zeros(x.shape[0], k.shape[-1], v.shape[-1])
+        outs = []
+        for t in range(x.shape[1]):
+            S = S - beta[:, t, None, None] * k[:, t, :, None] * (torch.einsum("bk,bkv->bv", k[:, t], S) - v[:, t])[:, None, :]
+            outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+        return torch.stack(outs, 1)
+
+
+def test_module_parameters_stay_live():
+    model = TinyDelta()
+    compiled = nlcompile.compile(model)
+    x = torch.randn(2, 20, 12)
+    assert_close_outputs(compiled(x), model(x))
+    with torch.no_grad():
+        model.wv.weight.mul_(-2.0)
+    assert_close_outputs(compiled(x), model(x))
+    assert compiled.captures == 1
+    assert compiled.explain(x).loops[0].kind == "delta"
