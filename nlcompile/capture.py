@@ -41,6 +41,22 @@ class _OpBudget(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+OP_BUDGET = 5000
+
+
+def count_ops(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = OP_BUDGET) -> int | str:
+    """How many torch calls ``fn`` makes eagerly, or why it could not be counted."""
+    mode = _OpBudget(budget)
+    try:
+        with mode:
+            fn(*tensors)
+    except _BudgetExceeded:
+        return f"runs more than {budget} torch calls at the probe length"
+    except Exception as exc:
+        return f"fails with this axis resized ({type(exc).__name__}: {exc})"
+    return budget - mode.left
+
+
 @dataclass(frozen=True)
 class CallLayout:
     """How one call's ``(args, kwargs)`` flatten: which leaves are tensors."""
@@ -115,7 +131,7 @@ def user_line(exc: BaseException) -> str:
     return f"{f.filename}:{f.lineno}: {(f.line or '').strip()}"
 
 
-def trace(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = 20000) -> torch.fx.GraphModule:
+def trace(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = OP_BUDGET) -> torch.fx.GraphModule:
     """Functionalised ``make_fx`` trace of ``fn`` (normalised); raises CaptureError."""
     try:
         with _OpBudget(budget):

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nlcompile import knobs
-from nlcompile.capture import (CallLayout, CaptureError, Traceable, probe_lengths, resize_time,
+from nlcompile.capture import (CallLayout, CaptureError, Traceable, count_ops, probe_lengths, resize_time,
                                time_axis_candidates, trace)
 from nlcompile.dump import dump_graph
 from nlcompile.passes.fx.generic import Probe, build_program
@@ -80,8 +80,19 @@ def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> str |
     return None
 
 
+def _screen(fn, params, tensors, group, lengths) -> None:
+    """Cheap eager check before tracing: the work must grow with the probe length."""
+    counts = [count_ops(fn, _resized(params, tensors, group, n)) for n in lengths[:2]]
+    for c in counts:
+        if isinstance(c, str):
+            raise NotALoop(c)
+    if counts[1] <= counts[0]:
+        raise NotALoop("no per-step slice: the work does not grow with this axis")
+
+
 def _try_axis(fn, params, tensors, group, lengths, target: Target, options: CompileOptions):
     t1, t2, t3 = lengths
+    _screen(fn, params, tensors, group, lengths)
     p1 = _resized(params, tensors, group, t1)
     gm1 = trace(fn, p1)
     loop1 = reroll(gm1, t1)
@@ -93,8 +104,8 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
     check_inputs = _resized(params, tensors, group, t3)
     with torch.no_grad():
         want = fn(*check_inputs)
-    veto = None
-    for force in (None, "the chunkwise form did not match eager at the check length"):
+    veto, force = None, None
+    for _attempt in range(2):
         decisions = []
 
         def make_loop(loop):
@@ -105,15 +116,20 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
         program = build_program(Probe(gm1, t1, loop1), Probe(gm2, t2, loop2), time_inputs, make_loop)
         dump_graph("program", program, f"target {target.name}")
         run = target.finalize(program)
-        with torch.no_grad():
-            got = run(*check_inputs)
-        got = list(got) if isinstance(got, (tuple, list)) else [got]
-        veto = _matches(got, list(want))
+        try:
+            with torch.no_grad():
+                got = run(*check_inputs)
+        except Exception as exc:  # a rewrite that fails to run is vetoed like a wrong one
+            veto = f"the rewritten program failed at T={t3}: {type(exc).__name__}: {exc}"
+        else:
+            got = list(got) if isinstance(got, (tuple, list)) else [got]
+            veto = _matches(got, list(want))
         if veto is None:
             return run, decisions, [loop1], program
         if all(d.rewrite == "sequential" for d in decisions):
             break
-        _progress(f"check at T={t3} vetoed the chunkwise rewrite: {veto}")
+        force = f"the check against eager at T={t3} vetoed the chunkwise form: {veto}"
+        _progress(force)
     raise NotALoop(f"the re-rolled program does not match eager at T={t3}: {veto}")
 
 
@@ -135,12 +151,16 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
         return Compiled(run, tuple(group), decisions, loops, compile_seconds=time.perf_counter() - start,
                         program=program)
     reason = _summarise(reasons)
-    warnings.warn(f"nlcompile: no update loop compiled, running eagerly: {reason}", stacklevel=4)
-    return Compiled(None, (), fallback_reason=reason, compile_seconds=time.perf_counter() - start)
+    if reason:
+        warnings.warn(f"nlcompile: no update loop compiled, running eagerly: {reason}", stacklevel=4)
+    # the eager fallback is exact for any T: cache it along the most plausible axis
+    candidates = time_axis_candidates(tensors)
+    return Compiled(None, candidates[0] if candidates else (), fallback_reason=reason,
+                    compile_seconds=time.perf_counter() - start)
 
 
-def _summarise(reasons: list[str]) -> str:
-    if not reasons:
-        return "no input has a dimension that could be a time axis"
-    interesting = [r for r in reasons if "no per-step slice" not in r]
-    return "; ".join(interesting[:3] or reasons[:1])
+def _summarise(reasons: list[str]) -> str | None:
+    """The reasons worth a warning; None when no axis looked like a loop at all."""
+    interesting = [r for r in reasons if "no per-step slice" not in r and "fails with this axis" not in r
+                   and "torch calls at the probe length" not in r]
+    return "; ".join(interesting[:3]) or None

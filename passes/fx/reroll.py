@@ -185,6 +185,7 @@ class _Matcher:
         self.bodies = bodies
         self.local = {n: i for b in bodies.values() for i, n in enumerate(b)}
         self.inits: dict[int, fx.Node] = {}
+        self.hoisted: set[fx.Node] = set()
 
     def same(self, a: fx.Node, ta: int, m: fx.Node, tm: int) -> bool:
         if a.op != m.op or a.target != m.target or len(a.args) != len(m.args):
@@ -216,6 +217,8 @@ class _Matcher:
             if ta == 0 and tx is None and ty == tm - 1:   # initial value of a carried state
                 slot = self.local[y]
                 return self.inits.setdefault(slot, x) is x
+            if ta == 0 and tx is None and ty == tm and y in self.hoisted:
+                return self.same(x, 0, y, tm)             # hoisted before the loop in step 0
             return False
         return tx - ta == ty - tm and tx >= ta - 1 and self.local.get(x) == self.local.get(y)
 
@@ -232,11 +235,35 @@ def _bodies(tagger: _Tagger, gm: fx.GraphModule) -> dict[int, list[fx.Node]]:
     return bodies
 
 
-def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> int:
-    """Check every step's body against the template (step m); return the template length."""
+def _state_only(template: list[fx.Node], previous: set[fx.Node], tagger: _Tagger) -> set[fx.Node]:
+    """Template nodes computed from carried values and invariants alone.  In step 0
+    they read only values from before the loop, so the trace hoists them there."""
+    out: set[fx.Node] = set()
+    for node in template:
+        if node not in tagger.anchor and all(
+            a in previous or tagger.tag[a] is None or a in out for a in node.all_input_nodes
+        ):
+            out.add(node)
+    return out
+
+
+def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> list[fx.Node]:
+    """Check every step's body against the template (step m); return the last step's loop nodes."""
     template = bodies[m]
     trip = len(bodies)
-    for t in range(trip - 1):
+    matcher.hoisted = _state_only(template, set(bodies[m - 1]), matcher.tagger)
+    first = iter(bodies[0])
+    pending = next(first, None)
+    for pos, b in enumerate(template):      # step 0: hoisted template nodes may be missing
+        if pending is not None and matcher.same(pending, 0, b, m):
+            matcher.local[pending] = pos
+            pending = next(first, None)
+        elif b not in matcher.hoisted:
+            raise NotALoop(f"step 0 differs from step {m} at {b.name} ({b.target}): the loop body "
+                           "changes between steps (a branch on the step index?)")
+    if pending is not None:
+        raise NotALoop(f"step 0 has an extra op {pending.name}: the loop body changes between steps")
+    for t in range(1, trip - 1):
         body = bodies[t]
         if len(body) != len(template):
             raise NotALoop(f"step {t} has {len(body)} ops, step {m} has {len(template)}: the loop body "
@@ -245,12 +272,32 @@ def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: in
             if not matcher.same(a, t, b, m):
                 raise NotALoop(f"step {t} differs from step {m} at {a.name} ({a.target}) vs {b.name}: "
                                "the loop body changes between steps (a branch on the step index?)")
+    return _match_last(matcher, bodies, m)
+
+
+def _match_last(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> list[fx.Node]:
+    """Match the last step to the template; return the nodes that belong to the loop.
+
+    The last step may lack a tail of the template that only feeds the next step
+    (a rotated body: ``h @ W`` computed after the last use); whatever follows
+    the template in the last step is code after the loop."""
+    template, trip = bodies[m], len(bodies)
+    following = set(bodies[m + 1])
+    droppable: set[fx.Node] = set()
+    for b in reversed(template):
+        users = list(b.users)
+        if b not in matcher.tagger.anchor and users and all(u in following or u in droppable for u in users):
+            droppable.add(b)
     last = bodies[trip - 1]
-    if len(last) < len(template) or not all(
-        matcher.same(a, trip - 1, b, m) for a, b in zip(last, template)
-    ):
-        raise NotALoop("the last step does not repeat the loop body")
-    return len(template)
+    matched, i = [], 0
+    for pos, b in enumerate(template):
+        if i < len(last) and matcher.same(last[i], trip - 1, b, m):
+            matcher.local[last[i]] = pos
+            matched.append(last[i])
+            i += 1
+        elif b not in droppable:
+            raise NotALoop(f"the last step does not repeat the loop body (missing {b.name}, {b.target})")
+    return matched
 
 
 def reroll(gm: fx.GraphModule, trip: int) -> RerolledLoop:
@@ -261,13 +308,13 @@ def reroll(gm: fx.GraphModule, trip: int) -> RerolledLoop:
     if not tagger.anchor:
         raise NotALoop("no per-step slice of a time-carrying input: no loop over the time axis")
     bodies = _bodies(tagger, gm)
-    m = 1
+    m = 2  # a middle step: its neighbours are ordinary steps too
     matcher = _Matcher(tagger, bodies)
-    n_template = _check_isomorphic(matcher, bodies, m)
-    return _assemble(gm, tagger, bodies, matcher, m, n_template)
+    loop_part = _check_isomorphic(matcher, bodies, m)
+    return _assemble(gm, tagger, bodies, matcher, m, loop_part)
 
 
-def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, n_template: int) -> RerolledLoop:
+def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, loop_part: list[fx.Node]) -> RerolledLoop:
     trip = tagger.trip
     template = bodies[m]
     previous = set(bodies[m - 1])
@@ -298,14 +345,15 @@ def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, n_template
                for slot, dim in buffers.items()]
     gathers += [_collector(c, bodies, matcher, output_index) for c in tagger.collectors]
 
-    loop_part = last_body[:n_template]
+    in_loop = set(loop_part)
+    extras = [n for n in last_body if n not in in_loop]
     last_refs: dict[fx.Node, tuple[str, int]] = {}
     for node in loop_part:
         slot = matcher.local[node]
-        if slot in buffers or all(u in loop_part or u in tagger.collectors for u in node.users):
+        if slot in buffers or all(u in in_loop or u in tagger.collectors for u in node.users):
             continue
         last_refs[node] = ("state", carried.index(slot)) if slot in carried else ("output", output_index(slot))
-    _check_no_stray_refs(tagger, bodies, n_template)
+    _check_no_stray_refs(tagger, bodies, set(extras))
 
     inits = [matcher.inits.get(slot) for slot in carried]
     if any(i is None for i in inits):
@@ -313,7 +361,7 @@ def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, n_template
     body = _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers, matcher)
     order = list(gm.graph.nodes)
     prologue = [n for n in order if n.op != "output" and tagger.tag.get(n) is None]
-    epilogue = [n for n in order if n in tagger.collectors or n in last_body[n_template:]]
+    epilogue = [n for n in order if n in tagger.collectors or n in extras]
     return RerolledLoop(trip, body, inits, sources, invariants, gathers, last_refs, prologue, epilogue,
                         list(template))
 
@@ -380,17 +428,16 @@ def _collector(coll: fx.Node, bodies, matcher: _Matcher, output_index) -> Gather
     if len(items) != trip:
         raise NotALoop(f"{coll.name} gathers {len(items)} values over {trip} steps")
     slots = {matcher.local.get(x) for x in items}
-    if len(slots) != 1 or any(bodies[t][matcher.local[x]] is not x for t, x in enumerate(items)):
+    if len(slots) != 1 or any(matcher.tagger.tag.get(x) != t for t, x in enumerate(items)):
         raise NotALoop(f"{coll.name} does not gather one value per step in step order")
     kind = "stack" if coll.target == aten.stack.default else "cat"
     ndim = items[0].meta["val"].dim() + (1 if kind == "stack" else 0)
     return Gather(coll, output_index(slots.pop()), dim % ndim, kind)
 
 
-def _check_no_stray_refs(tagger: _Tagger, bodies, n_template: int) -> None:
+def _check_no_stray_refs(tagger: _Tagger, bodies, extras: set[fx.Node]) -> None:
     """Values of steps before the last may leave their step only through gathers."""
     trip = len(bodies)
-    extras = set(bodies[trip - 1][n_template:])
     for t in range(trip - 1):
         for node in bodies[t]:
             for user in node.users:
