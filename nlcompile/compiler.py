@@ -66,13 +66,15 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() / scale
 
 
-def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> str | None:
+def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_precision: bool) -> str | None:
+    """Why ``got`` is not ``want`` up to float reassociation, or None.  With bf16 /
+    fp16 inputs eager rounds intermediates we keep in fp32: a looser bound."""
     if len(got) != len(want):
         return f"{len(got)} outputs instead of {len(want)}"
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape or g.dtype != w.dtype:
             return f"output {i} is {tuple(g.shape)} {g.dtype}, eager gives {tuple(w.shape)} {w.dtype}"
-        tol = 1e-3 if w.dtype in (torch.float32, torch.float64) else 6e-2
+        tol = 6e-2 if low_precision or w.dtype not in (torch.float32, torch.float64) else 1e-3
         if w.is_floating_point() and w.numel() and (err := _rel_error(g, w)) > tol:
             return f"output {i} differs from eager by {err:.2e} (relative)"
         if not w.is_floating_point() and not torch.equal(g, w):
@@ -123,7 +125,8 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
             veto = f"the rewritten program failed at T={t3}: {type(exc).__name__}: {exc}"
         else:
             got = list(got) if isinstance(got, (tuple, list)) else [got]
-            veto = _matches(got, list(want))
+            low = any(t.dtype in (torch.float16, torch.bfloat16) for t in check_inputs)
+            veto = _matches(got, list(want), low)
         if veto is None:
             return run, decisions, [loop1], program
         if all(d.rewrite == "sequential" for d in decisions):

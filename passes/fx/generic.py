@@ -132,6 +132,8 @@ def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
         y = b.graph.call_function(aten.movedim.int, (stacked[g1.output], 0, g1.dim))
         if g1.kind == "cat":
             y = b.graph.call_function(aten.flatten.using_ints, (y, g1.dim, g1.dim + 1))
+        # the eager program stacked into fresh memory: later views rely on that layout
+        y = b.graph.call_function(aten.clone.default, (y,), {"memory_format": torch.contiguous_format})
         b.env[g1.node] = y
         b.pair[g1.node] = g2.node
     last2 = {v: k for k, v in l2.last_refs.items()}

@@ -247,8 +247,10 @@ def _state_only(template: list[fx.Node], previous: set[fx.Node], tagger: _Tagger
     return out
 
 
-def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> list[fx.Node]:
-    """Check every step's body against the template (step m); return the last step's loop nodes."""
+def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int
+                      ) -> tuple[list[fx.Node], set[int]]:
+    """Check every step's body against the template (step m); return the last step's
+    loop nodes and the template positions the last step lacks."""
     template = bodies[m]
     trip = len(bodies)
     matcher.hoisted = _state_only(template, set(bodies[m - 1]), matcher.tagger)
@@ -278,26 +280,29 @@ def _check_isomorphic(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: in
 def _match_last(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> list[fx.Node]:
     """Match the last step to the template; return the nodes that belong to the loop.
 
-    The last step may lack a tail of the template that only feeds the next step
-    (a rotated body: ``h @ W`` computed after the last use); whatever follows
-    the template in the last step is code after the loop."""
+    The last step may lack a tail of the template that only feeds the next step:
+    dead code (a final state nobody returns) or a rotated body (``h @ W`` or
+    ``S * gamma`` written before the step's own slices).  Whatever follows the
+    template in the last step is code after the loop."""
     template, trip = bodies[m], len(bodies)
     following = set(bodies[m + 1])
     droppable: set[fx.Node] = set()
     for b in reversed(template):
         users = list(b.users)
-        if b not in matcher.tagger.anchor and users and all(u in following or u in droppable for u in users):
+        if users and all(u in following or u in droppable for u in users):
             droppable.add(b)
     last = bodies[trip - 1]
-    matched, i = [], 0
+    matched, dropped, i = [], set(), 0
     for pos, b in enumerate(template):
         if i < len(last) and matcher.same(last[i], trip - 1, b, m):
             matcher.local[last[i]] = pos
             matched.append(last[i])
             i += 1
-        elif b not in droppable:
+        elif b in droppable:
+            dropped.add(pos)
+        else:
             raise NotALoop(f"the last step does not repeat the loop body (missing {b.name}, {b.target})")
-    return matched
+    return matched, dropped
 
 
 def reroll(gm: fx.GraphModule, trip: int) -> RerolledLoop:
@@ -307,10 +312,28 @@ def reroll(gm: fx.GraphModule, trip: int) -> RerolledLoop:
     tagger = _Tagger(gm, trip)
     if not tagger.anchor:
         raise NotALoop("no per-step slice of a time-carrying input: no loop over the time axis")
-    bodies = _bodies(tagger, gm)
     m = 2  # a middle step: its neighbours are ordinary steps too
+    bodies = _bodies(tagger, gm)
     matcher = _Matcher(tagger, bodies)
-    loop_part = _check_isomorphic(matcher, bodies, m)
+    loop_part, dropped = _check_isomorphic(matcher, bodies, m)
+    if dropped and not any(bodies[m][p] in tagger.anchor for p in dropped):
+        # maybe a rotated body: the tail the last step lacks starts the next step;
+        # move it there and match again (if that fails, the tail was dead code)
+        saved = dict(tagger.tag)
+        for t in range(trip - 1):
+            for node in bodies[t]:
+                if matcher.local.get(node) in dropped:
+                    tagger.tag[node] = t + 1
+        try:
+            rotated = _bodies(tagger, gm)
+            rmatcher = _Matcher(tagger, rotated)
+            rloop, rdropped = _check_isomorphic(rmatcher, rotated, m)
+        except NotALoop:
+            rdropped = True
+        if rdropped:
+            tagger.tag = saved
+        else:
+            bodies, matcher, loop_part = rotated, rmatcher, rloop
     return _assemble(gm, tagger, bodies, matcher, m, loop_part)
 
 

@@ -1,0 +1,84 @@
+"""Every zoo model and spelling, compiled: numbers against eager, kinds via explain.
+
+fp32: max error <= 1e-4 relative to the output scale, at T in {1, 7, 64, 1000}
+and two batch/head shapes, one compiled object per shape (captures stay 1).
+bf16: our result must be no further from an fp64 run than eager's own bf16
+run is, with a slack factor of 2 plus 2e-3 absolute (relative to scale).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nlcompile
+from nlcompile.zoo import LAYERS, MODELS
+
+
+def as_tuple(x):
+    return x if isinstance(x, tuple) else (x,)
+
+
+def rel_err(got, want):
+    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12)).item()
+
+
+def check(compiled, fn, args, tol=1e-4):
+    got, want = as_tuple(compiled(*args)), as_tuple(fn(*args))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        if w is None:
+            assert g is None
+            continue
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert rel_err(g, w) <= tol, (rel_err(g, w), g.shape)
+
+
+SHAPES = [dict(B=2, H=3, D=8), dict(B=1, H=2, D=16)]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_model_compiles_exactly(name):
+    entry = MODELS[name]
+    for shape in SHAPES:
+        compiled = nlcompile.compile(entry.fn)
+        for T in (7, 64, 1000, 1):
+            with torch.no_grad():
+                check(compiled, entry.fn, entry.make_inputs(T=T, **shape))
+        assert compiled.captures == 1
+        report = compiled.explain(*entry.make_inputs(T=9, **shape))
+        assert len(report.loops) == 1, str(report)
+        loop = report.loops[0]
+        assert loop.kind == entry.kind, str(report)
+        assert loop.rewrite == "chunkwise", str(report)
+        assert [r.endswith(f"({entry.readout} update)") for r in loop.readouts] == [True] * len(loop.readouts)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_model_bf16(name):
+    entry = MODELS[name]
+    args = entry.make_inputs(B=2, H=2, T=96, D=16, dtype=torch.bfloat16)
+    compiled = nlcompile.compile(entry.fn)
+    with torch.no_grad():
+        got, eager = as_tuple(compiled(*args)), as_tuple(entry.fn(*args))
+        exact = as_tuple(entry.fn(*[a.double() if a.is_floating_point() else a for a in args]))
+    assert compiled.explain(*args).loops[0].rewrite == "chunkwise"
+    for g, e, x in zip(got, eager, exact):
+        if x is None:
+            continue
+        assert g.dtype == e.dtype
+        assert rel_err(g, x) <= 2 * rel_err(e, x) + 2e-3, (rel_err(g, x), rel_err(e, x))
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_zoo_layer_module(name):
+    entry = LAYERS[name]
+    model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=8)
+    compiled = nlcompile.compile(model)
+    for T in (5, 130):
+        (x,) = entry.make_inputs(B=2, T=T, d_model=32)
+        with torch.no_grad():
+            check(compiled, model, (x,))
+    assert compiled.captures == 1
+    (x,) = entry.make_inputs(B=2, T=9, d_model=32)
+    loop = compiled.explain(x).loops[0]
+    assert loop.kind == entry.kind and loop.rewrite == "chunkwise"
