@@ -22,7 +22,7 @@ import time
 
 import torch
 
-MODELS = {"DeltaNet": "deltanet_fla", "GLA": "gla_naive_bhtd"}
+BENCH = {"DeltaNet": "deltanet_fla", "GLA": "gla_naive_bhtd"}
 
 
 def best(fn, repeats: int) -> float:
@@ -84,7 +84,7 @@ def run(lengths, torch_compile_lengths) -> list[dict]:
     from nlcompile.zoo import MODELS
 
     rows = []
-    for label, name in MODELS.items():
+    for label, name in BENCH.items():
         entry = MODELS[name]
         for T in lengths:
             args = entry.make_inputs(B=2, H=4, T=T, D=64)
@@ -104,7 +104,7 @@ def run(lengths, torch_compile_lengths) -> list[dict]:
                   f"{ours * 1e3:7.1f} ms  reference {ref * 1e3:7.1f} ms  speedup {eager / ours:6.1f}x  "
                   f"ref/nlcompile {ref / ours:4.2f}  compile {cold:5.2f} s", flush=True)
     for T in torch_compile_lengths:
-        seconds = in_fresh_process(TORCH_COMPILE, MODELS["DeltaNet"], str(T))
+        seconds = in_fresh_process(TORCH_COMPILE, BENCH["DeltaNet"], str(T))
         rows.append(dict(model="DeltaNet", T=T, torch_compile_s=seconds))
         print(f"torch.compile of the naive DeltaNet loop at T={T}: compile {seconds:.1f} s", flush=True)
     return rows

@@ -1,0 +1,99 @@
+"""Targets: the registry, a user-registered target, an entry-point plug-in, inductor."""
+from __future__ import annotations
+
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nlcompile
+from nlcompile.loop_ops import SequentialLoop
+
+
+def delta_loop(q, k, v, beta):
+    S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
+    outs = []
+    for t in range(q.shape[1]):
+        err = torch.einsum("bk,bkv->bv", k[:, t], S) - v[:, t]
+        S = S - beta[:, t, None, None] * k[:, t, :, None] * err[:, None, :]
+        outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+    return torch.stack(outs, 1)
+
+
+def inputs(T, B=2, D=6):
+    k = F.normalize(torch.randn(B, T, D), dim=-1)
+    return torch.randn(B, T, D), k, torch.randn(B, T, D), torch.rand(B, T)
+
+
+def test_builtin_targets_are_listed():
+    assert {"torch", "inductor"} <= set(nlcompile.list_targets())
+
+
+def test_unknown_target_lists_the_known_ones():
+    with pytest.raises(ValueError, match="known targets: .*torch"):
+        nlcompile.compile(delta_loop, target="no-such-target")
+
+
+class SequentialOnly:
+    """A user target with no fast paths: every loop runs as one sequential loop op."""
+
+    name = "sequential-only"
+    fast_kinds = frozenset()
+
+    def available(self):
+        return True, ""
+
+    def loop_module(self, plan):
+        raise AssertionError("never asked: no fast kinds")
+
+    def finalize(self, program):
+        self.program = program
+        return program
+
+
+def test_registered_target_is_used():
+    target = SequentialOnly()
+    nlcompile.register_target("sequential-only", target)
+    compiled = nlcompile.compile(delta_loop, target="sequential-only")
+    args = inputs(40)
+    torch.testing.assert_close(compiled(*args), delta_loop(*args))
+    loop = compiled.explain(*args).loops[0]
+    assert loop.kind == "delta" and loop.rewrite == "sequential"
+    assert "no fast path for delta" in loop.reason
+    assert any(isinstance(m, SequentialLoop) for m in target.program.modules())
+
+
+def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
+    dist = tmp_path / "nlc_demo_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: nlc-demo-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[nlcompile.targets]\ndemo = nlc_demo_plugin:DemoTarget\n")
+    (tmp_path / "nlc_demo_plugin.py").write_text(textwrap.dedent("""
+        from nlcompile.targets.torch_target import TorchTarget
+
+        class DemoTarget(TorchTarget):
+            name = "demo"
+            finalized = 0
+
+            def finalize(self, program):
+                DemoTarget.finalized += 1
+                return program
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert "demo" in nlcompile.list_targets()
+    compiled = nlcompile.compile(delta_loop, target="demo")
+    args = inputs(30)
+    torch.testing.assert_close(compiled(*args), delta_loop(*args))
+    assert sys.modules["nlc_demo_plugin"].DemoTarget.finalized >= 1
+    assert compiled.explain(*args).loops[0].rewrite == "chunkwise"
+
+
+def test_inductor_target_matches_eager():
+    compiled = nlcompile.compile(delta_loop, target="inductor")
+    for T in (9, 100):
+        args = inputs(T)
+        torch.testing.assert_close(compiled(*args), delta_loop(*args), rtol=1e-4, atol=1e-5)
+    assert compiled.captures == 1
+    assert compiled.explain(*inputs(9)).loops[0].rewrite == "chunkwise"
