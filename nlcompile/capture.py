@@ -7,6 +7,8 @@ an updated parameter is seen by the compiled program.
 """
 from __future__ import annotations
 
+import linecache
+import sys
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -27,26 +29,56 @@ class _BudgetExceeded(Exception):
     pass
 
 
-class _OpBudget(TorchFunctionMode):
-    """Abort a trace that runs far more ops than a short probe can need."""
+_OURS = ("/torch/", "/nlcompile/", "/passes/", "/targets/")
 
-    def __init__(self, budget: int):
+
+def _user_frame(frame) -> str | None:
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not any(part in name for part in _OURS) and not name.startswith("<"):
+            text = linecache.getline(name, frame.f_lineno).strip()
+            return f"{name}:{frame.f_lineno}: {text}"
+        frame = frame.f_back
+    return None
+
+
+class _OpBudget(TorchFunctionMode):
+    """Abort a trace that runs far more ops than a short probe can need; optionally
+    record, for each torch call, its name and the user's source line."""
+
+    def __init__(self, budget: int, lines: list[tuple[str, str]] | None = None):
         super().__init__()
         self.left = budget
+        self.lines = lines
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.left -= 1
         if self.left < 0:
             raise _BudgetExceeded()
+        if self.lines is not None:
+            where = _user_frame(sys._getframe(1))
+            if where:
+                self.lines.append((getattr(func, "__name__", str(func)), where))
         return func(*args, **(kwargs or {}))
+
+
+def source_line(op: object, lines: Sequence[tuple[str, str]]) -> str | None:
+    """The user's line that called the torch function behind ATen ``op`` (diagnostics
+    only: matched by name, first occurrence), e.g. ``aten.tanh.default`` -> ``torch.tanh``."""
+    name = getattr(op, "__name__", str(op)).split(".")[0]
+    for called, where in lines:
+        if called.strip("_") == name.strip("_"):
+            return where
+    return None
 
 
 OP_BUDGET = 5000
 
 
-def count_ops(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = OP_BUDGET) -> int | str:
+def count_ops(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = OP_BUDGET,
+              lines: list[tuple[str, str]] | None = None) -> int | str:
     """How many torch calls ``fn`` makes eagerly, or why it could not be counted."""
-    mode = _OpBudget(budget)
+    mode = _OpBudget(budget, lines)
     try:
         with mode:
             fn(*tensors)

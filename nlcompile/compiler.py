@@ -19,7 +19,7 @@ import torch
 
 from nlcompile import knobs
 from nlcompile.capture import (CallLayout, CaptureError, Traceable, count_ops, probe_lengths, resize_time,
-                               time_axis_candidates, trace)
+                               source_line, time_axis_candidates, trace)
 from nlcompile.dump import dump_graph
 from nlcompile.passes.fx.generic import Probe, build_program
 from nlcompile.passes.fx.reroll import NotALoop, reroll
@@ -46,6 +46,7 @@ class Compiled:
     input_names: list[str] = field(default_factory=list)
     compile_seconds: float = 0.0
     program: torch.fx.GraphModule | None = None
+    source_lines: list[str | None] = field(default_factory=list)   # per loop: where it was blocked
 
 
 def _progress(msg: str) -> None:
@@ -82,9 +83,11 @@ def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_prec
     return None
 
 
-def _screen(fn, params, tensors, group, lengths) -> None:
-    """Cheap eager check before tracing: the work must grow with the probe length."""
-    counts = [count_ops(fn, _resized(params, tensors, group, n)) for n in lengths[:2]]
+def _screen(fn, params, tensors, group, lengths, lines: list) -> None:
+    """Cheap eager check before tracing: the work must grow with the probe length.
+    The first probe's torch calls are recorded with their source lines in ``lines``."""
+    counts = [count_ops(fn, _resized(params, tensors, group, n), lines=lines if i == 0 else None)
+              for i, n in enumerate(lengths[:2])]
     for c in counts:
         if isinstance(c, str):
             raise NotALoop(c)
@@ -94,7 +97,8 @@ def _screen(fn, params, tensors, group, lengths) -> None:
 
 def _try_axis(fn, params, tensors, group, lengths, target: Target, options: CompileOptions):
     t1, t2, t3 = lengths
-    _screen(fn, params, tensors, group, lengths)
+    lines: list[tuple[str, str]] = []
+    _screen(fn, params, tensors, group, lengths, lines)
     p1 = _resized(params, tensors, group, t1)
     gm1 = trace(fn, p1)
     loop1 = reroll(gm1, t1)
@@ -128,12 +132,24 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
             low = any(t.dtype in (torch.float16, torch.bfloat16) for t in check_inputs)
             veto = _matches(got, list(want), low)
         if veto is None:
-            return run, decisions, [loop1], program
+            return run, decisions, [loop1], program, [_blocking_line(loop1, d, lines) for d in decisions]
         if all(d.rewrite == "sequential" for d in decisions):
             break
         force = f"the check against eager at T={t3} vetoed the chunkwise form: {veto}"
         _progress(force)
     raise NotALoop(f"the re-rolled program does not match eager at T={t3}: {veto}")
+
+
+def _blocking_line(loop, decision: LoopDecision, lines) -> str | None:
+    """The source line of the op that kept a loop sequential, when one is named."""
+    if decision.analysis is None:
+        return None
+    names = {n.name: n for n in loop.body.graph.graph.nodes}
+    for rule in decision.analysis.rules:
+        node = names.get(rule.blocking_node or "")
+        if node is not None and (where := source_line(node.target, lines)):
+            return where
+    return None
 
 
 def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence[torch.Tensor],
@@ -147,12 +163,12 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
     for group in time_axis_candidates(tensors):
         _progress(f"probing time axis {group} at T={lengths[0]}, {lengths[1]}")
         try:
-            run, decisions, loops, program = _try_axis(fn, params, tensors, group, lengths, target, options)
+            run, decisions, loops, program, where = _try_axis(fn, params, tensors, group, lengths, target, options)
         except (CaptureError, NotALoop) as exc:
             reasons.append(f"axis {group}: {exc}")
             continue
         return Compiled(run, tuple(group), decisions, loops, compile_seconds=time.perf_counter() - start,
-                        program=program)
+                        program=program, source_lines=where)
     reason = _summarise(reasons)
     if reason:
         warnings.warn(f"nlcompile: no update loop compiled, running eagerly: {reason}", stacklevel=4)

@@ -32,6 +32,7 @@ class LoopReport:
     reason: str | None = None
     blocking_node: str | None = None
     readouts: tuple[str, ...] = ()
+    source_line: str | None = None
 
     @property
     def kinds(self) -> list[str]:
@@ -52,18 +53,21 @@ class Report:
             lines.append(f"  no loop compiled; runs eagerly: {self.fallback_reason}")
         if not self.loops and not self.fallback_reason:
             lines.append("  no update loop found")
-        head = f"  {'loop':<5}{'kind':<13}{'period':<8}{'rewrite':<12}{'time axis':<28}states"
+        head = f"  {'loop':<5}{'kind':<13}{'period':<8}{'rewrite':<12}time axis"
         if self.loops:
             lines.append(head)
         for lp in self.loops:
             states = ", ".join(f"S{s.index}{list(s.shape)}:{s.kind}{'/ch' if s.per_channel else ''}"
                                for s in lp.states)
             lines.append(f"  {lp.index:<5}{(lp.kind or '?'):<13}{lp.period:<8}{lp.rewrite:<12}"
-                         f"{', '.join(lp.time_axis):<28}{states}")
+                         f"{', '.join(lp.time_axis)}")
+            lines.append(f"       states: {states}")
             if lp.readouts:
                 lines.append(f"       readouts: {', '.join(lp.readouts)}")
             if lp.reason:
                 lines.append(f"       left sequential: {lp.reason}")
+            if lp.source_line:
+                lines.append(f"       at {lp.source_line}")
         return "\n".join(lines)
 
 
@@ -89,8 +93,9 @@ def build_report(compiled, options) -> Report:
         axis = tuple(f"{names[j] if j < len(names) else j}[dim {d}]" for j, d in compiled.time_axis)
         blocking = next((r.blocking_node for r in rules.values() if r.blocking_node), None)
         readouts = tuple(f"{r.node} ({r.when} update)" for r in analysis.readouts) if analysis else ()
+        where = compiled.source_lines[i] if i < len(compiled.source_lines) else None
         loops.append(LoopReport(i, _overall([r.kind for r in rules.values()]), 1, tuple(states), axis,
-                                decision.rewrite, decision.reason, blocking, readouts))
+                                decision.rewrite, decision.reason, blocking, readouts, where))
     code = compiled.program.code if compiled.program is not None else ""
     return Report(options.target, tuple(loops), compiled.fallback_reason, compiled.compile_seconds, code)
 

@@ -148,6 +148,7 @@ def test_nonlinear_loop_runs_as_one_sequential_loop():
     loop = compiled.explain(x, w).loops[0]
     assert loop.kind == "nonlinear" and loop.rewrite == "sequential"
     assert "tanh" in loop.reason
+    assert loop.source_line and "torch.tanh(h @ w + x[:, t])" in loop.source_line
 
 
 def test_value_dependent_branch_falls_back_with_the_line():
