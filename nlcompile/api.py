@@ -26,7 +26,7 @@ class CompiledFunction:
         self._traceable = Traceable(model_or_fn)
         self._options = options
         self._target = get_target(options.target)
-        self._entries: list[tuple[tuple, Compiled, Any]] = []
+        self._entries: list[tuple[tuple, Compiled]] = []
         self.captures = 0
         if isinstance(model_or_fn, torch.nn.Module):
             self.__wrapped__ = model_or_fn
@@ -40,14 +40,14 @@ class CompiledFunction:
         return (t.dim(), t.dtype, t.device.type, shape)
 
     def _find(self, tensors, layout_key):
-        for key, compiled, out_spec in self._entries:
+        for key, compiled in self._entries:
             if key[0] != layout_key or len(key[1]) != len(tensors):
                 continue
             skips = {i: [] for i in range(len(tensors))}
             for i, d in compiled.time_axis:
                 skips[i].append(d)
             if all(self._describe(t, skips[i]) == key[1][i] for i, t in enumerate(tensors)):
-                return compiled, out_spec
+                return compiled
         return None
 
     def _check_time_lengths(self, compiled: Compiled, tensors, names) -> None:
@@ -62,15 +62,16 @@ class CompiledFunction:
         tensors, layout = flatten_call(args, kwargs)
         found = self._find(tensors, layout.key())
         if found is not None:
-            return found[0]
+            return found
         params = [t for _, t in self._traceable.named_tensors()]
         names = [n for n, _ in self._traceable.named_tensors()]
         compiled = compile_signature(self._traceable, layout, params, tensors, names, self._target, self._options)
         compiled.input_names = _input_names(self._traceable.target, args, kwargs)
+        compiled.output = self._traceable.output
         self.captures += 1
         skips = {i: [d for j, d in compiled.time_axis if j == i] for i in range(len(tensors))}
         key = (layout.key(), tuple(self._describe(t, skips[i]) for i, t in enumerate(tensors)))
-        self._entries.append((key, compiled, self._traceable.out_spec))
+        self._entries.append((key, compiled))
         return compiled
 
     def __call__(self, *args, **kwargs):
@@ -82,7 +83,7 @@ class CompiledFunction:
         params = [t for _, t in self._traceable.named_tensors()]
         flat = compiled.run(*params, *tensors)
         flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
-        return self._traceable.unflatten(flat)
+        return compiled.output.unflatten(flat)
 
     def explain(self, *args, **kwargs) -> Report:
         """What was found and chosen for calls shaped like these arguments."""

@@ -116,14 +116,26 @@ def flatten_call(args: tuple, kwargs: dict) -> tuple[list[torch.Tensor], CallLay
     return [leaves[i] for i in slots], CallLayout(spec, slots, consts)
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """How a call's outputs flatten: the tree and its non-tensor leaves (None...)."""
+
+    spec: pytree.TreeSpec
+    constants: tuple[tuple[int, Any], ...]
+
+    def unflatten(self, flat: Sequence[torch.Tensor]) -> Any:
+        consts, it = dict(self.constants), iter(flat)
+        leaves = [consts[i] if i in consts else next(it) for i in range(self.spec.num_leaves)]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+
 class Traceable:
     """``model_or_fn`` as a flat function of (parameters..., input tensors...)."""
 
     def __init__(self, model_or_fn: Callable):
         self.target = model_or_fn
         self.is_module = isinstance(model_or_fn, torch.nn.Module)
-        self.out_spec: pytree.TreeSpec | None = None
-        self.out_constants: dict[int, Any] = {}
+        self.output: OutputLayout | None = None   # of the latest traced or checked call
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         if not self.is_module:
@@ -139,17 +151,11 @@ class Traceable:
             else:
                 out = self.target(*args, **kwargs)
             leaves, spec = pytree.tree_flatten(out)
-            self.out_spec = spec
-            self.out_constants = {i: x for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)}
+            consts = tuple((i, x) for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor))
+            self.output = OutputLayout(spec, consts)
             return tuple(x for x in leaves if isinstance(x, torch.Tensor))
 
         return run
-
-    def unflatten(self, flat: Sequence[torch.Tensor]) -> Any:
-        leaves, it = [], iter(flat)
-        for i in range(self.out_spec.num_leaves):
-            leaves.append(self.out_constants[i] if i in self.out_constants else next(it))
-        return pytree.tree_unflatten(leaves, self.out_spec)
 
 
 def user_line(exc: BaseException) -> str:

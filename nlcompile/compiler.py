@@ -47,6 +47,7 @@ class Compiled:
     compile_seconds: float = 0.0
     program: torch.fx.GraphModule | None = None
     source_lines: list[str | None] = field(default_factory=list)   # per loop: where it was blocked
+    output: Any = None                        # capture.OutputLayout of this signature's outputs
 
 
 def _progress(msg: str) -> None:

@@ -126,7 +126,9 @@ class Readout:
     ``node`` is the body node holding it; ``when`` is "after" (reads S_t) or
     "before" (reads S_{t-1}).  ``dims`` gives the node's atomic indices per dim
     (``()`` for a size-1 dim); ``summed`` lists batch indices the readout sums.
-    ``post`` holds value-side factors (``None`` for none).
+    ``post`` holds value-side factors (``None`` for none).  ``constant`` marks a
+    node that also holds state-free terms (``(S + u k v^T)^T q``): its value at
+    zero state is added to the readout.
     """
 
     node: str
@@ -136,6 +138,7 @@ class Readout:
     post: Operand | None
     dims: tuple[tuple[int, ...], ...]
     summed: tuple[int, ...] = ()
+    constant: bool = False
 
 
 @dataclass(frozen=True)

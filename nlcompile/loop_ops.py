@@ -98,6 +98,13 @@ class ChunkwiseLoop(torch.nn.Module):
             else:
                 raise UnsupportedLoop(f"per-step output {node.name} depends on the state in a way the "
                                       "chunkwise form does not produce")
+        # readouts that also hold state-free terms: their value at zero state (old and new)
+        self.const_names = sorted(r.node for r in analysis.readouts if r.constant)
+        self.const_gm = None
+        if self.const_names:
+            zero_at = list(dict.fromkeys(phs[:ns] + [n for n in out_nodes[:ns]]))
+            self.zero_vals = [n.meta["val"] for n in zero_at]
+            self.const_gm = extract_subgraph(gm, zero_at + step_ph + inv_ph, [nodes[n] for n in self.const_names])
         self.post_inputs = readout_names + self.leaf_names
         self.post_gm = None
         if post_outs:
@@ -113,6 +120,19 @@ class ChunkwiseLoop(torch.nn.Module):
         in_dims = tuple(d for d, _ in dims) + (None,) * len(invariants)
         vals = torch.vmap(call, in_dims=in_dims)(*sources, *invariants)
         return dict(zip(self.leaf_names, vals))
+
+    def _at_zero_state(self, sources, invariants) -> dict[str, torch.Tensor]:
+        """The constant-readout nodes evaluated with every state (old and new) zero."""
+        device = sources[0].device
+        zeros = [torch.zeros(v.shape, dtype=v.dtype, device=device) for v in self.zero_vals]
+        dims = self.step_dims
+
+        def call(*xs):
+            xs = [x.unsqueeze(d) if keep else x for x, (d, keep) in zip(xs, dims)]
+            return self.const_gm(*zeros, *xs, *invariants)
+
+        vals = torch.vmap(call, in_dims=tuple(d for d, _ in dims))(*sources)
+        return dict(zip(self.const_names, vals))
 
     def forward(self, *args: torch.Tensor):
         from nlcompile.passes.fx import layout as L
@@ -149,6 +169,9 @@ class ChunkwiseLoop(torch.nn.Module):
                 _, final = self.scan(k, v, chunk_size=chunk, **kw)
             val = self.state_vals[rule.state]
             finals[rule.state] = L.state_from_kernel(lay, final, tuple(val.shape)).to(val.dtype)
+        if self.const_gm is not None:
+            for name, value in self._at_zero_state(sources, invariants).items():
+                readouts[name] = readouts[name] + value.to(readouts[name].dtype)
         post = ()
         if self.post_gm is not None:
             ins = [readouts[n] if n in readouts else values[n] for n in self.post_inputs]

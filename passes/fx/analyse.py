@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -399,7 +399,7 @@ def analyse_body(body: LoopBody) -> LoopAnalysis:
     NONLINEAR with ``reason`` and ``blocking_node`` set.
     """
     ix = Interpreter(body)
-    raw, post, leaves = find_readouts(ix.outputs, ix.value, _tensor_args)
+    raw, post, leaves, with_constant = find_readouts(ix.outputs, ix.value, _tensor_args)
     rules, readouts = [], []
     for i in range(body.n_states):
         try:
@@ -409,7 +409,7 @@ def analyse_body(body: LoopBody) -> LoopAnalysis:
             rule, reads = StateRule(i, RuleKind.NONLINEAR, reason=f"state {i}: analysis failed "
                                     f"({type(e).__name__}: {e})", blocking_node=node), []
         rules.append(rule)
-        readouts.extend(reads if rule.kind.chunkwise else [])
+        readouts.extend(replace(r, constant=r.node in with_constant) for r in (reads if rule.kind.chunkwise else []))
     for r in rules:
         leaves |= _operand_nodes(r.k, r.v, r.beta, r.write, r.gate, r.log_gate)
     for r in readouts:

@@ -50,6 +50,13 @@ def body_signature(gm: fx.GraphModule) -> list:
     return [(n.op, str(n.target), norm(n.args), norm(n.kwargs)) for n in gm.graph.nodes]
 
 
+def _attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 class _Builder:
     def __init__(self, p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]]):
         self.p1, self.p2 = p1, p2
@@ -94,6 +101,8 @@ class _Builder:
         raise NotALoop(f"a constant differs between probes ({x1!r} vs {x2!r}): the program depends on T")
 
     def copy(self, n1: fx.Node, n2: fx.Node) -> fx.Node:
+        if n1.op == "get_attr":
+            return self._constant(n1, n2)
         if n1.target != n2.target:
             raise NotALoop(f"the two probes differ: {n1.name} ({n1.target}) vs {n2.name} ({n2.target})")
         self.pair[n1] = n2
@@ -102,6 +111,20 @@ class _Builder:
         new = self.graph.call_function(n1.target, args, kwargs)
         new.meta = {k: v for k, v in n1.meta.items() if k != "val"}
         self.env[n1] = new
+        return new
+
+    def _constant(self, n1: fx.Node, n2: fx.Node) -> fx.Node:
+        """A tensor constant made inside the function (``q.new_tensor(...)``): it must
+        be the same in both probes, else it depends on T."""
+        c1, c2 = _attr(self.p1.gm, n1.target), _attr(self.p2.gm, n2.target)
+        if n2.op != "get_attr" or c1.shape != c2.shape or not torch.equal(c1, c2):
+            raise NotALoop(f"the constant {n1.target} differs between probe lengths: it depends on T")
+        name = f"_const_{len(list(self.root.buffers()))}"
+        self.root.register_buffer(name, c1)
+        new = self.graph.get_attr(name)
+        new.meta = dict(n1.meta)
+        self.env[n1] = new
+        self.pair[n1] = n2
         return new
 
 

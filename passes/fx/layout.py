@@ -239,15 +239,18 @@ def make_readout(name: str, poly: Poly, state: int, layout: StateLayout, space: 
 def find_readouts(outputs: Sequence, value: Callable, inputs: Callable):
     """Walk back from the per-step outputs to the readouts.
 
-    A node read as a one-monomial degree-1 poly is a readout; any other
+    A node read as a one-monomial degree-1 poly is a readout; so is one with a
+    single degree-1 monomial beside state-free terms (its degree-1 part is read,
+    the rest is the node at zero state: listed in ``with_constant``); any other
     state-dependent node on the way (a sum, a Bad) is post and the walk goes on
     into its inputs; state-free nodes met are leaves.  ``value(node, consumer)``
     and ``inputs(node)`` come from the interpreter.  Returns (readouts as
-    (node name, poly), post node names, leaf node names).
+    (node name, poly), post node names, leaf node names, with_constant).
     """
     raw: list[tuple[str, Poly]] = []
     post: set[str] = set()
     leaves: set[str] = set()
+    with_constant: set[str] = set()
     seen: set = set()
 
     def visit(node, consumer) -> None:
@@ -259,6 +262,9 @@ def find_readouts(outputs: Sequence, value: Callable, inputs: Callable):
             leaves.add(node.name)
         elif isinstance(v, Poly) and len(v.monos) == 1 and v.monos[0].state is not None:
             raw.append((node.name, v))
+        elif isinstance(v, Poly) and sum(m.state is not None for m in v.monos) == 1:
+            raw.append((node.name, Poly(v.dims, tuple(m for m in v.monos if m.state is not None))))
+            with_constant.add(node.name)
         else:
             post.add(node.name)
             for a in inputs(node):
@@ -266,7 +272,7 @@ def find_readouts(outputs: Sequence, value: Callable, inputs: Callable):
 
     for out in outputs:
         visit(out, None)
-    return raw, post, leaves
+    return raw, post, leaves, with_constant
 
 
 # ---------------------------------------------------------------- numerics
