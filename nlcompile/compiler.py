@@ -22,6 +22,7 @@ from nlcompile.capture import (CallLayout, CaptureError, Traceable, count_ops, p
                                source_line, time_axis_candidates, trace)
 from nlcompile.dump import dump_graph
 from nlcompile.passes.fx.generic import Probe, build_program
+from nlcompile.passes.fx.lift_scan import lift_scan, scan_nodes
 from nlcompile.passes.fx.reroll import NotALoop, reroll
 from nlcompile.passes.fx.rewrite import LoopDecision, plan_loop
 from nlcompile.targets.registry import Target
@@ -84,15 +85,25 @@ def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_prec
     return None
 
 
+def _find_loop(gm, trip: int):
+    """The update loop of a probe trace: a ``scan`` lifted as is, or an unrolled loop re-rolled."""
+    return lift_scan(gm, trip) if scan_nodes(gm) else reroll(gm, trip)
+
+
+_SMALL_TRACE = 300   # torch calls: a trace this small is cheap even if the axis is wrong
+
+
 def _screen(fn, params, tensors, group, lengths, lines: list) -> None:
-    """Cheap eager check before tracing: the work must grow with the probe length.
-    The first probe's torch calls are recorded with their source lines in ``lines``."""
+    """Cheap eager check before tracing: the function must run with this axis
+    resized, and its work must grow with the probe length (unless it is small:
+    a ``scan`` does not grow).  The first probe's torch calls are recorded with
+    their source lines in ``lines``."""
     counts = [count_ops(fn, _resized(params, tensors, group, n), lines=lines if i == 0 else None)
               for i, n in enumerate(lengths[:2])]
     for c in counts:
         if isinstance(c, str):
             raise NotALoop(c)
-    if counts[1] <= counts[0]:
+    if counts[1] <= counts[0] and counts[0] > _SMALL_TRACE:
         raise NotALoop("no per-step slice: the work does not grow with this axis")
 
 
@@ -102,9 +113,9 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
     _screen(fn, params, tensors, group, lengths, lines)
     p1 = _resized(params, tensors, group, t1)
     gm1 = trace(fn, p1)
-    loop1 = reroll(gm1, t1)
+    loop1 = _find_loop(gm1, t1)
     gm2 = trace(fn, _resized(params, tensors, group, t2))
-    loop2 = reroll(gm2, t2)
+    loop2 = _find_loop(gm2, t2)
     dump_graph("capture", gm1, f"probe T={t1}")
     dump_graph("reroll_body", loop1.body.graph, f"{loop1.body}")
     time_inputs = [(len(params) + i, d) for i, d in group]

@@ -270,3 +270,28 @@ def test_module_parameters_stay_live():
     assert_close_outputs(compiled(x), model(x))
     assert compiled.captures == 1
     assert compiled.explain(x).loops[0].kind == "delta"
+
+
+def delta_scan(q, k, v, beta):
+    """The delta rule written with torch's ``scan`` higher-order op (time at dim 0)."""
+    from torch._higher_order_ops.scan import scan
+
+    def step(S, xs):
+        qt, kt, vt, bt = xs
+        err = torch.einsum("bk,bkv->bv", kt, S) - vt
+        S = S - bt[:, None, None] * kt[:, :, None] * err[:, None, :]
+        return S, torch.einsum("bk,bkv->bv", qt, S)
+
+    S, o = scan(step, torch.zeros(q.shape[1], q.shape[2], v.shape[2]), (q, k, v, beta))
+    return o, S
+
+
+def test_scan_higher_order_op_is_lifted():
+    compiled = nlcompile.compile(delta_scan)
+    for T in (7, 130):
+        q, v = torch.randn(T, 2, 5), torch.randn(T, 2, 4)
+        k, b = F.normalize(torch.randn(T, 2, 5), dim=-1), torch.rand(T, 2)
+        assert_close_outputs(compiled(q, k, v, b), delta_scan(q, k, v, b))
+    assert compiled.captures == 1
+    loop = compiled.explain(q, k, v, b).loops[0]
+    assert loop.kind == "delta" and loop.rewrite == "chunkwise"

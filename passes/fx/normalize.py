@@ -10,6 +10,7 @@
   no longer looks like a state read at step t.
 * Common subexpressions are merged (random ops excepted), so one per-step
   slice or one derived key is one node however often the source spells it.
+* ``*_copy`` view ops (from functionalised scan bodies) become the view ops.
 * Dead nodes are removed.
 """
 from __future__ import annotations
@@ -53,6 +54,22 @@ def _replace_copies(gm: fx.GraphModule) -> None:
         graph.erase_node(node)
 
 
+def _view_of_copy(target):
+    """``aten.unsqueeze_copy.default`` -> ``aten.unsqueeze.default`` (same values; the
+    ``_copy`` forms appear in functionalised higher-order-op bodies)."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.name.startswith("aten::") or not schema.name.endswith("_copy"):
+        return None
+    base = getattr(aten, schema.name[len("aten::"):-len("_copy")], None)
+    return getattr(base, target._overloadname, None) if base is not None else None
+
+
+def _replace_view_copies(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and (view := _view_of_copy(node.target)) is not None:
+            node.target = view
+
+
 def _is_random(node: fx.Node) -> bool:
     target = node.target
     tags = getattr(target, "tags", ())
@@ -88,6 +105,7 @@ def _cse(gm: fx.GraphModule) -> None:
 def normalize(gm: fx.GraphModule) -> fx.GraphModule:
     """Remove copies and aliases, merge common subexpressions, drop dead code (in place)."""
     _replace_copies(gm)
+    _replace_view_copies(gm)
     _cse(gm)
     gm.graph.eliminate_dead_code()
     gm.recompile()
