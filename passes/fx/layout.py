@@ -277,8 +277,10 @@ def find_readouts(outputs: Sequence, value: Callable, inputs: Callable):
 
 # ---------------------------------------------------------------- numerics
 def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence[int],
-                sizes: Mapping[int, int]) -> torch.Tensor:
-    """``coef * prod(factor ** power)`` as ``[T, *sizes[order]]`` (broadcast where no factor carries an index)."""
+                sizes: Mapping[int, int], time_at: int = 0) -> torch.Tensor:
+    """``coef * prod(factor ** power)`` over ``order`` (broadcast where no factor carries
+    an index), with the time dim inserted before ``order[time_at]``: by default
+    ``[T, *sizes[order]]``; a kernel layout ``[batch..., T, d]`` comes out directly."""
     order = list(order)
     terms, subs = [], []
     names = {a: chr(ord("a") + i) if i < 25 else chr(ord("A") + i - 25) for i, a in enumerate(order)}
@@ -290,16 +292,24 @@ def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence
         terms.append(x if f.power == 1 else x.to(_float(x.dtype)) ** f.power)
         subs.append("z" + "".join(names[a] for a in f.indices))
     carried = [a for a in order if any(a in f.indices for f in op.factors)]
+    before = sum(a in carried for a in order[:time_at])
+    out = "".join(names[a] for a in carried)
+    out = out[:before] + "z" + out[before:]
     if terms:
         dtype = _float(_promote(t.dtype for t in terms))
-        res = torch.einsum(",".join(subs) + "->z" + "".join(names[a] for a in carried),
-                           *[t.to(dtype) for t in terms]) * op.coef
+        res = torch.einsum(",".join(subs) + "->" + out, *[t.to(dtype) for t in terms])
+        if op.coef != 1.0:
+            res = res * op.coef
     else:
         first = next(iter(values.values()), None)
         t = first.shape[0] if first is not None else 1
         res = torch.full((t,), float(op.coef), dtype=first.dtype if first is not None else torch.float32)
+    steps = res.shape[before]
     shape = [sizes[a] if a in carried else 1 for a in order]
-    return res.reshape(res.shape[0], *shape).expand(res.shape[0], *[sizes[a] for a in order])
+    full = [sizes[a] for a in order]
+    shape.insert(time_at, steps)
+    full.insert(time_at, steps)
+    return res.reshape(shape).expand(full)
 
 
 def _promote(dtypes) -> torch.dtype:
@@ -323,10 +333,10 @@ def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, value
     inner = {"key": layout.key, "value": layout.value, "scalar": None,
              "gate": layout.key if per_channel else None}[role]
     order = layout.batch + ((inner,) if inner is not None else ())
-    x = materialize(op, values, order, sizes)
+    x = materialize(op, values, order, sizes, time_at=len(layout.batch))      # [batch..., T, (d)]
     n = math.prod(sizes[a] for a in layout.batch)
-    x = x.reshape(x.shape[0], n, -1) if inner is not None else x.reshape(x.shape[0], n)
-    x = x.movedim(0, 1)
+    steps = x.shape[len(layout.batch)]
+    x = x.reshape(n, steps, -1) if inner is not None else x.reshape(n, steps)
     return x.unsqueeze(-1) if role == "value" and inner is None else x
 
 
