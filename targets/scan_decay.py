@@ -72,8 +72,9 @@ def gate_steps(gate: Optional[Tensor], log_gate: Optional[Tensor]) -> GateCum:
 
 # Log-factor floors: below them a factor is flushed to exact 0, as
 # flush-to-zero would.  Denormal gate products made the CPU matmuls 4x slower
-# with gates -4*softplus(randn).  Only safe when every |a| <= 1 (then a tiny
-# factor means a tiny term: < 2e-35 of |q||k||v| in fp32); see ``underflow_floor``.
+# with gates -4*softplus(randn).  Only safe when every |a| <= 1: then a tiny
+# factor means a tiny term, < e^-80 |q||k||v| in fp32 (< e^-40 for the split
+# factors of ``channel_scores``), far below rounding; see ``underflow_floor``.
 _FLOOR = {torch.float32: -80.0, torch.float64: -700.0}
 
 
