@@ -90,6 +90,7 @@ def _find_loop(gm, trip: int):
     return lift_scan(gm, trip) if scan_nodes(gm) else reroll(gm, trip)
 
 
+_STATELESS = "the loop carries no state from step to step (left alone)"
 _SMALL_TRACE = 300   # torch calls: a trace this small is cheap even if the axis is wrong
 
 
@@ -114,6 +115,8 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
     p1 = _resized(params, tensors, group, t1)
     gm1 = trace(fn, p1)
     loop1 = _find_loop(gm1, t1)
+    if loop1.body.n_states == 0:
+        raise NotALoop(_STATELESS)
     gm2 = trace(fn, _resized(params, tensors, group, t2))
     loop2 = _find_loop(gm2, t2)
     dump_graph("capture", gm1, f"probe T={t1}")
@@ -192,6 +195,6 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
 
 def _summarise(reasons: list[str]) -> str | None:
     """The reasons worth a warning; None when no axis looked like a loop at all."""
-    interesting = [r for r in reasons if "no per-step slice" not in r and "fails with this axis" not in r
-                   and "torch calls at the probe length" not in r]
+    quiet = ("no per-step slice", "fails with this axis", "torch calls at the probe length", _STATELESS)
+    interesting = [r for r in reasons if not any(q in r for q in quiet)]
     return "; ".join(interesting[:3]) or None

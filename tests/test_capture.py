@@ -200,6 +200,32 @@ def test_model_without_update_loop_is_left_alone():
     assert compiled.explain(x, w).loops == ()
 
 
+def test_loop_without_state_is_left_alone():
+    def per_head(x, w):
+        out = torch.zeros_like(x)
+        for h in range(x.shape[1]):  # a loop over heads carries nothing from one head to the next
+            out[:, h] = torch.tanh(x[:, h] @ w)
+        return out
+
+    x, w = torch.randn(3, 16, 5), torch.randn(5, 5)
+    compiled = nlcompile.compile(per_head)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(compiled(x, w), per_head(x, w))
+    assert compiled.explain(x, w).loops == ()
+
+
+def test_dtype_change_recompiles():
+    compiled = nlcompile.compile(la_stack_time1)
+    args = inputs_la(12)
+    assert_close_outputs(compiled(*args), la_stack_time1(*args))
+    args64 = [a.double() for a in args]
+    out = compiled(*args64)
+    assert out.dtype == torch.float64
+    assert_close_outputs(out, la_stack_time1(*args64), tol=1e-10)
+    assert compiled.captures == 2
+
+
 def test_non_tensor_arguments_are_part_of_the_signature():
     def scaled(q, k, v, scale=1.0):
         S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
@@ -220,7 +246,7 @@ def test_mismatched_time_lengths_raise_a_clear_error():
     compiled = nlcompile.compile(la_stack_time1)
     compiled(*inputs_la(10))
     q, k, v = inputs_la(10)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match=r"time axis has different lengths .*k dim 1 = 8"):
         compiled(q, k[:, :8], v)
 
 
