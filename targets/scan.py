@@ -140,6 +140,23 @@ def _to_chunks(x: Tensor, c: int, nc: int) -> Tensor:
     return out
 
 
+# Tokens per pass of the chunkwise form.  Longer sequences run pass after pass,
+# carrying the state, so each pass's chunk tensors stay in cache (DeltaNet,
+# N=8, d=64, T=8192 on the 2-core CPU: 58-60 ms in passes of 1024, 82-140 ms in one).
+SEGMENT_TOKENS = 1024
+
+
+def _segmented(segment: int, chunk_size: int, *, k, v, q, initial_state, readout, **per_step):
+    """``chunkwise_scan`` over consecutive pieces of ``segment`` steps, the state carried."""
+    state, outs = initial_state, []
+    for start in range(0, k.shape[1], segment):
+        cut = lambda x: None if x is None else x[:, start:start + segment]  # noqa: E731
+        o, state = chunkwise_scan(cut(k), cut(v), q=cut(q), initial_state=state, readout=readout,
+                                  chunk_size=chunk_size, **{name: cut(x) for name, x in per_step.items()})
+        outs.append(o)
+    return (torch.cat(outs, 1) if q is not None else None), state
+
+
 def _next_pow2(t: int) -> int:
     return 1 << max(0, t - 1).bit_length()
 
@@ -176,6 +193,10 @@ def chunkwise_scan(
     c = min(chunk_size, _next_pow2(t))
     if x.per_channel:
         c = 1 << (c.bit_length() - 1)
+    segment = max(c, SEGMENT_TOKENS // c * c)
+    if t > segment:
+        return _segmented(segment, c, k=k, v=v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
+                          initial_state=initial_state, readout=readout)
     nc = -(-t // c)
     chunk = lambda y: None if y is None else _to_chunks(y, c, nc)  # noqa: E731
     v_in = x.v if x.beta is not None or x.write is None else x.v * x.write.unsqueeze(-1)

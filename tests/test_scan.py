@@ -236,3 +236,17 @@ def test_gradients_match_sequential(kind):
     ours = grads(chunkwise_scan, chunk_size=8)
     for name, g, r in zip(inputs, ours, ref):
         assert _rel(g, r) <= 1e-9, f"d/d{name}: {_rel(g, r):.2e}"
+
+
+@pytest.mark.parametrize("readout", ["after", "before"])
+@pytest.mark.parametrize("kind", ["additive", "delta", "gated_delta_log", "channel_log", "decay_signed"])
+def test_long_sequences_run_in_passes_exactly(kind, readout, monkeypatch):
+    """Past SEGMENT_TOKENS steps the scan runs pass after pass carrying the state."""
+    monkeypatch.setattr(scan_mod, "SEGMENT_TOKENS", 16)
+    k, v, q, s0, kw = _problem(kind, 100)
+    ref_o, ref_s = sequential_scan(k, v, q=q, initial_state=s0, readout=readout, **kw)
+    for c in (4, 8):
+        o, s = chunkwise_scan(k, v, q=q, initial_state=s0, readout=readout, chunk_size=c, **kw)
+        assert _rel(o, ref_o) <= 1e-10 and _rel(s, ref_s) <= 1e-10, (c, _rel(o, ref_o), _rel(s, ref_s))
+    _, s = chunkwise_scan(k, v, initial_state=s0, readout=readout, chunk_size=8, **kw)
+    assert _rel(s, ref_s) <= 1e-10
