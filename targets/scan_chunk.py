@@ -178,7 +178,7 @@ def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> Tensor:
     states[0] = initial_state
     for i in range(nc):
         if m is not None:
-            torch.bmm(m[i], states[i], out=states[i + 1]).add_(add[i])
+            torch.baddbmm(add[i], m[i], states[i], out=states[i + 1])
         elif dl is not None:
             torch.addcmul(add[i], dl[i], states[i], out=states[i + 1])
         else:
