@@ -39,9 +39,19 @@ class CompiledFunction:
         shape = tuple(-1 if d in skip else s for d, s in enumerate(t.shape))
         return (t.dim(), t.dtype, t.device.type, shape)
 
+    def _module_key(self) -> tuple:
+        """Parameters' and buffers' names, shapes, dtypes, devices, and train/eval
+        modes: a compiled program is only valid for the module state it was traced in."""
+        target = self._traceable.target
+        if not isinstance(target, torch.nn.Module):
+            return ()
+        tensors = tuple((n, self._describe(t)) for n, t in self._traceable.named_tensors())
+        return tensors, tuple(m.training for m in target.modules())
+
     def _find(self, tensors, layout_key):
+        outer = (layout_key, self._module_key())
         for key, compiled in self._entries:
-            if key[0] != layout_key or len(key[1]) != len(tensors):
+            if key[0] != outer or len(key[1]) != len(tensors):
                 continue
             skips = {i: [] for i in range(len(tensors))}
             for i, d in compiled.time_axis:
@@ -70,7 +80,7 @@ class CompiledFunction:
         compiled.output = self._traceable.output
         self.captures += 1
         skips = {i: [d for j, d in compiled.time_axis if j == i] for i in range(len(tensors))}
-        key = (layout.key(), tuple(self._describe(t, skips[i]) for i, t in enumerate(tensors)))
+        key = ((layout.key(), self._module_key()), tuple(self._describe(t, skips[i]) for i, t in enumerate(tensors)))
         self._entries.append((key, compiled))
         return compiled
 
@@ -81,7 +91,8 @@ class CompiledFunction:
         tensors, _ = flatten_call(args, kwargs)
         self._check_time_lengths(compiled, tensors, compiled.input_names)
         params = [t for _, t in self._traceable.named_tensors()]
-        flat = compiled.run(*params, *tensors)
+        # the program was traced on contiguous probes (its reshapes may be views)
+        flat = compiled.run(*(t.contiguous() for t in params), *(t.contiguous() for t in tensors))
         flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
         return compiled.output.unflatten(flat)
 

@@ -185,16 +185,22 @@ def trace(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = OP_BUDGET
 
 
 def resize_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    """``x`` with ``dim`` cut or cycled to ``length`` steps (probe inputs)."""
+    """A copy of ``x`` with ``dim`` cut or cycled to ``length`` steps (probe inputs;
+    always a copy, so probing never writes into the caller's tensors)."""
     n = x.shape[dim]
-    if n == length:
-        return x
     index = torch.arange(length, device=x.device) % n
     return x.index_select(dim, index)
 
 
-def probe_lengths(tensors: Sequence[torch.Tensor]) -> tuple[int, int, int]:
-    """Three probe lengths that equal no size of the inputs and are far apart."""
+CHECK_LONG = 263
+
+
+def probe_lengths(tensors: Sequence[torch.Tensor]) -> tuple[int, int, tuple[int, int]]:
+    """Two trace lengths and two check lengths, equal to no size of the inputs.
+
+    The traces are short (tracing costs per step).  The checks run eagerly: one
+    short, one past the periods and warm-ups research code branches on
+    (``if (t + 1) % 64 == 0``, ``if t < 100``), which traces this short cannot see."""
     sizes = {s for t in tensors for s in t.shape}
 
     def free(start: int) -> int:
@@ -205,8 +211,7 @@ def probe_lengths(tensors: Sequence[torch.Tensor]) -> tuple[int, int, int]:
 
     t1 = free(5)
     t2 = free(t1 + 3)
-    t3 = free(max(2 * t2 + 3, 19))
-    return t1, t2, t3
+    return t1, t2, (free(max(2 * t2 + 3, 19)), free(CHECK_LONG))
 
 
 def time_axis_candidates(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, int], ...]]:

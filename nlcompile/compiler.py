@@ -57,10 +57,12 @@ def _progress(msg: str) -> None:
 
 
 def _resized(params, tensors, group, length):
-    out = list(tensors)
+    """Probe inputs: copies (probing must not write into the caller's tensors or the
+    module's buffers) with the time axis cut or cycled to ``length``."""
+    out = [t.detach().clone() for t in tensors]
     for i, d in group:
-        out[i] = resize_time(out[i], d, length)
-    return [*params, *out]
+        out[i] = resize_time(tensors[i].detach(), d, length)
+    return [*(p.detach().clone() for p in params), *out]
 
 
 def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -108,23 +110,46 @@ def _screen(fn, params, tensors, group, lengths, lines: list) -> None:
         raise NotALoop("no per-step slice: the work does not grow with this axis")
 
 
-def _try_axis(fn, params, tensors, group, lengths, target: Target, options: CompileOptions):
-    t1, t2, t3 = lengths
+def _output_constants(traceable: Traceable):
+    return repr(traceable.output.constants) if traceable.output else None
+
+
+def _check(run, fn, traceable, inputs_by_length, expected_consts) -> str | None:
+    """Why the program differs from eager at the check lengths, or None."""
+    for length, inputs in inputs_by_length:
+        with torch.no_grad():
+            want = fn(*inputs)
+        if _output_constants(traceable) != expected_consts:
+            raise NotALoop(f"a non-tensor output changes with T (at T={length}); it cannot be compiled")
+        try:
+            with torch.no_grad():
+                got = run(*inputs)
+        except Exception as exc:  # a rewrite that fails to run is vetoed like a wrong one
+            return f"the rewritten program failed at T={length}: {type(exc).__name__}: {exc}"
+        got = list(got) if isinstance(got, (tuple, list)) else [got]
+        low = any(t.dtype in (torch.float16, torch.bfloat16) for t in inputs)
+        if (why := _matches(got, list(want), low)) is not None:
+            return f"at T={length}: {why}"
+    return None
+
+
+def _try_axis(traceable, fn, params, tensors, group, lengths, target: Target, options: CompileOptions):
+    t1, t2, checks = lengths
     lines: list[tuple[str, str]] = []
     _screen(fn, params, tensors, group, lengths, lines)
-    p1 = _resized(params, tensors, group, t1)
-    gm1 = trace(fn, p1)
+    gm1 = trace(fn, _resized(params, tensors, group, t1))
+    consts = _output_constants(traceable)
     loop1 = _find_loop(gm1, t1)
     if loop1.body.n_states == 0:
         raise NotALoop(_STATELESS)
     gm2 = trace(fn, _resized(params, tensors, group, t2))
+    if _output_constants(traceable) != consts:
+        raise NotALoop("a non-tensor output changes with T; it cannot be compiled")
     loop2 = _find_loop(gm2, t2)
     dump_graph("capture", gm1, f"probe T={t1}")
     dump_graph("reroll_body", loop1.body.graph, f"{loop1.body}")
     time_inputs = [(len(params) + i, d) for i, d in group]
-    check_inputs = _resized(params, tensors, group, t3)
-    with torch.no_grad():
-        want = fn(*check_inputs)
+    inputs_by_length = [(n, _resized(params, tensors, group, n)) for n in checks]
     veto, force = None, None
     for _attempt in range(2):
         decisions = []
@@ -137,22 +162,14 @@ def _try_axis(fn, params, tensors, group, lengths, target: Target, options: Comp
         program = build_program(Probe(gm1, t1, loop1), Probe(gm2, t2, loop2), time_inputs, make_loop)
         dump_graph("program", program, f"target {target.name}")
         run = target.finalize(program)
-        try:
-            with torch.no_grad():
-                got = run(*check_inputs)
-        except Exception as exc:  # a rewrite that fails to run is vetoed like a wrong one
-            veto = f"the rewritten program failed at T={t3}: {type(exc).__name__}: {exc}"
-        else:
-            got = list(got) if isinstance(got, (tuple, list)) else [got]
-            low = any(t.dtype in (torch.float16, torch.bfloat16) for t in check_inputs)
-            veto = _matches(got, list(want), low)
+        veto = _check(run, fn, traceable, inputs_by_length, consts)
         if veto is None:
             return run, decisions, [loop1], program, [_blocking_line(loop1, d, lines) for d in decisions]
         if all(d.rewrite == "sequential" for d in decisions):
             break
-        force = f"the check against eager at T={t3} vetoed the chunkwise form: {veto}"
+        force = f"the check against eager vetoed the chunkwise form {veto}"
         _progress(force)
-    raise NotALoop(f"the re-rolled program does not match eager at T={t3}: {veto}")
+    raise NotALoop(f"the re-rolled program does not match eager {veto}")
 
 
 def _blocking_line(loop, decision: LoopDecision, lines) -> str | None:
@@ -178,9 +195,13 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
     for group in time_axis_candidates(tensors):
         _progress(f"probing time axis {group} at T={lengths[0]}, {lengths[1]}")
         try:
-            run, decisions, loops, program, where = _try_axis(fn, params, tensors, group, lengths, target, options)
+            run, decisions, loops, program, where = _try_axis(traceable, fn, params, tensors, group, lengths,
+                                                              target, options)
         except (CaptureError, NotALoop) as exc:
             reasons.append(f"axis {group}: {exc}")
+            continue
+        except Exception as exc:  # a compiler bug must fall back, never break the user's call
+            reasons.append(f"axis {group}: internal error {type(exc).__name__}: {exc}")
             continue
         return Compiled(run, tuple(group), decisions, loops, compile_seconds=time.perf_counter() - start,
                         program=program, source_lines=where)
@@ -195,6 +216,6 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
 
 def _summarise(reasons: list[str]) -> str | None:
     """The reasons worth a warning; None when no axis looked like a loop at all."""
-    quiet = ("no per-step slice", "fails with this axis", "torch calls at the probe length", _STATELESS)
+    quiet = ("no per-step slice", "fails with this axis", _STATELESS)
     interesting = [r for r in reasons if not any(q in r for q in quiet)]
     return "; ".join(interesting[:3]) or None

@@ -149,6 +149,7 @@ class LoopAnalysis:
     readouts: tuple[Readout, ...]
     leaf_nodes: frozenset[str]          # state-free nodes whose per-step values are needed
     post_nodes: frozenset[str] = field(default_factory=frozenset)  # state-dependent, downstream of readouts
+    after_nodes: frozenset[str] = field(default_factory=frozenset)  # the new states and their plain copies
 
     @property
     def chunkwise(self) -> bool:

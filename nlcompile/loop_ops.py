@@ -102,7 +102,8 @@ class ChunkwiseLoop(torch.nn.Module):
         self.const_names = sorted(r.node for r in analysis.readouts if r.constant)
         self.const_gm = None
         if self.const_names:
-            zero_at = list(dict.fromkeys(phs[:ns] + [n for n in out_nodes[:ns]]))
+            news = [n for n in gm.graph.nodes if n.name in analysis.after_nodes] + out_nodes[:ns]
+            zero_at = list(dict.fromkeys(phs[:ns] + news))
             self.zero_vals = [n.meta["val"] for n in zero_at]
             self.const_gm = extract_subgraph(gm, zero_at + step_ph + inv_ph, [nodes[n] for n in self.const_names])
         self.post_inputs = readout_names + self.leaf_names

@@ -170,6 +170,15 @@ def _expand(ctx, n):
     return al.expand(ctx.arg(n.args[0]), ctx.out, ctx.space)
 
 
+def _cast(ctx, n):
+    """A float-to-float cast keeps the algebra (rounding aside); a cast to an integer
+    or bool type does not."""
+    src, dst = n.args[0].meta.get("val"), n.meta.get("val")
+    if src is None or dst is None or not (src.dtype.is_floating_point and dst.dtype.is_floating_point):
+        raise NonPoly("casts to a non-floating dtype")
+    return _same(ctx, n)
+
+
 def _same(ctx, n):
     return ctx.arg(n.args[0])
 
@@ -219,7 +228,7 @@ RULES: dict[Any, Callable[[_Ctx, fx.Node], Poly]] = {
     aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze, aten.squeeze.default: _squeeze,
     aten.squeeze_.dim: _squeeze, aten.squeeze_.dims: _squeeze, aten.squeeze_.default: _squeeze,
     aten.expand.default: _expand, aten.expand_copy.default: _expand,
-    aten.clone.default: _same, aten._to_copy.default: _same, aten.alias.default: _same,
+    aten.clone.default: _same, aten._to_copy.default: _cast, aten.alias.default: _same,
     aten.contiguous.default: _same, aten.detach.default: _same, aten.lift_fresh_copy.default: _same,
     aten.slice.Tensor: _slice, aten.select.int: _select, aten.select_backward.default: _select_backward,
 }
@@ -414,4 +423,5 @@ def analyse_body(body: LoopBody) -> LoopAnalysis:
         leaves |= _operand_nodes(r.k, r.v, r.beta, r.write, r.gate, r.log_gate)
     for r in readouts:
         leaves |= _operand_nodes(r.q, r.post)
-    return LoopAnalysis(tuple(rules), tuple(readouts), frozenset(leaves), frozenset(post))
+    return LoopAnalysis(tuple(rules), tuple(readouts), frozenset(leaves), frozenset(post),
+                        frozenset(n.name for n in ix.after))

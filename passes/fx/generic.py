@@ -151,6 +151,8 @@ def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
     results = [b.graph.call_function(operator.getitem, (call, i)) for i in range(n_states + l1.body.n_step_outputs)]
     finals, stacked = results[:n_states], results[n_states:]
 
+    if len(l1.gathers) != len(l2.gathers) or len(l1.last_refs) != len(l2.last_refs):
+        raise NotALoop("the loop's outputs differ between probe lengths")
     for g1, g2 in zip(l1.gathers, l2.gathers):
         y = b.graph.call_function(aten.movedim.int, (stacked[g1.output], 0, g1.dim))
         if g1.kind == "cat":
@@ -161,6 +163,8 @@ def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
         b.pair[g1.node] = g2.node
     last2 = {v: k for k, v in l2.last_refs.items()}
     for node, (kind, i) in l1.last_refs.items():
+        if (kind, i) not in last2:
+            raise NotALoop("the values read after the loop differ between probe lengths")
         b.env[node] = finals[i] if kind == "state" else b.graph.call_function(aten.select.int, (stacked[i], 0, -1))
         b.pair[node] = last2[(kind, i)]
 

@@ -296,14 +296,15 @@ def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence
     out = "".join(names[a] for a in carried)
     out = out[:before] + "z" + out[before:]
     if terms:
-        dtype = _float(_promote(t.dtype for t in terms))
+        dtype = _promote([*(t.dtype for t in terms), torch.float32])   # at least fp32: gates, coefficients
         res = torch.einsum(",".join(subs) + "->" + out, *[t.to(dtype) for t in terms])
         if op.coef != 1.0:
             res = res * op.coef
     else:
         first = next(iter(values.values()), None)
         t = first.shape[0] if first is not None else 1
-        res = torch.full((t,), float(op.coef), dtype=first.dtype if first is not None else torch.float32)
+        dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
+        res = torch.full((t,), float(op.coef), dtype=dtype if dtype.is_floating_point else torch.float32)
     steps = res.shape[before]
     shape = [sizes[a] if a in carried else 1 for a in order]
     full = [sizes[a] for a in order]

@@ -98,7 +98,7 @@ class _Tagger:
         self.source: dict[fx.Node, StepInput] = {}
         self.tcarry: dict[fx.Node, int] = {}
         self.tag: dict[fx.Node, int | None] = {}
-        self.collectors: set[fx.Node] = set()
+        self.collectors: list[fx.Node] = []     # stack / cat of one value per step, in order
         current = -1
         for node in gm.graph.nodes:
             if node.op == "output":
@@ -120,8 +120,15 @@ class _Tagger:
                 self.tag[node] = None
             else:
                 self.tag[node] = max(asap, current)
-            if node.target in _COLLECTORS and len({self.tag.get(a) for a in node.all_input_nodes}) > 1:
-                self.collectors.add(node)
+            if node.target in _COLLECTORS and self._gathers_every_step(node):
+                self.collectors.append(node)
+
+    def _gathers_every_step(self, node: fx.Node) -> bool:
+        """``stack``/``cat`` of exactly one value of each step 0..trip-1, in order
+        (an in-body ``cat([h, x_t])`` is an ordinary op of its step)."""
+        items = node.args[0]
+        return (isinstance(items, (list, tuple)) and len(items) == self.trip
+                and [self.tag.get(x) for x in items] == list(range(self.trip)))
 
     def _anchor(self, node: fx.Node) -> tuple[int | None, bool]:
         """Step index anchored by ``node``, and whether its position marks the step."""
@@ -141,7 +148,8 @@ class _Tagger:
             parent = args[0]
             if parent.target in _UNBINDS + _SPLITS and parent.args[0] in self.tcarry:
                 src = parent.args[0]
-                dim = _norm_dim(parent.args[2] if len(parent.args) > 2 else 0, src)
+                at = 1 if parent.target in _UNBINDS else 2        # unbind(x, dim); split(x, size, dim)
+                dim = _norm_dim(parent.args[at] if len(parent.args) > at else parent.kwargs.get("dim", 0), src)
                 unit = parent.target in _UNBINDS or parent.args[1] in (1, [1] * self.trip)
                 if dim == self.tcarry[src] and unit:
                     self.source[node] = StepInput(src, dim, parent.target in _SPLITS)
@@ -384,7 +392,8 @@ def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, loop_part:
     body = _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers, matcher)
     order = list(gm.graph.nodes)
     prologue = [n for n in order if n.op != "output" and tagger.tag.get(n) is None]
-    epilogue = [n for n in order if n in tagger.collectors or n in extras]
+    collectors = set(tagger.collectors)
+    epilogue = [n for n in order if n in collectors or n in extras]
     return RerolledLoop(trip, body, inits, sources, invariants, gathers, last_refs, prologue, epilogue,
                         list(template))
 

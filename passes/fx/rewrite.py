@@ -34,6 +34,8 @@ def _why_not(analysis: LoopAnalysis, target: Target) -> str | None:
             return rule.reason or f"state {rule.state} is {rule.kind.value}"
         if rule.kind not in target.fast_kinds:
             return f"target {target.name} has no fast path for {rule.kind.value}"
+        if rule.kind is RuleKind.GATED_DELTA and rule.per_channel:
+            return "gated delta with a per-key-channel gate has no exact chunkwise (WY) form here"
     return None
 
 
@@ -56,6 +58,3 @@ def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: st
         reason = "the loop carries no state"
     return SequentialLoop(loop.body, dims), LoopDecision(analysis, "sequential", reason)
 
-
-def kinds(decision: LoopDecision) -> list[RuleKind]:
-    return [r.kind for r in decision.analysis.rules] if decision.analysis else []
