@@ -91,8 +91,11 @@ class CompiledFunction:
         tensors, _ = flatten_call(args, kwargs)
         self._check_time_lengths(compiled, tensors, compiled.input_names)
         params = [t for _, t in self._traceable.named_tensors()]
-        # the program was traced on contiguous probes (its reshapes may be views)
-        flat = compiled.run(*(t.contiguous() for t in params), *(t.contiguous() for t in tensors))
+        # the program was traced on contiguous probes (its reshapes may be views); inputs
+        # it writes into (``state.mul_()``) are passed as they are, so the write lands
+        inputs = [*params, *tensors]
+        inputs = [t if i in compiled.written_inputs else t.contiguous() for i, t in enumerate(inputs)]
+        flat = compiled.run(*inputs)
         flat = list(flat) if isinstance(flat, (tuple, list)) else [flat]
         return compiled.output.unflatten(flat)
 

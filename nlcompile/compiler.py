@@ -50,6 +50,15 @@ class Compiled:
     source_lines: list[str | None] = field(default_factory=list)   # per loop: where it was blocked
     output: Any = None                        # capture.OutputLayout of this signature's outputs
 
+    @property
+    def written_inputs(self) -> frozenset[int]:
+        """Positions of the program's inputs that it writes into (``copy_`` at the end)."""
+        if self.program is None:
+            return frozenset()
+        phs = [n for n in self.program.graph.nodes if n.op == "placeholder"]
+        return frozenset(phs.index(n.args[0]) for n in self.program.graph.nodes
+                         if n.target is torch.ops.aten.copy_.default and n.args[0] in phs)
+
 
 def _progress(msg: str) -> None:
     if knobs.verbose():
@@ -118,7 +127,8 @@ def _check(run, fn, traceable, inputs_by_length, expected_consts) -> str | None:
     """Why the program differs from eager at the check lengths, or None."""
     for length, inputs in inputs_by_length:
         with torch.no_grad():
-            want = fn(*inputs)
+            want = fn(*[t.clone() for t in inputs])      # each side on its own copy: either may
+            inputs = [t.clone() for t in inputs]         # write into its inputs
         if _output_constants(traceable) != expected_consts:
             raise NotALoop(f"a non-tensor output changes with T (at T={length}); it cannot be compiled")
         try:

@@ -278,7 +278,7 @@ class TinyDelta(torch.nn.Module):
     def forward(self, x):
         q, k, v = self.wq(x), F.normalize(self.wk(x), dim=-1), self.wv(x)
         beta = torch.sigmoid(self.wb(x))[..., 0]
-        S = torch.zeros(x.shape[0], k.shape[-1], v.shape[-1])
+        S = x.new_zeros(x.shape[0], k.shape[-1], v.shape[-1])
         outs = []
         for t in range(x.shape[1]):
             S = S - beta[:, t, None, None] * k[:, t, :, None] * (torch.einsum("bk,bkv->bv", k[:, t], S) - v[:, t])[:, None, :]
@@ -321,3 +321,108 @@ def test_scan_higher_order_op_is_lifted():
     assert compiled.captures == 1
     loop = compiled.explain(q, k, v, b).loops[0]
     assert loop.kind == "delta" and loop.rewrite == "chunkwise"
+
+
+def test_branch_with_a_long_period_is_not_baked_in():
+    # fires at t = 63, 127, ...: invisible to short probes; the long check must catch it
+    def periodic(q, k, v):
+        S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
+        outs = []
+        for t in range(q.shape[1]):
+            S = S + k[:, t, :, None] * v[:, t, None, :]
+            if (t + 1) % 64 == 0:
+                S = S * 0.5
+            outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+        return torch.stack(outs, 1)
+
+    q, k, v = torch.randn(2, 300, 4), torch.randn(2, 300, 4), torch.randn(2, 300, 3)
+    compiled = nlcompile.compile(periodic)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert_close_outputs(compiled(q, k, v), periodic(q, k, v), tol=1e-6)
+
+
+def unbind_loop(q, k, v):
+    """Steps taken with ``unbind``, time at dim 2, in-body ``cat`` of two features."""
+    S = torch.zeros(q.shape[0], q.shape[1], 2 * q.shape[3], v.shape[3])
+    outs = []
+    for q_t, k_t, v_t in zip(q.unbind(2), k.unbind(2), v.unbind(2)):
+        feat = torch.cat([k_t, k_t * 0.5], -1)
+        S = S + feat[..., :, None] * v_t[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", torch.cat([q_t, q_t], -1), S))
+    return torch.stack(outs, 2)
+
+
+def test_unbind_steps_and_in_body_cat():
+    compiled = nlcompile.compile(unbind_loop)
+    for T in (9, 70):
+        args = [torch.randn(2, 3, T, 4) for _ in range(3)]
+        assert_close_outputs(compiled(*args), unbind_loop(*args))
+    loop = compiled.explain(*args).loops[0]
+    assert loop.kind == "additive" and loop.rewrite == "chunkwise" and loop.time_axis[0] == "q[dim 2]"
+
+
+def test_compiling_does_not_write_into_the_callers_tensors():
+    def inplace_state(q, k, v, state):
+        S = state            # updated in place: the caller's tensor is the state
+        outs = []
+        for t in range(q.shape[1]):
+            S.mul_(0.9).add_(k[:, t, :, None] * v[:, t, None, :])
+            outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+        return torch.stack(outs, 1)
+
+    q, k, v = torch.randn(2, 20, 4), torch.randn(2, 20, 4), torch.randn(2, 20, 3)
+    state = torch.randn(2, 4, 3)
+    before = state.clone()
+    compiled = nlcompile.compile(inplace_state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled.compiled_for(q, k, v, state)
+    assert torch.equal(state, before)
+
+
+def test_non_tensor_output_that_depends_on_T_is_not_frozen():
+    def with_length(q, k, v):
+        return la_stack_time1(q, k, v), q.shape[1]
+
+    compiled = nlcompile.compile(with_length)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for T in (10, 33):
+            out, n = compiled(*inputs_la(T))
+            assert n == T
+
+
+def test_module_dtype_and_mode_changes_recompile():
+    model = TinyDelta()
+    compiled = nlcompile.compile(model)
+    x = torch.randn(2, 20, 12)
+    assert_close_outputs(compiled(x), model(x))
+    model.double()
+    assert_close_outputs(compiled(x.double()), model(x.double()), tol=1e-10)
+    model.eval()
+    assert_close_outputs(compiled(x.double()), model(x.double()), tol=1e-10)
+    assert compiled.captures == 3
+
+
+def test_non_contiguous_inputs():
+    compiled = nlcompile.compile(la_stack_time1)
+    q, k, v = (torch.randn(2, 3, 30, 8).transpose(1, 2) for _ in range(3))   # [B, T, H, D] views
+    assert not q.is_contiguous()
+    assert_close_outputs(compiled(q, k, v), la_stack_time1(q, k, v))
+    assert compiled.explain(q, k, v).loops[0].rewrite == "chunkwise"
+
+
+def test_a_state_updated_in_place_is_updated_by_the_compiled_program_too():
+    def inplace_state(q, k, v, state):
+        for t in range(q.shape[1]):
+            state.mul_(0.9).add_(k[:, t, :, None] * v[:, t, None, :])
+        return state.sum()
+
+    q, k, v = torch.randn(2, 20, 4), torch.randn(2, 20, 4), torch.randn(2, 20, 3)
+    mine, theirs = torch.randn(2, 4, 3), None
+    theirs = mine.clone()
+    compiled = nlcompile.compile(inplace_state)
+    assert_close_outputs(compiled(q, k, v, mine), inplace_state(q, k, v, theirs))
+    assert_close_outputs(mine, theirs)
+    assert compiled.explain(q, k, v, mine).loops[0].rewrite == "chunkwise"
