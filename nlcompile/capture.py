@@ -193,25 +193,39 @@ def resize_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
 
 
 CHECK_LONG = 263
+_PRIMES = (5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97)
 
 
-def probe_lengths(tensors: Sequence[torch.Tensor]) -> tuple[int, int, tuple[int, int]]:
+def probe_lengths(tensors: Sequence[torch.Tensor], avoid: frozenset[int] = frozenset()
+                  ) -> tuple[int, int, tuple[int, int]]:
     """Two trace lengths and two check lengths, equal to no size of the inputs.
 
-    The traces are short (tracing costs per step).  The checks run eagerly: one
-    short, one past the periods and warm-ups research code branches on
-    (``if (t + 1) % 64 == 0``, ``if t < 100``), which traces this short cannot see."""
-    sizes = {s for t in tensors for s in t.shape}
+    Trace lengths are small primes (sizes inside a model are rarely prime) at
+    least 3 apart, never next to a size of the inputs or ``avoid`` (sizes a
+    trace showed inside the model).  Tracing costs per step, so they are short.
+    The checks run eagerly: one short, one past the periods and warm-ups
+    research code branches on (``if (t + 1) % 64 == 0``, ``if t < 100``), which
+    traces this short cannot see."""
+    sizes = {s for t in tensors for s in t.shape} | set(avoid)
 
-    def free(start: int) -> int:
-        n = start
-        while n in sizes or n - 1 in sizes or n + 1 in sizes:
-            n += 1
-        return n
+    def free(n: int) -> bool:
+        return not ({n - 1, n, n + 1} & sizes)
 
-    t1 = free(5)
-    t2 = free(t1 + 3)
-    return t1, t2, (free(max(2 * t2 + 3, 19)), free(CHECK_LONG))
+    t1 = next(p for p in _PRIMES if free(p))
+    t2 = next(p for p in _PRIMES if p >= t1 + 3 and free(p))
+    t3 = next(n for n in range(max(2 * t2 + 3, 19), 10**6) if free(n))
+    t4 = next(n for n in range(CHECK_LONG, 10**6) if free(n))
+    return t1, t2, (t3, t4)
+
+
+def ambiguous_sizes(gm: torch.fx.GraphModule, trip: int) -> bool:
+    """Whether some value in the trace has two dims of the probe length (say a head
+    dim equal to it): the time axis would then be ambiguous in that value."""
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and sum(int(s) == trip for s in val.shape) > 1:
+            return True
+    return False
 
 
 def time_axis_candidates(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[int, int], ...]]:

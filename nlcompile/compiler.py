@@ -18,8 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from nlcompile import knobs
-from nlcompile.capture import (CallLayout, CaptureError, Traceable, count_ops, probe_lengths, resize_time,
-                               source_line, time_axis_candidates, trace)
+from nlcompile.capture import (CallLayout, CaptureError, Traceable, ambiguous_sizes, count_ops, probe_lengths,
+                               resize_time, source_line, time_axis_candidates, trace)
 from nlcompile.dump import dump_graph
 from nlcompile.passes.fx.generic import Probe, build_program
 from nlcompile.passes.fx.lift_scan import lift_scan, scan_nodes
@@ -143,18 +143,35 @@ def _check(run, fn, traceable, inputs_by_length, expected_consts) -> str | None:
     return None
 
 
-def _try_axis(traceable, fn, params, tensors, group, lengths, target: Target, options: CompileOptions):
-    t1, t2, checks = lengths
+def _probe_traces(traceable, fn, params, tensors, group):
+    """Traces at two probe lengths that collide with no size inside the model."""
+    avoid: set[int] = set()
+    for _ in range(4):
+        lengths = probe_lengths([*params, *tensors], frozenset(avoid))
+        t1, t2, _ = lengths
+        gm1 = trace(fn, _resized(params, tensors, group, t1))
+        consts = _output_constants(traceable)
+        if ambiguous_sizes(gm1, t1):
+            avoid.add(t1)
+            continue
+        gm2 = trace(fn, _resized(params, tensors, group, t2))
+        if ambiguous_sizes(gm2, t2):
+            avoid.add(t2)
+            continue
+        if _output_constants(traceable) != consts:
+            raise NotALoop("a non-tensor output changes with T; it cannot be compiled")
+        return lengths, gm1, gm2, consts
+    raise NotALoop(f"every probe length tried ({sorted(avoid)}) equals another size inside the model")
+
+
+def _try_axis(traceable, fn, params, tensors, group, target: Target, options: CompileOptions):
     lines: list[tuple[str, str]] = []
-    _screen(fn, params, tensors, group, lengths, lines)
-    gm1 = trace(fn, _resized(params, tensors, group, t1))
-    consts = _output_constants(traceable)
+    _screen(fn, params, tensors, group, probe_lengths([*params, *tensors]), lines)
+    lengths, gm1, gm2, consts = _probe_traces(traceable, fn, params, tensors, group)
+    t1, t2, checks = lengths
     loop1 = _find_loop(gm1, t1)
     if loop1.body.n_states == 0:
         raise NotALoop(_STATELESS)
-    gm2 = trace(fn, _resized(params, tensors, group, t2))
-    if _output_constants(traceable) != consts:
-        raise NotALoop("a non-tensor output changes with T; it cannot be compiled")
     loop2 = _find_loop(gm2, t2)
     dump_graph("capture", gm1, f"probe T={t1}")
     dump_graph("reroll_body", loop1.body.graph, f"{loop1.body}")
@@ -200,12 +217,11 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
     """Compile ``traceable`` for calls shaped like ``tensors`` (apart from T)."""
     start = time.perf_counter()
     fn = traceable.flat_fn(layout, names)
-    lengths = probe_lengths([*params, *tensors])
     reasons: list[str] = []
     for group in time_axis_candidates(tensors):
-        _progress(f"probing time axis {group} at T={lengths[0]}, {lengths[1]}")
+        _progress(f"probing time axis {group}")
         try:
-            run, decisions, loops, program, where = _try_axis(traceable, fn, params, tensors, group, lengths,
+            run, decisions, loops, program, where = _try_axis(traceable, fn, params, tensors, group,
                                                               target, options)
         except (CaptureError, NotALoop) as exc:
             reasons.append(f"axis {group}: {exc}")
