@@ -23,7 +23,7 @@ from nlcompile.capture import (CallLayout, CaptureError, Traceable, ambiguous_si
 from nlcompile.dump import dump_graph
 from nlcompile.passes.fx.generic import Probe, build_program
 from nlcompile.passes.fx.lift_scan import lift_scan, scan_nodes
-from nlcompile.passes.fx.reroll import NotALoop, reroll
+from nlcompile.passes.fx.reroll import NotALoop, reroll_all
 from nlcompile.passes.fx.rewrite import LoopDecision, plan_loop
 from nlcompile.targets.registry import Target
 
@@ -96,9 +96,9 @@ def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_prec
     return None
 
 
-def _find_loop(gm, trip: int):
-    """The update loop of a probe trace: a ``scan`` lifted as is, or an unrolled loop re-rolled."""
-    return lift_scan(gm, trip) if scan_nodes(gm) else reroll(gm, trip)
+def _find_loops(gm, trip: int) -> tuple:
+    """The update loops of a probe trace: a ``scan`` lifted as is, or unrolled loops re-rolled."""
+    return (lift_scan(gm, trip),) if scan_nodes(gm) else tuple(reroll_all(gm, trip))
 
 
 _STATELESS = "the loop carries no state from step to step (left alone)"
@@ -169,12 +169,13 @@ def _try_axis(traceable, fn, params, tensors, group, target: Target, options: Co
     _screen(fn, params, tensors, group, probe_lengths([*params, *tensors]), lines)
     lengths, gm1, gm2, consts = _probe_traces(traceable, fn, params, tensors, group)
     t1, t2, checks = lengths
-    loop1 = _find_loop(gm1, t1)
-    if loop1.body.n_states == 0:
+    loops1 = _find_loops(gm1, t1)
+    if all(lp.body.n_states == 0 for lp in loops1):
         raise NotALoop(_STATELESS)
-    loop2 = _find_loop(gm2, t2)
+    loops2 = _find_loops(gm2, t2)
     dump_graph("capture", gm1, f"probe T={t1}")
-    dump_graph("reroll_body", loop1.body.graph, f"{loop1.body}")
+    for lp in loops1:
+        dump_graph("reroll_body", lp.body.graph, f"{lp.body}")
     time_inputs = [(len(params) + i, d) for i, d in group]
     inputs_by_length = [(n, _resized(params, tensors, group, n)) for n in checks]
     veto, force = None, None
@@ -186,12 +187,13 @@ def _try_axis(traceable, fn, params, tensors, group, target: Target, options: Co
             decisions.append(decision)
             return module
 
-        program = build_program(Probe(gm1, t1, loop1), Probe(gm2, t2, loop2), time_inputs, make_loop)
+        program = build_program(Probe(gm1, t1, loops1), Probe(gm2, t2, loops2), time_inputs, make_loop)
         dump_graph("program", program, f"target {target.name}")
         run = target.finalize(program)
         veto = _check(run, fn, traceable, inputs_by_length, consts)
         if veto is None:
-            return run, decisions, [loop1], program, [_blocking_line(loop1, d, lines) for d in decisions]
+            return run, decisions, list(loops1), program, [_blocking_line(lp, d, lines)
+                                                           for lp, d in zip(loops1, decisions)]
         if all(d.rewrite == "sequential" for d in decisions):
             break
         force = f"the check against eager vetoed the chunkwise form {veto}"

@@ -26,7 +26,7 @@ class TorchTarget:
 
     def loop_module(self, plan: LoopPlan) -> torch.nn.Module:
         loop = plan.loop
-        dims = [(s.dim, s.keepdim) for s in loop.step_inputs]
+        dims = loop.step_dims
         return ChunkwiseLoop(loop.body, plan.analysis, dims, chunkwise_scan, plan.chunk_size, choose_chunk_size)
 
     def finalize(self, program: fx.GraphModule) -> Callable:

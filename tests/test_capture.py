@@ -426,3 +426,27 @@ def test_a_state_updated_in_place_is_updated_by_the_compiled_program_too():
     assert_close_outputs(compiled(q, k, v, mine), inplace_state(q, k, v, theirs))
     assert_close_outputs(mine, theirs)
     assert compiled.explain(q, k, v, mine).loops[0].rewrite == "chunkwise"
+
+
+class TwoLayers(torch.nn.Module):
+    """Two update loops in one forward: the second slices what the first gathered."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.second = TinyDelta(12, 12), TinyDelta(12, 12)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x)) + x
+        return self.second(h)
+
+
+def test_stacked_layers_compile_every_loop():
+    model = TwoLayers()
+    compiled = nlcompile.compile(model)
+    for T in (9, 120):
+        x = torch.randn(2, T, 12)
+        with torch.no_grad():
+            assert_close_outputs(compiled(x), model(x))
+    assert compiled.captures == 1
+    loops = compiled.explain(x).loops
+    assert [(lp.kind, lp.rewrite) for lp in loops] == [("delta", "chunkwise")] * 2

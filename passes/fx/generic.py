@@ -27,11 +27,11 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Probe:
-    """A normalised trace at probe length ``trip`` and its re-rolled loop."""
+    """A normalised trace at probe length ``trip`` and its re-rolled loops, in order."""
 
     gm: fx.GraphModule
     trip: int
-    loop: RerolledLoop
+    loops: tuple[RerolledLoop, ...]
 
 
 def body_signature(gm: fx.GraphModule) -> list:
@@ -128,31 +128,19 @@ class _Builder:
         return new
 
 
-def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
-                  make_loop: Callable[[RerolledLoop], torch.nn.Module]) -> fx.GraphModule:
-    """The T-generic program: prologue, one loop module call, epilogue."""
-    l1, l2 = p1.loop, p2.loop
+def _emit_loop(b: _Builder, index: int, l1: RerolledLoop, l2: RerolledLoop, module: torch.nn.Module) -> None:
+    """Call loop module ``index`` and map what the trace read from the loop to its results."""
     if body_signature(l1.body.graph) != body_signature(l2.body.graph):
         raise NotALoop("the loop body differs between probe lengths: it depends on T")
-    b = _Builder(p1, p2, time_inputs)
-    pro1 = [n for n in l1.prologue if n.op != "placeholder"]
-    pro2 = [n for n in l2.prologue if n.op != "placeholder"]
-    if len(pro1) != len(pro2):
-        raise NotALoop("the code before the loop differs between probe lengths")
-    for n1, n2 in zip(pro1, pro2):
-        b.copy(n1, n2)
-
-    loop_mod = make_loop(l1)
-    b.root.add_module("loop_0", loop_mod)
-    args = [b.env[s.source] for s in l1.step_inputs] + [b.env[n] for n in l1.inits]
-    args += [b.env[n] for n in l1.invariants]
-    call = b.graph.call_module("loop_0", tuple(args))
+    if len(l1.gathers) != len(l2.gathers) or len(l1.last_refs) != len(l2.last_refs):
+        raise NotALoop("the loop's outputs differ between probe lengths")
+    name = f"loop_{index}"
+    b.root.add_module(name, module)
+    args = [b.env[s.source] for s in l1.step_inputs] + [b.env[n] for n in (*l1.inits, *l1.invariants)]
+    call = b.graph.call_module(name, tuple(args))
     n_states = l1.body.n_states
     results = [b.graph.call_function(operator.getitem, (call, i)) for i in range(n_states + l1.body.n_step_outputs)]
     finals, stacked = results[:n_states], results[n_states:]
-
-    if len(l1.gathers) != len(l2.gathers) or len(l1.last_refs) != len(l2.last_refs):
-        raise NotALoop("the loop's outputs differ between probe lengths")
     for g1, g2 in zip(l1.gathers, l2.gathers):
         y = b.graph.call_function(aten.movedim.int, (stacked[g1.output], 0, g1.dim))
         if g1.kind == "cat":
@@ -168,12 +156,37 @@ def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
         b.env[node] = finals[i] if kind == "state" else b.graph.call_function(aten.select.int, (stacked[i], 0, -1))
         b.pair[node] = last2[(kind, i)]
 
-    epi1 = [n for n in l1.epilogue if n not in b.env]
-    epi2 = [n for n in l2.epilogue if n not in b.pair.values()]
-    if len(epi1) != len(epi2):
-        raise NotALoop("the code after the loop differs between probe lengths")
-    for n1, n2 in zip(epi1, epi2):
-        b.copy(n1, n2)
+
+def _plain(p: Probe) -> list[fx.Node]:
+    """The trace's nodes outside every loop (copied into the program, generic in T)."""
+    inside = set().union(*(lp.nodes for lp in p.loops))
+    return [n for n in p.gm.graph.nodes if n.op not in ("placeholder", "output") and n not in inside]
+
+
+def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
+                  make_loop: Callable[[RerolledLoop], torch.nn.Module]) -> fx.GraphModule:
+    """The T-generic program: the code around the loops, one loop module call per loop.
+
+    The trace is walked in order; each loop is called where its last step ends
+    (everything it reads is computed by then, everything that reads it comes after)."""
+    if len(p1.loops) != len(p2.loops):
+        raise NotALoop("the number of loops differs between probe lengths")
+    plain1, plain2 = _plain(p1), _plain(p2)
+    if len(plain1) != len(plain2):
+        raise NotALoop("the code around the loops differs between probe lengths")
+    pair = dict(zip(plain1, plain2))
+    order = {n: i for i, n in enumerate(p1.gm.graph.nodes)}
+    ends = {}
+    for i, lp in enumerate(p1.loops):   # a loop's last step (its stack / cat may come later)
+        steps = lp.nodes - {g.node for g in lp.gathers if g.kind != "buffer"}
+        ends[max(steps, key=order.__getitem__)] = i
+    b = _Builder(p1, p2, time_inputs)
+    for node in p1.gm.graph.nodes:
+        if node in pair:
+            b.copy(node, pair[node])
+        elif node in ends:
+            i = ends[node]
+            _emit_loop(b, i, p1.loops[i], p2.loops[i], make_loop(p1.loops[i]))
     out1 = next(n for n in p1.gm.graph.nodes if n.op == "output")
     out2 = next(n for n in p2.gm.graph.nodes if n.op == "output")
     b.graph.output(b.generic(out1.args[0], out2.args[0]))

@@ -26,17 +26,6 @@ def scan_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if _SCAN is not None and n.target is _SCAN]
 
 
-def _downstream(node: fx.Node) -> set[fx.Node]:
-    out, todo = set(), [node]
-    while todo:
-        n = todo.pop()
-        for u in n.users:
-            if u not in out and u.op != "output":
-                out.add(u)
-                todo.append(u)
-    return out
-
-
 def lift_scan(gm: fx.GraphModule, trip: int) -> RerolledLoop:
     """The loop record of the single ``scan`` in ``gm`` (traced at probe length ``trip``)."""
     scans = scan_nodes(gm)
@@ -70,9 +59,6 @@ def lift_scan(gm: fx.GraphModule, trip: int) -> RerolledLoop:
             last_refs[user] = ("state", i)
         else:
             gathers.append(Gather(user, i - ns, 0, "stack"))
-    after = _downstream(node)
-    order = [n for n in gm.graph.nodes if n.op != "output"]
-    prologue = [n for n in order if n not in after and n is not node and n is not combine]
-    epilogue = [n for n in order if n in after and n not in node.users]
-    return RerolledLoop(trip, body, list(inits), [StepInput(x, 0, False) for x in xs], list(extra), gathers,
-                        last_refs, prologue, epilogue)
+    nodes = frozenset({node, combine, *node.users})
+    return RerolledLoop(trip, body, tuple(inits), tuple(StepInput(x, 0, False) for x in xs), tuple(extra),
+                        tuple(gathers), last_refs, nodes)

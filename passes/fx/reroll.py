@@ -21,7 +21,7 @@ per-step outputs.  Anything else raises ``NotALoop`` with the reason.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -62,18 +62,26 @@ class Gather:
     kind: str  # "stack" | "cat" | "buffer"
 
 
-@dataclass
+@dataclass(frozen=True)
 class RerolledLoop:
+    """One loop of a trace: its step body, how it is fed, and how its values leave it.
+
+    ``nodes`` are the trace nodes the loop replaces (every step, gathers); the
+    values read after the loop are ``gathers`` (per-step outputs stacked) and
+    ``last_refs`` (a node of the last step -> ("state", i) | ("output", j))."""
+
     trip_count: int
     body: LoopBody
-    inits: list[fx.Node]
-    step_inputs: list[StepInput]
-    invariants: list[fx.Node]
-    gathers: list[Gather]
-    last_refs: dict[fx.Node, tuple[str, int]]   # node of the last step -> ("state", i) | ("output", j)
-    prologue: list[fx.Node]
-    epilogue: list[fx.Node]
-    template: list[fx.Node] = field(default_factory=list)
+    inits: tuple[fx.Node, ...]
+    step_inputs: tuple[StepInput, ...]
+    invariants: tuple[fx.Node, ...]
+    gathers: tuple[Gather, ...]
+    last_refs: dict[fx.Node, tuple[str, int]]
+    nodes: frozenset[fx.Node]
+
+    @property
+    def step_dims(self) -> list[tuple[int, bool]]:
+        return [(s.dim, s.keepdim) for s in self.step_inputs]
 
 
 def _time_dim(node: fx.Node, trip: int) -> int | None:
@@ -91,7 +99,7 @@ def _norm_dim(dim: int, node: fx.Node) -> int:
 class _Tagger:
     """Assign every node of the trace a step (None: prologue / invariant)."""
 
-    def __init__(self, gm: fx.GraphModule, trip: int):
+    def __init__(self, gm: fx.GraphModule, trip: int, settled: frozenset[fx.Node] = frozenset()):
         self.trip = trip
         self.asap: dict[fx.Node, int | None] = {}
         self.anchor: dict[fx.Node, int] = {}
@@ -106,7 +114,9 @@ class _Tagger:
             ins = [self.asap[a] for a in node.all_input_nodes]
             steps = [s for s in ins if s is not None]
             asap = max(steps) if steps else None
-            t, positional = self._anchor(node)
+            if node in settled:      # part of a loop found before: a finished value here
+                asap = None
+            t, positional = self._anchor(node) if node not in settled else (None, False)
             if t is not None:
                 self.anchor[node] = t
                 asap = t if asap is None else max(asap, t)
@@ -313,13 +323,33 @@ def _match_last(matcher: _Matcher, bodies: dict[int, list[fx.Node]], m: int) -> 
     return matched, dropped
 
 
-def reroll(gm: fx.GraphModule, trip: int) -> RerolledLoop:
-    """Find the update loop of a trace made at probe length ``trip``."""
+def reroll_all(gm: fx.GraphModule, trip: int) -> list[RerolledLoop]:
+    """Every update loop of a trace, in order (stacked layers: loop 2 slices what
+    loop 1 gathered).  Raises NotALoop when there is none or one is not understood."""
+    loops: list[RerolledLoop] = []
+    settled: frozenset[fx.Node] = frozenset()
+    while True:
+        try:
+            loop = reroll(gm, trip, settled)
+        except NotALoop as exc:
+            if loops and str(exc) == _NO_SLICE:
+                return loops
+            raise
+        loops.append(loop)
+        settled = settled | loop.nodes
+
+
+_NO_SLICE = "no per-step slice of a time-carrying input: no loop over the time axis"
+
+
+def reroll(gm: fx.GraphModule, trip: int, settled: frozenset[fx.Node] = frozenset()) -> RerolledLoop:
+    """Find the first update loop of a trace made at probe length ``trip`` that is not
+    among the ``settled`` nodes (loops found before)."""
     if trip < 5:
         raise ValueError("re-rolling needs a probe of at least 5 steps")
-    tagger = _Tagger(gm, trip)
+    tagger = _Tagger(gm, trip, settled)
     if not tagger.anchor:
-        raise NotALoop("no per-step slice of a time-carrying input: no loop over the time axis")
+        raise NotALoop(_NO_SLICE)
     m = 2  # a middle step: its neighbours are ordinary steps too
     bodies = _bodies(tagger, gm)
     matcher = _Matcher(tagger, bodies)
@@ -390,12 +420,9 @@ def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, loop_part:
     if any(i is None for i in inits):
         raise NotALoop("a carried state has no initial value before the loop")
     body = _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers, matcher)
-    order = list(gm.graph.nodes)
-    prologue = [n for n in order if n.op != "output" and tagger.tag.get(n) is None]
-    collectors = set(tagger.collectors)
-    epilogue = [n for n in order if n in collectors or n in extras]
-    return RerolledLoop(trip, body, inits, sources, invariants, gathers, last_refs, prologue, epilogue,
-                        list(template))
+    nodes = {n for t in range(trip - 1) for n in bodies[t]} | in_loop | set(tagger.collectors)
+    return RerolledLoop(trip, body, tuple(inits), tuple(sources), tuple(invariants), tuple(gathers), last_refs,
+                        frozenset(nodes))
 
 
 def _derived_slots(template, carried, previous, tagger: _Tagger) -> dict[int, set[int]]:

@@ -42,7 +42,7 @@ def _why_not(analysis: LoopAnalysis, target: Target) -> str | None:
 def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: str | None = None
               ) -> tuple[torch.nn.Module, LoopDecision]:
     """The loop module for ``loop`` on ``target``, and the decision record."""
-    dims = [(s.dim, s.keepdim) for s in loop.step_inputs]
+    dims = loop.step_dims
     try:
         analysis = analyse_body(loop.body)
     except Exception as exc:  # the analysis must never abort a compile
