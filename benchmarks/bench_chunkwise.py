@@ -34,22 +34,10 @@ def best(fn, repeats: int) -> float:
     return min(times)
 
 
-def chosen_chunk(entry, args) -> int:
-    """The chunk size nlcompile's torch target picks for these inputs."""
-    from nlcompile.targets.scan import choose_chunk_size
-    from nlcompile.zoo.inputs import canonical_from_args
-
-    c = canonical_from_args(args, entry.arg_names, entry.time_dim)
-    B, H, T, D = c["k"].shape
-    k = c["k"].reshape(B * H, T, D).float()
-    v = c["v"].reshape(B * H, T, -1).float()
-    extra = {}
-    if "beta" in c:
-        extra["beta"] = c["beta"].reshape(B * H, T).float()
-    if "g" in c:
-        g = c["g"].float()
-        extra["log_gate"] = g.reshape(B * H, T, *g.shape[3:])
-    return choose_chunk_size(k, v, **extra)
+def chosen_chunk(compiled, args) -> int:
+    """The chunk size nlcompile's loop used in its latest call on these inputs."""
+    program = compiled.compiled_for(*args).program
+    return program.loop_0.chunk_sizes_used[0]
 
 
 COLD_COMPILE = r"""
@@ -89,7 +77,8 @@ def run(lengths, torch_compile_lengths) -> list[dict]:
         for T in lengths:
             args = entry.make_inputs(B=2, H=4, T=T, D=64)
             compiled = nlcompile.compile(entry.fn, example_inputs=args)
-            chunk = chosen_chunk(entry, args)
+            compiled(*args)
+            chunk = chosen_chunk(compiled, args)
             with torch.no_grad():
                 repeats = 1 if T >= 4096 else 2
                 eager = best(lambda: entry.fn(*args), repeats)

@@ -163,8 +163,7 @@ class Traceable:
 def user_line(exc: BaseException) -> str:
     """The innermost frame of the user's code in an exception's traceback."""
     frames = traceback.extract_tb(exc.__traceback__)
-    mine = [f for f in frames if "/torch/" not in f.filename and "/nlcompile/" not in f.filename
-            and "/passes/" not in f.filename and "/targets/" not in f.filename]
+    mine = [f for f in frames if not any(part in f.filename for part in _OURS)]
     if not mine:
         return "<unknown>"
     f = mine[-1]

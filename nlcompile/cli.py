@@ -7,6 +7,8 @@ import time
 
 import torch
 
+from nlcompile.numerics import relative_error
+
 
 def _best_time(fn, repeats: int) -> float:
     best = float("inf")
@@ -15,10 +17,6 @@ def _best_time(fn, repeats: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
-
-
-def _rel_err(got, want) -> float:
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max()).item()
 
 
 def demo(model: str, T: int, B: int, H: int, D: int, target: str) -> int:
@@ -41,7 +39,7 @@ def demo(model: str, T: int, B: int, H: int, D: int, target: str) -> int:
         want = entry.fn(*args)
     got = got if isinstance(got, tuple) else (got,)
     want = want if isinstance(want, tuple) else (want,)
-    errors = [_rel_err(g, w) for g, w in zip(got, want) if isinstance(w, torch.Tensor)]
+    errors = [relative_error(g, w) for g, w in zip(got, want) if isinstance(w, torch.Tensor)]
     ok = all(e <= 1e-4 for e in errors)
     print(f"check against eager: max relative error {max(errors):.2e} ({'OK' if ok else 'MISMATCH'})")
     with torch.no_grad():

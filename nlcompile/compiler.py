@@ -21,6 +21,7 @@ from nlcompile import knobs
 from nlcompile.capture import (CallLayout, CaptureError, Traceable, ambiguous_sizes, count_ops, probe_lengths,
                                resize_time, source_line, time_axis_candidates, trace)
 from nlcompile.dump import dump_graph
+from nlcompile.numerics import relative_error
 from nlcompile.passes.fx.generic import Probe, build_program
 from nlcompile.passes.fx.lift_scan import lift_scan, scan_nodes
 from nlcompile.passes.fx.reroll import NotALoop, reroll_all
@@ -74,12 +75,6 @@ def _resized(params, tensors, group, length):
     return [*(p.detach().clone() for p in params), *out]
 
 
-def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    scale = b.abs().max().item() or 1.0
-    return (a - b).abs().max().item() / scale
-
-
 def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_precision: bool) -> str | None:
     """Why ``got`` is not ``want`` up to float reassociation, or None.  With bf16 /
     fp16 inputs eager rounds intermediates we keep in fp32: a looser bound."""
@@ -89,7 +84,7 @@ def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_prec
         if g.shape != w.shape or g.dtype != w.dtype:
             return f"output {i} is {tuple(g.shape)} {g.dtype}, eager gives {tuple(w.shape)} {w.dtype}"
         tol = 6e-2 if low_precision or w.dtype not in (torch.float32, torch.float64) else 1e-3
-        if w.is_floating_point() and w.numel() and (err := _rel_error(g, w)) > tol:
+        if w.is_floating_point() and w.numel() and (err := relative_error(g, w)) > tol:
             return f"output {i} differs from eager by {err:.2e} (relative)"
         if not w.is_floating_point() and not torch.equal(g, w):
             return f"output {i} differs from eager"
@@ -243,7 +238,9 @@ def compile_signature(traceable: Traceable, layout: CallLayout, params: Sequence
 
 
 def _summarise(reasons: list[str]) -> str | None:
-    """The reasons worth a warning; None when no axis looked like a loop at all."""
+    """The reasons worth a warning; None when every candidate axis simply had no
+    loop (no per-step slice, the function fails with that axis resized, or the
+    loop carries no state)."""
     quiet = ("no per-step slice", "fails with this axis", _STATELESS)
     interesting = [r for r in reasons if not any(q in r for q in quiet)]
     return "; ".join(interesting[:3]) or None

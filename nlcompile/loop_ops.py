@@ -75,11 +75,12 @@ class ChunkwiseLoop(torch.nn.Module):
         ns, nx = body.n_states, body.n_step_inputs
         step_ph, inv_ph = phs[ns:ns + nx], phs[ns + nx:]
         nodes = {n.name: n for n in gm.graph.nodes}
-        out_nodes = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        out_nodes = list(gm.graph.output_node().args[0])
         self.analysis = analysis
         self.step_dims = tuple(step_dims)
         self.n_states = ns
         self.scan, self.chunk_size, self.choose = scan, chunk_size, choose_chunk_size
+        self.chunk_sizes_used: dict[int, int] = {}   # state -> chunk size of the latest call
         self.leaf_names = sorted(analysis.leaf_nodes)
         self.leaf_gm = extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.leaf_names])
         self.state_vals = [n.meta["val"] for n in out_nodes[:ns]]
@@ -159,6 +160,7 @@ class ChunkwiseLoop(torch.nn.Module):
             elif rule.gate is not None:
                 kw["gate"] = L.operand_for_kernel(rule.gate, lay, "gate", values, per_channel=rule.per_channel)
             chunk = self.chunk_size or self.choose(k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate")})
+            self.chunk_sizes_used[rule.state] = chunk
             mine = [r for r in self.analysis.readouts if r.state == rule.state]
             final = None
             for r in mine:

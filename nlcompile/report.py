@@ -82,7 +82,7 @@ def build_report(compiled, options) -> Report:
     for i, (loop, decision) in enumerate(zip(compiled.loops, compiled.decisions)):
         analysis = decision.analysis
         rules = {r.state: r for r in analysis.rules} if analysis else {}
-        body_outs = list(next(n for n in loop.body.graph.graph.nodes if n.op == "output").args[0])
+        body_outs = list(loop.body.graph.graph.output_node().args[0])
         states = []
         for s in range(loop.body.n_states):
             val = body_outs[s].meta.get("val")

@@ -13,24 +13,9 @@ import torch
 import torch.nn.functional as F
 
 import nlcompile
+from _compare import assert_close_outputs
 
 torch.manual_seed(0)
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
-
-
-def assert_close_outputs(got, want, tol=1e-4):
-    got = got if isinstance(got, (tuple, list)) else (got,)
-    want = want if isinstance(want, (tuple, list)) else (want,)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        if w is None:
-            assert g is None
-            continue
-        assert g.shape == w.shape and g.dtype == w.dtype
-        assert rel_err(g, w) <= tol, rel_err(g, w)
 
 
 # ---- loops in several spellings -------------------------------------------------

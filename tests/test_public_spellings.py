@@ -18,26 +18,11 @@ import torch
 import torch.nn.functional as F
 
 import nlcompile
+from _compare import assert_close_outputs
 
 B, H, D = 2, 3, 16
 LENGTHS = (7, 64, 300)
 
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-30)).item()
-
-
-def assert_close_outputs(got, want, tol=1e-4):
-    got = got if isinstance(got, (tuple, list)) else (got,)
-    want = want if isinstance(want, (tuple, list)) else (want,)
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        if w is None:
-            assert g is None
-            continue
-        assert g.shape == w.shape and g.dtype == w.dtype, (g.shape, w.shape, g.dtype, w.dtype)
-        err = rel_err(g, w)
-        assert err <= tol, err
 
 
 # ---------------------------------------------------------------- the loops

@@ -11,26 +11,12 @@ import pytest
 import torch
 
 import nlcompile
+from _compare import as_tuple, assert_close_outputs, rel_err
 from nlcompile.zoo import LAYERS, MODELS
 
 
-def as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
-
-
-def rel_err(got, want):
-    return ((got.double() - want.double()).abs().max() / want.double().abs().max().clamp_min(1e-12)).item()
-
-
 def check(compiled, fn, args, tol=1e-4):
-    got, want = as_tuple(compiled(*args)), as_tuple(fn(*args))
-    assert len(got) == len(want)
-    for g, w in zip(got, want):
-        if w is None:
-            assert g is None
-            continue
-        assert g.shape == w.shape and g.dtype == w.dtype
-        assert rel_err(g, w) <= tol, (rel_err(g, w), g.shape)
+    assert_close_outputs(compiled(*args), fn(*args), tol)
 
 
 SHAPES = [dict(B=2, H=3, D=8), dict(B=1, H=2, D=16)]

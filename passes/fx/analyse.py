@@ -295,7 +295,7 @@ class Interpreter:
         self.env: dict[fx.Node, Poly | Bad] = {}
         self._opened: dict[fx.Node, Poly] = {}
         nodes = list(body.graph.graph.nodes)
-        flat = list(next(n for n in nodes if n.op == "output").args[0])
+        flat = list(body.graph.graph.output_node().args[0])
         self.new_states, self.outputs = flat[: body.n_states], flat[body.n_states:]
         self.states = [n for n in nodes if n.op == "placeholder"][: body.n_states]
         self.by_name = {n.name: n for n in nodes}

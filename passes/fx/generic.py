@@ -187,8 +187,8 @@ def build_program(p1: Probe, p2: Probe, time_inputs: Sequence[tuple[int, int]],
         elif node in ends:
             i = ends[node]
             _emit_loop(b, i, p1.loops[i], p2.loops[i], make_loop(p1.loops[i]))
-    out1 = next(n for n in p1.gm.graph.nodes if n.op == "output")
-    out2 = next(n for n in p2.gm.graph.nodes if n.op == "output")
+    out1 = p1.gm.graph.output_node()
+    out2 = p2.gm.graph.output_node()
     b.graph.output(b.generic(out1.args[0], out2.args[0]))
     gm = fx.GraphModule(b.root, b.graph)
     gm.graph.eliminate_dead_code()

@@ -44,7 +44,7 @@ def lift_scan(gm: fx.GraphModule, trip: int) -> RerolledLoop:
     for ph, name in zip(phs, names):
         ph.name = ph.target = name
     body_gm.recompile()
-    n_out = len(next(n for n in body_gm.graph.nodes if n.op == "output").args[0])
+    n_out = len(body_gm.graph.output_node().args[0])
     body = LoopBody(body_gm, ns, nx, len(extra), n_out - ns)
     for x in xs:
         if x.meta["val"].shape[0] != trip:

@@ -36,6 +36,6 @@ def trace_step(
         node.name = name
         node.target = name
     normalize(gm)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out = gm.graph.output_node()
     n_out = len(out.args[0])
     return LoopBody(gm, ns, nx, len(invariants), n_out - ns)
