@@ -98,3 +98,35 @@ def test_probe_length_equal_to_a_size_inside_the_model(head_dim):
     with torch.no_grad():
         check(compiled, model, (x,))
     assert compiled.explain(x).loops[0].rewrite == "chunkwise"
+
+
+@pytest.mark.parametrize("name", ["deltanet_fla", "gla_naive_bhtd", "gated_deltanet_fla", "retnet_recurrent"])
+def test_zoo_model_fp16(name):
+    """fp16 inputs: no further from an fp64 run than eager's own fp16 run (slack 2x + 2e-3)."""
+    entry = MODELS[name]
+    args = entry.make_inputs(B=2, H=2, T=80, D=16, dtype=torch.float16)
+    compiled = nlcompile.compile(entry.fn)
+    with torch.no_grad():
+        got, eager = as_tuple(compiled(*args)), as_tuple(entry.fn(*args))
+        exact = as_tuple(entry.fn(*[a.double() if a.is_floating_point() else a for a in args]))
+    assert compiled.explain(*args).loops[0].rewrite == "chunkwise"
+    for g, e, x in zip(got, eager, exact):
+        if x is not None:
+            assert g.dtype == e.dtype
+            assert rel_err(g, x) <= 2 * rel_err(e, x) + 2e-3, (rel_err(g, x), rel_err(e, x))
+
+
+def test_the_program_never_calls_back_into_the_zoo():
+    from nlcompile.loop_ops import ChunkwiseLoop, SequentialLoop
+
+    entry = MODELS["deltanet_fla"]
+    compiled = nlcompile.compile(entry.fn)
+    program = compiled.compiled_for(*entry.make_inputs(T=20)).program
+    assert "zoo" not in program.code
+    loops = [m for name, m in program.named_children()]
+    assert loops and all(isinstance(m, (ChunkwiseLoop, SequentialLoop)) for m in loops)
+    for module in loops:
+        for sub in module.modules():
+            assert "zoo" not in type(sub).__module__
+            if isinstance(sub, torch.fx.GraphModule):
+                assert "zoo" not in sub.code
