@@ -435,3 +435,14 @@ def test_stacked_layers_compile_every_loop():
     assert compiled.captures == 1
     loops = compiled.explain(x).loops
     assert [(lp.kind, lp.rewrite) for lp in loops] == [("delta", "chunkwise")] * 2
+
+
+def test_chunk_size_option_is_used_and_validated():
+    compiled = nlcompile.compile(delta_inplace_time2, chunk_size=8)
+    args = inputs_delta(70)
+    assert_close_outputs(compiled(*args), delta_inplace_time2(*args))
+    assert compiled.compiled_for(*args).program.loop_0.chunk_sizes_used == {0: 8}
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+        nlcompile.compile(delta_inplace_time2, chunk_size=0)
+    with pytest.raises(ValueError, match="unknown relaxation"):
+        nlcompile.compile(delta_inplace_time2, relax=("freeze_gradients",))
