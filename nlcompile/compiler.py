@@ -70,8 +70,8 @@ def _resized(params, tensors, group, length):
     """Probe inputs: copies (probing must not write into the caller's tensors or the
     module's buffers) with the time axis cut or cycled to ``length``."""
     out = [t.detach().clone() for t in tensors]
-    for i, d in group:
-        out[i] = resize_time(tensors[i].detach(), d, length)
+    for i, d in group:                       # an input may carry several dims of the group
+        out[i] = resize_time(out[i], d, length)
     return [*(p.detach().clone() for p in params), *out]
 
 

@@ -402,7 +402,8 @@ def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, loop_part:
             outputs.append(pos)
         return outputs.index(pos)
 
-    gathers = [Gather(last_body[slot], output_index(_value_pos(template, slot, matcher)), dim, "buffer")
+    at_slot = {matcher.local[n]: n for n in loop_part}   # the last step may lack dead template nodes
+    gathers = [Gather(at_slot[slot], output_index(_value_pos(template, slot, matcher)), dim, "buffer")
                for slot, dim in buffers.items()]
     gathers += [_collector(c, bodies, matcher, output_index) for c in tagger.collectors]
 
