@@ -231,8 +231,9 @@ def time_axis_candidates(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[in
     """Groups of (input, dim) that may be the time axis, most plausible first.
 
     All dims of one size form a group (larger sizes first, since a long
-    sequence is usually the largest dim); when several dims of one input share
-    that size, groups by dim position follow.
+    sequence is usually the largest dim), unless one input has two dims in it
+    (an update loop walks one time axis per input); when the dims sit at
+    several positions, groups by dim position follow.
     """
     by_size: dict[int, list[tuple[int, int]]] = {}
     for i, t in enumerate(tensors):
@@ -241,7 +242,9 @@ def time_axis_candidates(tensors: Sequence[torch.Tensor]) -> list[tuple[tuple[in
     out: list[tuple[tuple[int, int], ...]] = []
     for size in sorted(by_size, reverse=True):
         group = by_size[size]
-        out.append(tuple(group))
+        inputs = [i for i, _ in group]
+        if len(set(inputs)) == len(inputs):
+            out.append(tuple(group))
         positions = sorted({d for _, d in group})
         if len(positions) > 1:
             out += [tuple(x for x in group if x[1] == p) for p in positions]
