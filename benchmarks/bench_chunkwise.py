@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -63,7 +64,9 @@ print(time.perf_counter() - start)
 
 
 def in_fresh_process(script: str, *argv: str) -> float:
-    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=True)
+    """Seconds printed by ``script`` run cold: a new process, Inductor's caches off."""
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    out = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
 
 
