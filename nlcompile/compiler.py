@@ -24,7 +24,8 @@ from nlcompile.dump import dump_graph
 from nlcompile.numerics import relative_error
 from nlcompile.passes.fx.generic import Probe, build_program
 from nlcompile.passes.fx.lift_scan import lift_scan, scan_nodes
-from nlcompile.passes.fx.reroll import NotALoop, reroll_all
+from nlcompile.passes.fx.loop_record import NotALoop
+from nlcompile.passes.fx.reroll import reroll_all
 from nlcompile.passes.fx.rewrite import LoopDecision, plan_loop
 from nlcompile.targets.registry import Target
 

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import fx
 
-from nlcompile.passes.fx.reroll import NotALoop, RerolledLoop
+from nlcompile.passes.fx.loop_record import NotALoop, RerolledLoop
 
 aten = torch.ops.aten
 

@@ -17,7 +17,7 @@ from torch import fx
 
 from nlcompile.ir import LoopBody
 from nlcompile.passes.fx.normalize import normalize
-from nlcompile.passes.fx.reroll import Gather, NotALoop, RerolledLoop, StepInput
+from nlcompile.passes.fx.loop_record import Gather, NotALoop, RerolledLoop, StepInput
 
 _SCAN = getattr(torch.ops.higher_order, "scan", None)
 

@@ -21,67 +21,21 @@ per-step outputs.  Anything else raises ``NotALoop`` with the reason.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch
 from torch import fx
 
-from nlcompile.ir import LoopBody
+from nlcompile.passes.fx.assemble import SCATTERS as _SCATTERS
+from nlcompile.passes.fx.assemble import assemble_loop
+from nlcompile.passes.fx.loop_record import NotALoop, RerolledLoop, StepInput, norm_dim
 
 aten = torch.ops.aten
 
 _SELECTS = (aten.select.int,)
 _SLICES = (aten.slice.Tensor,)
-_SCATTERS = (aten.select_scatter.default, aten.slice_scatter.default)
 _UNBINDS = (aten.unbind.int,)
 _SPLITS = (aten.split.Tensor, aten.split_with_sizes.default)
 _COLLECTORS = (aten.stack.default, aten.cat.default)
-
-
-class NotALoop(Exception):
-    """The trace holds no update loop we can re-roll; the message says why."""
-
-
-@dataclass(frozen=True)
-class StepInput:
-    """Per-step slice ``source.select(dim, t)`` (``keepdim``: ``narrow(dim, t, 1)``)."""
-
-    source: fx.Node
-    dim: int
-    keepdim: bool
-
-
-@dataclass(frozen=True)
-class Gather:
-    """How per-step output ``output`` leaves the loop: a ``stack``/``cat`` node or a
-    buffer written at index t along ``dim`` (``node`` is the last write)."""
-
-    node: fx.Node
-    output: int
-    dim: int
-    kind: str  # "stack" | "cat" | "buffer"
-
-
-@dataclass(frozen=True)
-class RerolledLoop:
-    """One loop of a trace: its step body, how it is fed, and how its values leave it.
-
-    ``nodes`` are the trace nodes the loop replaces (every step, gathers); the
-    values read after the loop are ``gathers`` (per-step outputs stacked) and
-    ``last_refs`` (a node of the last step -> ("state", i) | ("output", j))."""
-
-    trip_count: int
-    body: LoopBody
-    inits: tuple[fx.Node, ...]
-    step_inputs: tuple[StepInput, ...]
-    invariants: tuple[fx.Node, ...]
-    gathers: tuple[Gather, ...]
-    last_refs: dict[fx.Node, tuple[str, int]]
-    nodes: frozenset[fx.Node]
-
-    @property
-    def step_dims(self) -> list[tuple[int, bool]]:
-        return [(s.dim, s.keepdim) for s in self.step_inputs]
 
 
 def _time_dim(node: fx.Node, trip: int) -> int | None:
@@ -90,10 +44,6 @@ def _time_dim(node: fx.Node, trip: int) -> int | None:
         return None
     dims = [d for d, s in enumerate(val.shape) if s == trip]
     return dims[0] if len(dims) == 1 else None
-
-
-def _norm_dim(dim: int, node: fx.Node) -> int:
-    return dim % node.meta["val"].dim()
 
 
 class _Tagger:
@@ -146,12 +96,12 @@ class _Tagger:
             return None, False
         args = node.args
         if node.target in _SELECTS and args[0] in self.tcarry:
-            if _norm_dim(args[1], args[0]) == self.tcarry[args[0]]:
+            if norm_dim(args[1], args[0]) == self.tcarry[args[0]]:
                 self.source[node] = StepInput(args[0], self.tcarry[args[0]], False)
                 return args[2], True
         if node.target in _SLICES and args[0] in self.tcarry and len(args) >= 4:
             step = args[4] if len(args) > 4 else 1
-            if _norm_dim(args[1], args[0]) == self.tcarry[args[0]] and args[3] == args[2] + 1 and step == 1:
+            if norm_dim(args[1], args[0]) == self.tcarry[args[0]] and args[3] == args[2] + 1 and step == 1:
                 self.source[node] = StepInput(args[0], self.tcarry[args[0]], True)
                 return args[2], True
         if node.target is operator.getitem and isinstance(args[0], fx.Node):
@@ -159,7 +109,7 @@ class _Tagger:
             if parent.target in _UNBINDS + _SPLITS and parent.args[0] in self.tcarry:
                 src = parent.args[0]
                 at = 1 if parent.target in _UNBINDS else 2        # unbind(x, dim); split(x, size, dim)
-                dim = _norm_dim(parent.args[at] if len(parent.args) > at else parent.kwargs.get("dim", 0), src)
+                dim = norm_dim(parent.args[at] if len(parent.args) > at else parent.kwargs.get("dim", 0), src)
                 unit = parent.target in _UNBINDS or parent.args[1] in (1, [1] * self.trip)
                 if dim == self.tcarry[src] and unit:
                     self.source[node] = StepInput(src, dim, parent.target in _SPLITS)
@@ -167,7 +117,7 @@ class _Tagger:
         if node.target in _SCATTERS:
             buf = args[0]
             dim = self.tcarry.get(buf, self._buffer_dim(buf))
-            if dim is not None and _norm_dim(args[2], buf) == dim:
+            if dim is not None and norm_dim(args[2], buf) == dim:
                 if node.target == aten.select_scatter.default:
                     return args[3], True
                 if len(args) >= 5 and args[4] == args[3] + 1:
@@ -176,7 +126,7 @@ class _Tagger:
 
     def _buffer_dim(self, buf: fx.Node) -> int | None:
         if buf.target in _SCATTERS and buf in self.anchor:
-            return _norm_dim(buf.args[2], buf.args[0])
+            return norm_dim(buf.args[2], buf.args[0])
         return None
 
 
@@ -372,201 +322,4 @@ def reroll(gm: fx.GraphModule, trip: int, settled: frozenset[fx.Node] = frozense
             tagger.tag = saved
         else:
             bodies, matcher, loop_part = rotated, rmatcher, rloop
-    return _assemble(gm, tagger, bodies, matcher, m, loop_part)
-
-
-def _assemble(gm, tagger: _Tagger, bodies, matcher: _Matcher, m: int, loop_part: list[fx.Node]) -> RerolledLoop:
-    trip = tagger.trip
-    template = bodies[m]
-    previous = set(bodies[m - 1])
-    last_body = bodies[trip - 1]
-    carried, invariants, sources, source_of = _interface(template, previous, tagger, matcher)
-
-    # an output buffer: a carried write at index t that only the next step's write reads
-    buffers: dict[int, int] = {}
-    for slot in list(carried):
-        node = template[slot]
-        if node.target in _SCATTERS and node in tagger.anchor and all(
-            u is bodies[m + 1][slot] for u in node.users
-        ):
-            buffers[slot] = _norm_dim(node.args[2], node.args[0])
-            carried.remove(slot)
-
-    derived = _derived_slots(template, carried, previous, tagger)
-    carried = [slot for slot in carried if slot not in derived]
-
-    outputs: list[int] = []      # template positions of per-step outputs
-
-    def output_index(pos: int) -> int:
-        if pos not in outputs:
-            outputs.append(pos)
-        return outputs.index(pos)
-
-    at_slot = {matcher.local[n]: n for n in loop_part}   # the last step may lack dead template nodes
-    gathers = [Gather(at_slot[slot], output_index(_value_pos(template, slot, matcher)), dim, "buffer")
-               for slot, dim in buffers.items()]
-    gathers += [_collector(c, bodies, matcher, output_index) for c in tagger.collectors]
-
-    in_loop = set(loop_part)
-    extras = [n for n in last_body if n not in in_loop]
-    last_refs: dict[fx.Node, tuple[str, int]] = {}
-    for node in loop_part:
-        slot = matcher.local[node]
-        if slot in buffers or all(u in in_loop or u in tagger.collectors for u in node.users):
-            continue
-        last_refs[node] = ("state", carried.index(slot)) if slot in carried else ("output", output_index(slot))
-    _check_no_stray_refs(tagger, bodies, set(extras))
-
-    inits = [matcher.inits.get(slot) for slot in carried]
-    if any(i is None for i in inits):
-        raise NotALoop("a carried state has no initial value before the loop")
-    body = _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers, matcher)
-    nodes = {n for t in range(trip - 1) for n in bodies[t]} | in_loop | set(tagger.collectors)
-    return RerolledLoop(trip, body, tuple(inits), tuple(sources), tuple(invariants), tuple(gathers), last_refs,
-                        frozenset(nodes))
-
-
-def _derived_slots(template, carried, previous, tagger: _Tagger) -> dict[int, set[int]]:
-    """Carried values that are a function of other carried states alone (say a view
-    of S merged by CSE with the next step's use): recomputed, not carried."""
-    local = {n: i for i, n in enumerate(template)}
-    derived: dict[int, set[int]] = {}
-    for slot in carried:
-        stops = {template[y]: y for y in carried if y != slot}
-        found: set[int] = set()
-        todo, seen, ok = [template[slot]], set(), True
-        while todo and ok:
-            node = todo.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            if node in stops:
-                found.add(stops[node])
-                continue
-            if node in tagger.source or any(a in previous for a in node.all_input_nodes):
-                ok = False
-            todo += [a for a in node.all_input_nodes if a in local]
-        if ok and found:
-            derived[slot] = found
-    return {s: f for s, f in derived.items() if not (f & derived.keys())}
-
-
-def _interface(template, previous, tagger: _Tagger, matcher: _Matcher):
-    """Carried slots, invariants and per-step sources read by the template body."""
-    carried: list[int] = []
-    invariants: list[fx.Node] = []
-    sources: list[StepInput] = []
-    source_of: dict[int, int] = {}
-    for i, node in enumerate(template):
-        if node in tagger.source:
-            src = tagger.source[node]
-            if src not in sources:
-                sources.append(src)
-            source_of[i] = sources.index(src)
-            continue
-        for arg in node.all_input_nodes:
-            if arg in previous:
-                if matcher.local[arg] not in carried:
-                    carried.append(matcher.local[arg])
-            elif tagger.tag[arg] is None and arg not in invariants:
-                invariants.append(arg)
-    return carried, invariants, sources, source_of
-
-
-def _value_pos(template: list[fx.Node], slot: int, matcher: _Matcher) -> int:
-    value = template[slot].args[1]
-    if value not in matcher.local or template[matcher.local[value]] is not value:
-        raise NotALoop(f"the value written into the output buffer at {template[slot].name} is not "
-                       "computed in the loop body")
-    return matcher.local[value]
-
-
-def _collector(coll: fx.Node, bodies, matcher: _Matcher, output_index) -> Gather:
-    items = coll.args[0]
-    trip = len(bodies)
-    dim = coll.args[1] if len(coll.args) > 1 else coll.kwargs.get("dim", 0)
-    if len(items) != trip:
-        raise NotALoop(f"{coll.name} gathers {len(items)} values over {trip} steps")
-    slots = {matcher.local.get(x) for x in items}
-    if len(slots) != 1 or any(matcher.tagger.tag.get(x) != t for t, x in enumerate(items)):
-        raise NotALoop(f"{coll.name} does not gather one value per step in step order")
-    kind = "stack" if coll.target == aten.stack.default else "cat"
-    ndim = items[0].meta["val"].dim() + (1 if kind == "stack" else 0)
-    return Gather(coll, output_index(slots.pop()), dim % ndim, kind)
-
-
-def _check_no_stray_refs(tagger: _Tagger, bodies, extras: set[fx.Node]) -> None:
-    """Values of steps before the last may leave their step only through gathers."""
-    trip = len(bodies)
-    for t in range(trip - 1):
-        for node in bodies[t]:
-            for user in node.users:
-                if user in tagger.collectors:
-                    continue
-                if tagger.tag.get(user) in (t, t + 1) and user not in extras:
-                    continue
-                raise NotALoop(f"{node.name} of step {t} is used after the loop by {user.name}; "
-                               "only gathered (stacked / written) values may leave a loop step")
-
-
-def _build_body(template, carried, derived, sources, source_of, invariants, outputs, buffers,
-                matcher) -> LoopBody:
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    prev_slot: dict[int, fx.Node] = {}
-    for i, slot in enumerate(carried):
-        ph = graph.placeholder(f"state_{i}")
-        ph.meta["val"] = template[slot].meta["val"]
-        prev_slot[slot] = ph
-    step_ph = []
-    for j, src in enumerate(sources):
-        ph = graph.placeholder(f"step_{j}")
-        step_ph.append(ph)
-    inv_ph = {}
-    for k, inv in enumerate(invariants):
-        ph = graph.placeholder(f"inv_{k}")
-        ph.meta["val"] = inv.meta.get("val")
-        inv_ph[inv] = ph
-    for pos, node in enumerate(template):
-        if pos in source_of:
-            ph = step_ph[source_of[pos]]
-            ph.meta["val"] = node.meta["val"]
-            env[node] = ph
-            continue
-        if pos in buffers:
-            continue
-
-        def remap(arg):
-            if arg in env:
-                return env[arg]
-            if arg in inv_ph:
-                return inv_ph[arg]
-            slot = matcher.local.get(arg)
-            if slot in prev_slot:
-                return prev_slot[slot]
-            if slot in derived:
-                return _recompute(graph, template[slot], {template[y]: prev_slot[y] for y in derived[slot]},
-                                  inv_ph)
-            raise NotALoop(f"{node.name} reads {arg.name}, which is neither in the step nor carried")
-
-        env[node] = graph.node_copy(node, remap)
-    outs = [env[template[s]] for s in carried] + [env[template[p]] for p in outputs]
-    graph.output(tuple(outs))
-    graph.eliminate_dead_code()
-    gm = fx.GraphModule(torch.nn.Module(), graph)
-    return LoopBody(gm, len(carried), len(sources), len(invariants), len(outputs))
-
-
-def _recompute(graph: fx.Graph, node: fx.Node, stops: dict[fx.Node, fx.Node], inv_ph) -> fx.Node:
-    """Emit the template's computation of ``node`` from the carried states ``stops``."""
-    memo = dict(stops)
-
-    def emit(n: fx.Node) -> fx.Node:
-        if n in memo:
-            return memo[n]
-        if n in inv_ph:
-            return inv_ph[n]
-        memo[n] = graph.node_copy(n, emit)
-        return memo[n]
-
-    return emit(node)
+    return assemble_loop(gm, tagger, bodies, matcher, m, loop_part)
