@@ -1,9 +1,11 @@
 """Compile one call signature: probe, re-roll, rewrite, build, verify.
 
+    screen the candidate time axes eagerly, then for the first that works:
     capture at T1 and T2 (probe lengths that collide with no other size)
       -> reroll both -> rewrite (analyse, choose chunkwise / sequential)
       -> generic program (T from the input's size) -> target.finalize
-      -> verify against eager at a third length T3 (a mismatch vetoes)
+      -> check against eager at two more lengths, one long (a mismatch vetoes
+         the chunkwise form, then the re-rolled loop: the call then runs eagerly)
 
 Nothing here traces at the caller's T, so compile time does not grow with T.
 """
