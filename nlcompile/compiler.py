@@ -86,7 +86,7 @@ def _matches(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor], low_prec
     for i, (g, w) in enumerate(zip(got, want)):
         if g.shape != w.shape or g.dtype != w.dtype:
             return f"output {i} is {tuple(g.shape)} {g.dtype}, eager gives {tuple(w.shape)} {w.dtype}"
-        tol = 6e-2 if low_precision or w.dtype not in (torch.float32, torch.float64) else 1e-3
+        tol = 6e-2 if low_precision or w.dtype not in (torch.float32, torch.float64) else 1e-4
         if w.is_floating_point() and w.numel() and (err := relative_error(g, w)) > tol:
             return f"output {i} differs from eager by {err:.2e} (relative)"
         if not w.is_floating_point() and not torch.equal(g, w):
