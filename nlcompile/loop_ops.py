@@ -11,10 +11,26 @@ from typing import Sequence
 import torch
 
 from nlcompile.ir import LoopBody
+from nlcompile.passes.fx import layout as L
+from nlcompile.passes.fx.subgraph import extract_subgraph
 
 
 def step_slice(source: torch.Tensor, dim: int, keepdim: bool, t: int) -> torch.Tensor:
     return source.narrow(dim, t, 1) if keepdim else source.select(dim, t)
+
+
+def _split(args: Sequence[torch.Tensor], n_sources: int, n_states: int):
+    """The loop module's arguments: (step sources, initial states, invariants)."""
+    return args[:n_sources], args[n_sources:n_sources + n_states], args[n_sources + n_states:]
+
+
+def _every_step(gm: torch.fx.GraphModule, step_dims, sources, before=(), after=()):
+    """``gm(*before, *step slices, *after)`` for all steps at once: vmap over the time dims."""
+    def call(*xs):
+        xs = [x.unsqueeze(d) if keep else x for x, (d, keep) in zip(xs, step_dims)]
+        return gm(*before, *xs, *after)
+
+    return torch.vmap(call, in_dims=tuple(d for d, _ in step_dims))(*sources)
 
 
 class SequentialLoop(torch.nn.Module):
@@ -31,10 +47,7 @@ class SequentialLoop(torch.nn.Module):
         self.step_dims = tuple(step_dims)
 
     def forward(self, *args: torch.Tensor):
-        n_src = len(self.step_dims)
-        sources = args[:n_src]
-        states = list(args[n_src:n_src + self.n_states])
-        invariants = args[n_src + self.n_states:]
+        sources, states, invariants = _split(args, len(self.step_dims), self.n_states)
         dim0, _ = self.step_dims[0]
         trip = sources[0].shape[dim0]
         outs: list[list[torch.Tensor]] = [[] for _ in range(self.n_outputs)]
@@ -68,8 +81,6 @@ class ChunkwiseLoop(torch.nn.Module):
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
                  chunk_size: int | None, choose_chunk_size):
         super().__init__()
-        from nlcompile.passes.fx.subgraph import extract_subgraph
-
         gm = body.graph
         phs = _placeholders(gm)
         ns, nx = body.n_states, body.n_step_inputs
@@ -113,35 +124,17 @@ class ChunkwiseLoop(torch.nn.Module):
             self.post_gm = extract_subgraph(gm, [nodes[n] for n in self.post_inputs] + inv_ph, post_outs)
 
     def _leaves(self, sources, invariants) -> dict[str, torch.Tensor]:
-        dims = self.step_dims
-
-        def call(*args):
-            xs = [x.unsqueeze(d) if keep else x for x, (d, keep) in zip(args[:len(dims)], dims)]
-            return self.leaf_gm(*xs, *args[len(dims):])
-
-        in_dims = tuple(d for d, _ in dims) + (None,) * len(invariants)
-        vals = torch.vmap(call, in_dims=in_dims)(*sources, *invariants)
+        vals = _every_step(self.leaf_gm, self.step_dims, sources, after=invariants)
         return dict(zip(self.leaf_names, vals))
 
     def _at_zero_state(self, sources, invariants) -> dict[str, torch.Tensor]:
         """The constant-readout nodes evaluated with every state (old and new) zero."""
-        device = sources[0].device
-        zeros = [torch.zeros(v.shape, dtype=v.dtype, device=device) for v in self.zero_vals]
-        dims = self.step_dims
-
-        def call(*xs):
-            xs = [x.unsqueeze(d) if keep else x for x, (d, keep) in zip(xs, dims)]
-            return self.const_gm(*zeros, *xs, *invariants)
-
-        vals = torch.vmap(call, in_dims=tuple(d for d, _ in dims))(*sources)
+        zeros = [torch.zeros(v.shape, dtype=v.dtype, device=sources[0].device) for v in self.zero_vals]
+        vals = _every_step(self.const_gm, self.step_dims, sources, before=zeros, after=invariants)
         return dict(zip(self.const_names, vals))
 
     def forward(self, *args: torch.Tensor):
-        from nlcompile.passes.fx import layout as L
-
-        n_src = len(self.step_dims)
-        sources, inits = args[:n_src], args[n_src:n_src + self.n_states]
-        invariants = args[n_src + self.n_states:]
+        sources, inits, invariants = _split(args, len(self.step_dims), self.n_states)
         values = self._leaves(sources, invariants)
         finals: list[torch.Tensor | None] = [None] * self.n_states
         readouts: dict[str, torch.Tensor] = {}
