@@ -46,6 +46,7 @@ class Target(Protocol):
 _BUILTINS = {
     "torch": "nlcompile.targets.torch_target:TorchTarget",
     "inductor": "nlcompile.targets.inductor_target:InductorTarget",
+    "triton": "nlcompile.targets.triton_target:TritonTarget",
 }
 _registered: dict[str, Callable[[], Target] | Target] = {}
 

@@ -1,0 +1,166 @@
+"""The Triton chunk kernels as ``torch.library`` custom ops, and the scan built on them.
+
+``nlcompile::chunk_scan`` (forward) and ``nlcompile::chunk_scan_backward`` are
+opaque to ``torch.compile`` / ``torch.export``: each has a fake (meta)
+implementation giving output shapes, and the forward's autograd formula calls
+the backward op, so a compiled graph keeps them as single nodes and Inductor
+fuses the code around them.
+
+``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan``
+(the loop modules call either); it prepares the kernel inputs with ordinary,
+differentiable torch ops (the write coefficient folded into v, gates to log
+space) and falls back to the exact PyTorch scan for what the kernels do not
+cover: float64, gates with zeros or negative values, a per-key-channel gate
+with a delta rule, head dims above 256.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from nlcompile.targets.scan import Readout, chunkwise_scan
+from nlcompile.targets.triton.backward import chunk_backward
+from nlcompile.targets.triton.forward import chunk_forward
+
+MAX_HEAD_DIM = 256
+_EMPTY = (0,)
+
+
+def _chunks(t: int, chunk: int) -> int:
+    return -(-t // chunk)
+
+
+@torch.library.custom_op("nlcompile::chunk_scan", mutates_args=())
+def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
+               h0: Tensor, chunk: int, before: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o, final state, states entering each chunk, corrected values, W); see ``forward.chunk_forward``."""
+    return chunk_forward(k, v, q, beta, g, h0, chunk, before)
+
+
+@chunk_scan.register_fake
+def _(k, v, q, beta, g, h0, chunk, before):
+    n, t, dk = k.shape
+    dv = v.shape[-1]
+    nc = _chunks(t, chunk)
+    f32 = dict(dtype=torch.float32, device=k.device)
+    o = k.new_empty((n, t, dv) if q is not None else _EMPTY, **f32)
+    delta = beta is not None
+    return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **f32),
+            k.new_empty((n, nc * chunk, dv) if delta else _EMPTY, **f32),
+            k.new_empty((n, nc * chunk, dk) if delta else _EMPTY, **f32))
+
+
+@torch.library.custom_op("nlcompile::chunk_scan_backward", mutates_args=())
+def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
+                        h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, do: Optional[Tensor],
+                        dh_final: Tensor, chunk: int, before: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
+                                                                              Tensor, Tensor]:
+    """Gradients (dk, dv, dq, dbeta, dg, dh0); an absent input's gradient is an empty tensor."""
+    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before)
+    return tuple(k.new_empty(_EMPTY, dtype=torch.float32) if x is None else x for x in grads)
+
+
+@chunk_scan_backward.register_fake
+def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before):
+    like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
+    return tuple(like(x) for x in (k, v, q, beta, g, h0))
+
+
+def _setup_context(ctx, inputs, output):
+    k, v, q, beta, g, h0, chunk, before = inputs
+    _, _, states, v_new, w = output
+    ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w)
+    ctx.chunk, ctx.before = chunk, before
+    ctx.mark_non_differentiable(states, v_new, w)
+
+
+def _backward(ctx, do, dh_final, *_intermediates):
+    k, v, q, beta, g, h0, states, v_new, w = ctx.saved_tensors
+    if dh_final is None:
+        dh_final = torch.zeros_like(h0, dtype=torch.float32)
+    if q is not None and do is None:
+        do = k.new_zeros(*k.shape[:2], v.shape[-1], dtype=torch.float32)
+    grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, do if q is not None else None,
+                                dh_final, ctx.chunk, ctx.before)
+    inputs = (k, v, q, beta, g, h0)
+    out = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
+    return (*out, None, None)
+
+
+chunk_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kernel_chunk(chunk_size: int, per_channel: bool) -> int:
+    """The kernel's chunk length: a power of two in [16, 64]; 16 with a per-channel gate
+    (its intra-chunk scores are a [C, C, dk] register block)."""
+    if per_channel:
+        return 16
+    return min(64, max(16, 1 << max(0, math.ceil(math.log2(max(chunk_size, 1))))))
+
+
+_warned: set[str] = set()
+
+
+def _fallback(why: str) -> None:
+    if why not in _warned:
+        _warned.add(why)
+        warnings.warn(f"nlcompile triton target: {why}; this scan runs as the exact PyTorch chunkwise form",
+                      stacklevel=3)
+
+
+def _unsupported(k, v, beta, gate, log_gate, tensors) -> Optional[str]:
+    """Why the kernels cannot run these inputs (None when they can)."""
+    if any(x.dtype == torch.float64 for x in tensors):
+        return "float64 inputs (the kernels compute in float32)"
+    if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dim {max(k.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
+    g = gate if gate is not None else log_gate
+    if g is not None and g.dim() == 3 and beta is not None:
+        return "a per-key-channel gate with a delta rule (no WY form)"
+    if gate is not None and not bool((gate > 0).all()):
+        return "gates with zero or negative values (the kernels work in log space)"
+    if log_gate is not None and not bool(torch.isfinite(log_gate).all()):
+        return "log-gates that are not finite"
+    return None
+
+
+def triton_chunkwise_scan(
+    k: Tensor,
+    v: Tensor,
+    *,
+    q: Optional[Tensor] = None,
+    beta: Optional[Tensor] = None,
+    write: Optional[Tensor] = None,
+    gate: Optional[Tensor] = None,
+    log_gate: Optional[Tensor] = None,
+    initial_state: Optional[Tensor] = None,
+    readout: Readout = "after",
+    chunk_size: int = 64,
+) -> tuple[Optional[Tensor], Tensor]:
+    """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results)."""
+    given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
+    why = _unsupported(k, v, beta, gate, log_gate, given)
+    if why is not None:
+        _fallback(why)
+        return chunkwise_scan(k, v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
+                              initial_state=initial_state, readout=readout, chunk_size=chunk_size)
+    if readout not in ("after", "before"):
+        raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
+    n, t, dk = k.shape
+    dv = v.shape[-1]
+    coef = write if write is not None else beta
+    v_in = v if coef is None else v.float() * coef.float().unsqueeze(-1)
+    g = log_gate if log_gate is not None else (gate.float().log() if gate is not None else None)
+    h0 = (initial_state.float() if initial_state is not None
+          else k.new_zeros(n, dk, dv, dtype=torch.float32))
+    per_channel = g is not None and g.dim() == 3
+    c = kernel_chunk(chunk_size, per_channel)
+    contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    o, final, *_ = chunk_scan(contiguous(k), contiguous(v_in), contiguous(q),
+                              contiguous(None if beta is None else beta.float()),
+                              contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before")
+    return (o if q is not None else None), final

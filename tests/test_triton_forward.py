@@ -1,0 +1,207 @@
+"""Forward Triton chunk kernels (``targets/triton/forward.py``) against the per-token scan.
+
+``chunk_forward`` is compared with ``sequential_scan`` run in float64 on the
+same inputs (beta=b, write=ones, log_gate=g, so the reference's v is the
+already-scaled v).  Checked: the output o, the final state and H (the state
+entering each chunk: H[:, i] equals the sequential state after i*C steps), for
+every kind (additive, scalar decay, per-channel decay, delta, gated delta),
+both readouts, without queries, at lengths 1, shorter than, equal to and not a
+multiple of the chunk, with dk != dv and non-power-of-two sizes, chunks 16, 32
+and 64, bf16 inputs, growing gates (g > 0), strong decay and several value blocks.
+
+fp32 tolerance: max |error| <= 1e-4 * max(1, max |reference|) per tensor.
+bf16 inputs: the reference sees the same bf16-rounded values (upcast to
+float64) and the kernels compute in fp32 after loading, so only fp32 rounding
+separates them; the bound is still loosened tenfold to 1e-3 for headroom.
+Shapes stay small: the kernels run in the Triton interpreter on CPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nlcompile.targets.scan import sequential_scan
+from nlcompile.targets.triton import forward as fwd
+from nlcompile.targets.triton.forward import chunk_forward
+
+N = 2
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-3}
+KINDS = ("additive", "decay", "channel", "delta", "gated_delta")
+
+
+def _inputs(kind: str, t: int, dk: int = 16, dv: int = 32, *, seed: int = 0, dtype=torch.float32,
+            growth: bool = False, with_q: bool = True, with_h0: bool = True) -> dict:
+    """Inputs of one kind: realistic log-gates -softplus(randn) (gates in (0, 1)), or small
+    positive ones (gates > 1) with ``growth``; l2-normalised k and beta in (0, 1) for the delta family."""
+    gen = torch.Generator().manual_seed(seed)
+    randn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    k, v, q = randn(N, t, dk), randn(N, t, dv), randn(N, t, dk)
+    beta = g = None
+    if kind in ("delta", "gated_delta"):
+        k = F.normalize(k, dim=-1)
+        beta = torch.rand(N, t, generator=gen) * 0.9 + 0.05
+    if kind in ("decay", "gated_delta", "channel"):
+        shape = (N, t) if kind != "channel" else (N, t, dk)
+        g = 0.05 * torch.rand(*shape, generator=gen) if growth else -F.softplus(randn(*shape))
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return dict(k=cast(k), v=cast(v), q=cast(q) if with_q else None, beta=cast(beta), g=g,
+                h0=randn(N, dk, dv) if with_h0 else None)
+
+
+def _reference(x: dict, before: bool):
+    """float64 sequential scan on the given inputs: (o or None, final state, scan(prefix) -> state)."""
+    d = lambda y: None if y is None else y.double()  # noqa: E731
+
+    def scan(length: int):
+        cut = lambda y: None if y is None else d(y)[:, :length]  # noqa: E731
+        write = None if x["beta"] is None else torch.ones(N, length, dtype=torch.float64)
+        return sequential_scan(cut(x["k"]), cut(x["v"]), q=cut(x["q"]), beta=cut(x["beta"]), write=write,
+                               log_gate=cut(x["g"]), initial_state=d(x["h0"]),
+                               readout="before" if before else "after")
+
+    o, h = scan(x["k"].shape[1])
+    return o, h, scan
+
+
+def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    assert got.shape == want.shape, (name, got.shape, want.shape)
+    assert got.dtype == torch.float32, (name, got.dtype)
+    err = (got.double() - want).abs().max().item()
+    bound = tol * max(1.0, want.abs().max().item())
+    assert err <= bound, f"{name}: max abs error {err:.3e} > {bound:.3e}"
+
+
+def _check(x: dict, chunk: int, before: bool = False, tol: float | None = None):
+    """Run chunk_forward and compare o, h_final and every H[:, i] with the float64 reference."""
+    tol = TOL[x["k"].dtype] if tol is None else tol
+    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], chunk, before)
+    ref_o, ref_h, scan = _reference(x, before)
+    t, dk, dv = x["k"].shape[1], x["k"].shape[2], x["v"].shape[2]
+    nc = -(-t // chunk)
+    if x["q"] is None:
+        assert o.numel() == 0
+    else:
+        _assert_close("o", o, ref_o, tol)
+    _assert_close("h_final", h_final, ref_h, tol)
+    assert H.shape == (N, nc, dk, dv)
+    for i in range(nc):
+        _assert_close(f"H[:, {i}]", H[:, i], scan(i * chunk)[1], tol)
+    if x["beta"] is None:
+        assert Vp.numel() == 0 and W.numel() == 0
+    else:
+        assert Vp.shape == (N, nc * chunk, dv) and W.shape == (N, nc * chunk, dk)
+        assert torch.isfinite(Vp).all() and torch.isfinite(W).all()
+    return o, h_final, H, Vp, W
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["after", "before"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_kinds_and_readouts(kind, before):
+    _check(_inputs(kind, 37), chunk=16, before=before)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_state_only_without_q(kind):
+    _check(_inputs(kind, 40, seed=1, with_q=False), chunk=16)
+
+
+@pytest.mark.parametrize("t", [1, 10, 32, 70], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("kind", ["channel", "gated_delta"])
+def test_lengths(kind, t):
+    """T = 1, T < chunk, T a multiple of the chunk, and a masked tail (70 = 2*32 + 6)."""
+    _check(_inputs(kind, t, seed=2), chunk=32, before=(t == 10))
+
+
+@pytest.mark.parametrize("dk,dv", [(32, 16), (20, 24), (16, 5)], ids=["dk32-dv16", "dk20-dv24", "dk16-dv5"])
+@pytest.mark.parametrize("kind", ["additive", "channel", "gated_delta"])
+def test_dk_differs_from_dv(kind, dk, dv):
+    _check(_inputs(kind, 23, dk, dv, seed=3), chunk=16)
+
+
+@pytest.mark.parametrize("kind", ["channel", "gated_delta"])
+def test_chunk_64(kind):
+    _check(_inputs(kind, 70, seed=4), chunk=64, before=True)
+
+
+@pytest.mark.parametrize("kind", ["decay", "channel", "gated_delta"])
+def test_growing_gates_are_exact(kind):
+    """Gates slightly above 1 (g in (0, 0.05)): nothing is flushed or clamped."""
+    _check(_inputs(kind, 45, seed=5, growth=True), chunk=16)
+
+
+@pytest.mark.parametrize("kind", ["decay", "channel", "gated_delta"])
+def test_strong_decay_underflows_cleanly(kind):
+    """Log-gates -8*softplus(randn): e^G underflows to 0 inside a 64-chunk; the masked exponents
+    keep every factor finite and the result still matches."""
+    x = _inputs(kind, 70, seed=10)
+    x["g"] = 8 * x["g"]
+    o = _check(x, chunk=64, before=True)[0]
+    assert torch.isfinite(o).all()
+
+
+@pytest.mark.parametrize("kind", ["additive", "channel", "gated_delta"])
+def test_bf16_inputs(kind):
+    _check(_inputs(kind, 37, seed=6, dtype=torch.bfloat16), chunk=16, before=True)
+
+
+def test_zero_initial_state_when_h0_is_none():
+    _check(_inputs("gated_delta", 20, seed=7, with_h0=False), chunk=16)
+
+
+@pytest.mark.parametrize("kind", ["channel", "gated_delta"])
+def test_several_value_blocks(kind, monkeypatch):
+    """dv split over programs of the states and output kernels (3 blocks of 16 for dv = 40)."""
+    monkeypatch.setattr(fwd, "_block_v", lambda dv, bk: 16)
+    _check(_inputs(kind, 30, 16, 40, seed=8), chunk=16)
+
+
+def test_delta_factors_match_their_definition():
+    """W and V' (what the backward reads) satisfy the spec's chunk relations, checked in float64:
+    (I + Akk) W = diag(b e^G) K, (I + Akk)(V' + W H_i) = V, H_{i+1} = e^{G_L} H_i + Kt^T V'."""
+    C, t = 16, 37
+    x = _inputs("gated_delta", t, seed=9)
+    _, h_final, H, Vp, W = _check(x, chunk=C)
+    nc = H.shape[1]
+    pad = lambda y: F.pad(y.double(), (0, 0) * (y.dim() - 2) + (0, nc * C - t))  # noqa: E731
+    k, v, b, g = pad(x["k"]), pad(x["v"]), pad(x["beta"]), pad(x["g"])
+    states = torch.cat([H.double(), h_final.double()[:, None]], 1)
+    eye = torch.eye(C, dtype=torch.float64)
+    for i in range(nc):
+        rows = slice(i * C, (i + 1) * C)
+        K, V, B, G = k[:, rows], v[:, rows], b[:, rows], g[:, rows].cumsum(-1)
+        Wi, Vpi, Hi = W[:, rows].double(), Vp[:, rows].double(), states[:, i]
+        akk = (B[:, :, None] * (K @ K.transpose(1, 2)) * (G[:, :, None] - G[:, None, :]).exp()).tril(-1)
+        torch.testing.assert_close((eye + akk) @ Wi, (B * G.exp())[..., None] * K, atol=1e-5, rtol=0)
+        torch.testing.assert_close((eye + akk) @ (Vpi + Wi @ Hi), V, atol=1e-4, rtol=0)
+        G_L = G[:, -1:]
+        Kt = K * (G_L - G).exp()[..., None]
+        nxt = G_L.exp()[..., None] * Hi + Kt.transpose(1, 2) @ Vpi
+        torch.testing.assert_close(nxt, states[:, i + 1], atol=1e-4, rtol=0)
+    assert Vp[:, t:].abs().max() == 0 and W[:, t:].abs().max() == 0  # masked tail rows are neutral
+
+
+def test_argument_errors():
+    x = _inputs("gated_delta", 8)
+    args = lambda **kw: {**x, **kw}  # noqa: E731
+    call = lambda a, chunk=16: chunk_forward(a["k"], a["v"], a["q"], a["beta"], a["g"], a["h0"], chunk, False)  # noqa: E731
+    with pytest.raises(ValueError, match="chunk"):
+        call(x, chunk=8)
+    with pytest.raises(ValueError, match="^v "):
+        call(args(v=torch.randn(N, 7, 32)))
+    with pytest.raises(ValueError, match="^q "):
+        call(args(q=torch.randn(N, 8, 17)))
+    with pytest.raises(ValueError, match="^beta "):
+        call(args(beta=torch.rand(N, 8, 1)))
+    with pytest.raises(ValueError, match="^g "):
+        call(args(g=torch.randn(N, 8, 3)))
+    with pytest.raises(ValueError, match="^h0 "):
+        call(args(h0=torch.randn(N, 32, 16)))
+    with pytest.raises(ValueError, match="^k"):
+        call(args(k=torch.randn(N, 8)))
+    with pytest.raises(ValueError, match="dk"):
+        call(args(k=torch.randn(N, 8, 300), q=None, h0=None))
+    with pytest.raises(ValueError, match="dv"):
+        call(args(v=torch.randn(N, 8, 257), h0=None))
+    with pytest.raises(NotImplementedError, match="per-key-channel"):
+        call(args(g=-F.softplus(torch.randn(N, 8, 16))))

@@ -1,0 +1,179 @@
+"""The triton target: custom ops (fake implementations, autograd, torch.compile) and
+whole zoo models compiled with ``target="triton"``, checked against eager PyTorch.
+
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1), so shapes are small.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nlcompile
+from nlcompile.targets.scan import sequential_scan
+from nlcompile.targets.triton.ops import chunk_scan, triton_chunkwise_scan
+from nlcompile.targets.triton_target import TritonTarget
+from nlcompile.zoo import LAYERS, MODELS
+
+from _compare import as_tuple, assert_close_outputs, rel_err
+
+KINDS = ["additive", "decay", "decay_channel", "delta", "gated_delta"]
+
+
+def scan_inputs(kind: str, N=2, T=37, dk=16, dv=32, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    k = rnd(N, T, dk)
+    if kind in ("delta", "gated_delta"):
+        k = F.normalize(k, dim=-1)
+    kw = dict(q=rnd(N, T, dk).to(dtype), initial_state=rnd(N, dk, dv))
+    if kind in ("delta", "gated_delta"):
+        kw["beta"] = torch.rand(N, T, generator=gen).to(dtype)
+    if kind in ("decay", "gated_delta"):
+        kw["log_gate"] = -F.softplus(rnd(N, T))
+    if kind == "decay_channel":
+        kw["gate"] = torch.sigmoid(rnd(N, T, dk) + 2)
+    return k.to(dtype), rnd(N, T, dv).to(dtype), kw
+
+
+def reference(k, v, kw, readout="after"):
+    """sequential_scan in float64."""
+    d = lambda x: x.double() if torch.is_tensor(x) else x  # noqa: E731
+    return sequential_scan(d(k), d(v), readout=readout, **{n: d(x) for n, x in kw.items()})
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("readout", ["after", "before"])
+def test_scan_forward_and_gradients_match_sequential(kind, readout):
+    k, v, kw = scan_inputs(kind)
+    leaves = [x for x in (k, v, *kw.values())]
+    for x in leaves:
+        x.requires_grad_(True)
+    o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=16, **kw)
+    o_ref, s_ref = reference(k, v, kw, readout)
+    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+    got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
+    want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
+    for name, g, w in zip(["k", "v", *kw], got, want):
+        assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
+
+
+@pytest.mark.parametrize("kind", ["decay", "delta"])
+def test_custom_op_passes_opcheck(kind):
+    k, v, kw = scan_inputs(kind, T=21)
+    g = kw.get("log_gate")
+    args = (k, v, kw["q"], kw.get("beta"), g, kw["initial_state"], 16, False)
+    for x in (k, v, kw["q"], kw["initial_state"]):
+        x.requires_grad_(True)
+    torch.library.opcheck(chunk_scan, args)
+
+
+def test_torch_compile_keeps_the_op_and_its_gradient():
+    """Fake implementations and autograd let torch.compile trace the op whole (fullgraph);
+    the scan around it (which checks gate values) compiles with a graph break."""
+    k, v, kw = scan_inputs("gated_delta", T=30)
+    for x in (k, v, kw["q"]):
+        x.requires_grad_(True)
+    args = (k, v, kw["q"], kw["beta"], kw["log_gate"], kw["initial_state"])
+
+    def layer_op(k, v, q, beta, log_gate, h0):
+        o, s, *_ = torch.ops.nlcompile.chunk_scan(k, v * beta.unsqueeze(-1), q, beta, log_gate, h0, 16, False)
+        return (o.tanh() * 2).sum() + s.square().sum()
+
+    def layer_scan(k, v, q, beta, log_gate, h0):
+        o, s = triton_chunkwise_scan(k, v, q=q, beta=beta, log_gate=log_gate, initial_state=h0)
+        return (o.tanh() * 2).sum() + s.square().sum()
+
+    for layer, fullgraph in ((layer_op, True), (layer_scan, False)):
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=fullgraph)
+        want = torch.autograd.grad(layer(*args), (k, v, args[2]))
+        got = torch.autograd.grad(compiled(*args), (k, v, args[2]))
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_compiles_the_code_around_the_op():
+    """Real Inductor (C++ on this CPU), fullgraph: the op is one node, forward and backward."""
+    k, v, kw = scan_inputs("gated_delta", T=30)
+    leaves = (k.requires_grad_(True), v.requires_grad_(True), kw["q"].requires_grad_(True))
+
+    def layer(k, v, q, beta, log_gate, h0):
+        kn, vb = F.normalize(k, dim=-1), v * beta.unsqueeze(-1)
+        o, s, *_ = torch.ops.nlcompile.chunk_scan(kn, vb, q * 0.5, beta, log_gate, h0, 16, False)
+        return (o.tanh() * 2).sum() + s.square().sum()
+
+    args = (*leaves, kw["beta"], kw["log_gate"], kw["initial_state"])
+    want = torch.autograd.grad(layer(*args), leaves)
+    got = torch.autograd.grad(torch.compile(layer, fullgraph=True)(*args), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_inputs_stay_within_eager_error():
+    k, v, kw = scan_inputs("delta", T=40, dtype=torch.bfloat16)
+    o, s = triton_chunkwise_scan(k, v, **kw)
+    o_ref, _ = reference(k, v, kw)
+    o_eager, _ = sequential_scan(k, v, **kw)  # fp32 compute on the same bf16 values
+    assert rel_err(o, o_ref) <= 2 * rel_err(o_eager, o_ref) + 1e-4
+
+
+def test_gates_with_zeros_fall_back_exactly_with_a_warning():
+    k, v, kw = scan_inputs("decay_channel", T=20)
+    kw["gate"][:, 5] = 0.0
+    with pytest.warns(UserWarning, match="zero or negative"):
+        o, s = triton_chunkwise_scan(k, v, **kw)
+    o_ref, s_ref = reference(k, v, kw)
+    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+
+
+def test_target_without_gpu_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    ok, why = TritonTarget().available()
+    assert not ok and "TRITON_INTERPRET=1" in why and "target='torch'" in why
+    with pytest.raises(RuntimeError, match="not available here: no CUDA GPU"):
+        nlcompile.compile(lambda x: x, target="triton")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_zoo_models_compile_to_kernels_and_match_eager(name):
+    entry = MODELS[name]
+    compiled = nlcompile.compile(entry.fn, target="triton")
+    for T in (1, 7, 70):
+        args = entry.make_inputs(B=1, H=2, T=T, D=16)
+        assert_close_outputs(compiled(*args), entry.fn(*args))
+    report = compiled.explain(*entry.make_inputs(B=1, H=2, T=7, D=16))
+    assert [lp.rewrite for lp in report.loops] == ["chunkwise"] * len(report.loops), str(report)
+    assert compiled.captures == 1
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_zoo_layers_train_through_the_kernels(name):
+    """Forward and parameter gradients of the nn.Module layers, against eager."""
+    entry = LAYERS[name]
+    model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=16)
+    compiled = nlcompile.compile(model, target="triton")
+    (x,) = entry.make_inputs(B=1, T=33, d_model=32)
+    got, want = compiled(x), model(x)
+    assert_close_outputs(got, want)
+    params = list(model.parameters())
+    g_got = torch.autograd.grad(as_tuple(got)[0].square().sum(), params)
+    g_want = torch.autograd.grad(as_tuple(want)[0].square().sum(), params)
+    for g, w in zip(g_got, g_want):
+        assert rel_err(g, w) <= 1e-4
+
+
+def test_gpu_benchmark_script_runs_in_smoke_mode(capsys):
+    """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_triton.py"
+    spec = importlib.util.spec_from_file_location("bench_triton", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--smoke"]) == 0
+    out = capsys.readouterr().out
+    assert "| DeltaNet | 40 | fwd+bwd |" in out and "| GatedDeltaNet | 40 | fwd |" in out
