@@ -64,12 +64,24 @@ class _OpBudget(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+# ATen ops that several torch functions lower to (a matmul written ``a @ b`` becomes mm or bmm).
+_SAME_OP = [{"mm", "bmm", "matmul", "rmatmul", "einsum", "baddbmm", "addmm"},
+            {"add", "radd"}, {"sub", "rsub"}, {"mul", "rmul"}, {"div", "truediv", "rtruediv"},
+            {"pow", "rpow"}]
+
+
+def _op_names(name: str) -> set[str]:
+    name = name.strip("_")
+    return next((group for group in _SAME_OP if name in group), {name})
+
+
 def source_line(op: object, lines: Sequence[tuple[str, str]]) -> str | None:
     """The user's line that called the torch function behind ATen ``op`` (diagnostics
-    only: matched by name, first occurrence), e.g. ``aten.tanh.default`` -> ``torch.tanh``."""
-    name = getattr(op, "__name__", str(op)).split(".")[0]
+    only: matched by name, first occurrence), e.g. ``aten.tanh.default`` -> ``torch.tanh``,
+    ``aten.bmm.default`` -> ``a @ b``."""
+    names = _op_names(getattr(op, "__name__", str(op)).split(".")[0])
     for called, where in lines:
-        if called.strip("_") == name.strip("_"):
+        if called.strip("_") in names:
             return where
     return None
 

@@ -446,3 +446,22 @@ def test_chunk_size_option_is_used_and_validated():
         nlcompile.compile(delta_inplace_time2, chunk_size=0)
     with pytest.raises(ValueError, match="unknown relaxation"):
         nlcompile.compile(delta_inplace_time2, relax=("freeze_gradients",))
+
+
+def quadratic_time1(x):
+    h = torch.zeros(x.shape[0], x.shape[2], x.shape[2])
+    outs = []
+    for t in range(x.shape[1]):
+        xt = x[:, t]
+        h = 0.1 * xt[:, :, None] * xt[:, None, :] + 0.5 * (h @ h)
+        outs.append(h.sum(-1))
+    return torch.stack(outs, 1)
+
+
+def test_blocking_matmul_is_traced_to_its_at_sign():
+    compiled = nlcompile.compile(quadratic_time1)
+    x = torch.randn(2, 12, 4) * 0.5
+    assert_close_outputs(compiled(x), quadratic_time1(x))
+    loop = compiled.explain(x).loops[0]
+    assert loop.kind == "nonlinear" and loop.rewrite == "sequential"
+    assert loop.source_line and "0.5 * (h @ h)" in loop.source_line, (loop.reason, loop.source_line)
