@@ -28,7 +28,7 @@ def interpreting() -> bool:
 
 def kernel_chunk_size(k, v, **_) -> int:
     """The chunk asked of the kernels when the user gives none (64, as flash-linear-attention;
-    ``ops.kernel_chunk`` narrows it for per-channel gates)."""
+    ``ops.kernel_chunk`` narrows it for per-channel gates, and on a GPU for large head dims)."""
     return 64
 
 

@@ -8,6 +8,7 @@ Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), so sh
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -185,7 +186,8 @@ def test_no_queries(kind):
 @pytest.mark.parametrize("kind", ["decay_channel", "gated_delta"])
 def test_several_value_blocks(kind, monkeypatch):
     """dv split over several blocks (the states grid / the grads kernel's dv loop), the last partial."""
-    monkeypatch.setattr(backward, "MAX_VALUE_BLOCK", 16)
+    blocks = backward.kernel_blocks
+    monkeypatch.setattr(backward, "kernel_blocks", lambda *a: dataclasses.replace(blocks(*a), BV=16))
     run_case(kind, T=33, C=16, dk=16, dv=40)
 
 

@@ -17,6 +17,8 @@ Shapes stay small: the kernels run in the Triton interpreter on CPU.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,7 +154,8 @@ def test_zero_initial_state_when_h0_is_none():
 @pytest.mark.parametrize("kind", ["channel", "gated_delta"])
 def test_several_value_blocks(kind, monkeypatch):
     """dv split over programs of the states and output kernels (3 blocks of 16 for dv = 40)."""
-    monkeypatch.setattr(fwd, "_block_v", lambda dv, bk: 16)
+    blocks = fwd.kernel_blocks
+    monkeypatch.setattr(fwd, "kernel_blocks", lambda *a: dataclasses.replace(blocks(*a), BV=16))
     _check(_inputs(kind, 30, 16, 40, seed=8), chunk=16)
 
 

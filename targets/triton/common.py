@@ -1,8 +1,19 @@
-"""In-kernel building blocks shared by the forward and backward chunk kernels."""
+"""Building blocks shared by the forward and backward chunk kernels.
+
+In-kernel (``@triton.jit``): tile loads and stores, the chunk's log-decays, the
+readout mask, the intra-chunk scores, the WY/UT factors of the delta rule.
+Python side: the head-dim limit, the register blocks, and ``kernel_blocks``,
+the one place where block sizes and warps are chosen per device.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+
+# --------------------------------------------------------------------------- in-kernel helpers
 
 
 @triton.jit
@@ -26,3 +37,200 @@ def unit_lower_inverse(a, C: tl.constexpr):
 def reverse_cumsum(x, axis: tl.constexpr):
     """Inclusive cumulative sum from the end along ``axis``: out_i = sum_{j >= i} x_j."""
     return tl.sum(x, axis, keep_dims=True) - tl.cumsum(x, axis) + x
+
+
+@triton.jit
+def mm(a, b):
+    """fp32-exact matmul (the compiler checks kernels against eager at 1e-4)."""
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride):
+    """[len(rows), len(cols)] fp32 tile of a row-major matrix; zeros outside n_rows x n_cols
+    (the masked tail of the sequence, the padding of a head dim)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
+    """Store the part of ``x`` inside n_rows x n_cols (padding rows/columns are never written)."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def load_steps(ptr, rows, T):
+    """A per-step scalar (beta, scalar log-gate) at ``rows``, fp32, 0 at rows >= T."""
+    return tl.load(ptr + rows, mask=rows < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def chunk_gates(g_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
+                BEFORE: tl.constexpr):
+    """Log-decays of one chunk: (g, G = cumsum(g), Gq (readout rows), G_L (last row)).
+
+    GATE 2 (per key channel, ``g_seq`` [T, dk]): [C,BK], [C,BK], [C,BK], [1,BK]; GATE 1
+    (scalar, [T]) or 0 (none: zeros): [C,1], [C,1], [C,1], [1,1], so all broadcast against
+    [C,BK] tiles.  Gq is G (readout "after") or G - g ("before").  Rows t >= T have g = 0,
+    hence G_L equals G at the chunk's last real row.
+    """
+    if GATE == 2:
+        g = load_tile(g_seq, rows, tl.arange(0, BK), T, dk, dk)
+    elif GATE == 1:
+        g = load_steps(g_seq, rows, T)[:, None]
+    else:
+        g = tl.zeros([C, 1], dtype=tl.float32)
+    G = tl.cumsum(g, 0)
+    if BEFORE:
+        Gq = G - g
+    else:
+        Gq = G
+    last = tl.arange(0, C)[:, None] == C - 1
+    GL = tl.sum(tl.where(last, G, 0.0), 0, keep_dims=True)
+    return g, G, Gq, GL
+
+
+@triton.jit
+def readout_mask(C: tl.constexpr, BEFORE: tl.constexpr):
+    """Which (r, s) pairs of a chunk the readout sees: s <= r ("after") or s < r ("before")."""
+    r = tl.arange(0, C)
+    if BEFORE:
+        return r[:, None] > r[None, :]
+    else:
+        return r[:, None] >= r[None, :]
+
+
+@triton.jit
+def pair_decay(Gr, Gs, mask):
+    """[C,C] exp(Gr_r - Gs_s) where ``mask``, else 0 (Gr, Gs [C,1]). Masked before exp."""
+    return tl.exp(tl.where(mask, Gr - tl.trans(Gs), float("-inf")))
+
+
+@triton.jit
+def channel_decay(Gq, G, mask):
+    """[C,C,B] exp(Gq_rc - G_sc) where ``mask[r, s]``, else 0 (per-channel gate, Gq, G [C,B])."""
+    return tl.exp(tl.where(mask[:, :, None], Gq[:, None, :] - G[None, :, :], float("-inf")))
+
+
+@triton.jit
+def gram(a_seq, b_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr):
+    """[C, C] A B^T of the chunk's ``rows`` of two row-major [T, dk] matrices (Q K^T, K K^T),
+    BKD key channels at a time (loaded from memory: an fp32 dot holds its operands' whole
+    reduction dim in registers, so BKD < BK bounds them on a GPU)."""
+    acc = tl.zeros((C, C), dtype=tl.float32)
+    for c0 in tl.static_range(0, BK, BKD):
+        cols = c0 + tl.arange(0, BKD)
+        acc += mm(load_tile(a_seq, rows, cols, T, dk, dk), tl.trans(load_tile(b_seq, rows, cols, T, dk, dk)))
+    return acc
+
+
+@triton.jit
+def scores(qk, G, Gq, mask, GATE: tl.constexpr):
+    """Intra-chunk readout scores A [C,C] from ``qk`` = Q K^T, masked and, for a scalar gate
+    (G, Gq [C,1]), decayed: A = (Q K^T) * e^{Gq_r - G_s}.  Not for GATE 2."""
+    if GATE == 0:
+        return tl.where(mask, qk, 0.0)
+    else:
+        return qk * pair_decay(Gq, G, mask)
+
+
+@triton.jit
+def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C: tl.constexpr, BK: tl.constexpr,
+                   BKC: tl.constexpr, BEFORE: tl.constexpr):
+    """Per-channel-gate scores A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc} [C,C] (masked), from
+    [C,C,BKC] products, BKC channels at a time (reloaded from memory: the register block
+    stays C*C*BKC however large dk is)."""
+    A = tl.zeros((C, C), dtype=tl.float32)
+    for c0 in tl.static_range(0, BK, BKC):
+        cols = c0 + tl.arange(0, BKC)
+        q_c = load_tile(q_seq, rows, cols, T, dk, dk)
+        k_c = load_tile(k_seq, rows, cols, T, dk, dk)
+        g_c = load_tile(g_seq, rows, cols, T, dk, dk)
+        G_c = tl.cumsum(g_c, 0)
+        if BEFORE:
+            Gq_c = G_c - g_c
+        else:
+            Gq_c = G_c
+        A += tl.sum(q_c[:, None, :] * k_c[None, :, :] * channel_decay(Gq_c, G_c, mask), 2)
+    return A
+
+
+@triton.jit
+def wy_factors(kk, b, G, C: tl.constexpr):
+    """The delta rule's chunk factors from kk = K K^T [C,C], b [C] and a scalar (or no) gate
+    G [C,1]: (E, Tm, eb) with E_rs = e^{G_r - G_s} (s < r, else 0), Akk = diag(b) K K^T * E,
+    Tm = (I + Akk)^{-1} and eb = b e^G [C,1], so W = Tm (K * eb) and U = Tm V."""
+    r = tl.arange(0, C)
+    E = pair_decay(G, G, r[:, None] > r[None, :])
+    Tm = unit_lower_inverse(b[:, None] * kk * E, C)
+    eb = b[:, None] * tl.exp(G)
+    return E, Tm, eb
+
+
+# --------------------------------------------------------------------------- launch choices
+
+MAX_HEAD_DIM = 256
+
+
+def block(d: int) -> int:
+    """Register block for a head dim of size d: the next power of two, at least 16 (tl.dot's minimum)."""
+    return max(16, triton.next_power_of_2(d))
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Block sizes and warps of the chunk kernels for one device, head dims and chunk."""
+
+    chunk: int       # the chunk length C they are for: the one asked, or less where it would not fit
+    BK: int          # key block: all of dk
+    BV: int          # value columns per program (states, output, states_bwd) and per step of the grads' dv loop
+    BV_prepare: int  # value columns of the prepare kernel: all of dv
+    BKC: int         # key channels per step of the per-channel-gate scores ([C, C, BKC] products)
+    BKD: int         # key channels per step of the [C, C] Gram products Q K^T, K K^T (``gram``)
+    num_warps: int
+
+
+# CUDA (sized on the H100, sm_90: 232448 bytes of shared memory per block).  The fp32 "ieee" dots
+# run on FMA units and hold their operands' whole reduction dim in registers, staged through shared
+# memory, so the tiles are kept to about 4096 elements (16 a thread at 8 warps): [C, dk] and
+# [C, dv] for a chunk, [BK, BV] for the state, and the Gram products reduce 32 channels at a time.
+_CUDA_TILE = 4096
+_CUDA_MAX_BV = 32
+_CUDA_WARPS = 8
+_CUDA_BKD = 32
+
+
+def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shrink: bool = False) -> Blocks:
+    """The blocks all chunk kernels (forward and backward) are launched with, per device type.
+
+    ``chunk`` is the chunk length asked.  Where the device needs a shorter one, ``shrink`` gives
+    it in ``Blocks.chunk`` (``ops.kernel_chunk`` picks the chunk that way); without ``shrink``
+    (the launchers: the chunk fixes the layout of H, V', W) that is a ValueError, not a launch
+    failure on the GPU.
+    CPU (the interpreter): the chunk as asked, BV = 64 value columns (32 for dk > 128), BKC such
+    that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
+    CUDA: 8 warps; the chunk halved until [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv
+    = 64: 64, 128: 32, 256: 16), BV <= 32 with [BK, BV] <= 4096 elements, BKC as on the CPU,
+    BKD = 32.  Every kernel then needs at most 149504 B of shared memory for dk = dv <= 256
+    (tests/test_triton_sm90.py; ``python tests/test_triton_sm90.py --all`` for every kind).
+    """
+    bk = block(dk)
+    if torch.device(device).type == "cuda":
+        c = chunk
+        while c > 16 and c * max(bk, block(dv)) > _CUDA_TILE:
+            c //= 2
+        bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
+        warps = _CUDA_WARPS
+        bkd = min(bk, _CUDA_BKD)
+        if c != chunk and not shrink:
+            raise ValueError(f"chunk {chunk} is too long for dk={dk} on {device}: at most {c} fits the "
+                             "kernels' shared memory (ops.kernel_chunk picks it)")
+    else:
+        c = chunk
+        bv = min(block(dv), 64 if bk <= 128 else 32)
+        warps = 4
+        bkd = bk
+    return Blocks(chunk=c, BK=bk, BV=bv, BV_prepare=block(dv), BKC=min(bk, max(1, 8192 // (c * c))),
+                  BKD=bkd, num_warps=warps)

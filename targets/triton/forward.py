@@ -28,52 +28,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .common import unit_lower_inverse
+from .common import (
+    MAX_HEAD_DIM, channel_scores, chunk_gates, gram, kernel_blocks, load_steps, load_tile, mm, readout_mask,
+    scores, store_tile, wy_factors,
+)
 
 __all__ = ["chunk_forward"]
 
 CHUNKS = (16, 32, 64)
-MAX_DIM = 256
 _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-# --------------------------------------------------------------------------- in-kernel helpers
-
-
-@triton.jit
-def _load_tile(base, t0, rows_total, width, col0, C: tl.constexpr, B: tl.constexpr):
-    """Rows t0 .. t0+C-1, columns col0 .. col0+B-1 of a row-major [rows_total, width] matrix, as fp32.
-
-    Rows >= rows_total and columns >= width read as 0 (the masked tail of the sequence).
-    """
-    rows = t0 + tl.arange(0, C)
-    cols = col0 + tl.arange(0, B)
-    mask = (rows[:, None] < rows_total) & (cols[None, :] < width)
-    x = tl.load(base + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
-    return x.to(tl.float32)
-
-
-@triton.jit
-def _store_tile(base, x, t0, rows_total, width, col0, C: tl.constexpr, B: tl.constexpr):
-    """Store a [C, B] tile at rows t0.., columns col0.. of a row-major [rows_total, width] matrix (masked)."""
-    rows = t0 + tl.arange(0, C)
-    cols = col0 + tl.arange(0, B)
-    mask = (rows[:, None] < rows_total) & (cols[None, :] < width)
-    tl.store(base + rows[:, None] * width + cols[None, :], x, mask=mask)
-
-
-@triton.jit
-def _load_steps(base, t0, T, C: tl.constexpr):
-    """A per-step scalar (beta, scalar log-gate) for the C rows of a chunk, fp32 [C], 0 beyond T."""
-    rows = t0 + tl.arange(0, C)
-    return tl.load(base + rows, mask=rows < T, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _last_row(x, C: tl.constexpr):
-    """Row C-1 of a [C, B] tile -> [B] (G_L, the chunk's total log-decay per channel)."""
-    rows = tl.arange(0, C)
-    return tl.sum(tl.where(rows[:, None] == C - 1, x, 0.0), 0)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -83,7 +46,7 @@ def _last_row(x, C: tl.constexpr):
 def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr,
     T, L, dk, dv,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr,
 ):
     """Delta family, one chunk per program (grid (nc, N)): the WY/UT factors W [C, dk] and U [C, dv].
 
@@ -94,26 +57,17 @@ def _prepare_kernel(
     """
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    t0 = i * C
-    rows = tl.arange(0, C)
-    K = _load_tile(k_ptr + n * T * dk, t0, T, dk, 0, C, BK)
-    V = _load_tile(v_ptr + n * T * dv, t0, T, dv, 0, C, BV)
-    b = _load_steps(beta_ptr + n * T, t0, T, C)
-    kk = tl.dot(K, tl.trans(K), input_precision="ieee")
-    lower = rows[:, None] > rows[None, :]
-    if GATE == 1:
-        G = tl.cumsum(_load_steps(g_ptr + n * T, t0, T, C), 0)
-        decay = tl.exp(tl.where(lower, G[:, None] - G[None, :], float("-inf")))
-        akk = b[:, None] * kk * decay
-        kb = K * (b * tl.exp(G))[:, None]
-    else:
-        akk = tl.where(lower, b[:, None] * kk, 0.0)
-        kb = K * b[:, None]
-    tm = unit_lower_inverse(akk, C)
-    W = tl.dot(tm, kb, input_precision="ieee")
-    U = tl.dot(tm, V, input_precision="ieee")
-    _store_tile(w_ptr + n * L * dk, W, t0, L, dk, 0, C, BK)
-    _store_tile(u_ptr + n * L * dv, U, t0, L, dv, 0, C, BV)
+    rows = i * C + tl.arange(0, C)
+    cols_k = tl.arange(0, BK)
+    cols_v = tl.arange(0, BV)
+    K = load_tile(k_ptr + n * T * dk, rows, cols_k, T, dk, dk)
+    V = load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)
+    b = load_steps(beta_ptr + n * T, rows, T)
+    _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
+    kk = gram(k_ptr + n * T * dk, k_ptr + n * T * dk, rows, T, dk, C, BK, BKD)
+    _, tm, eb = wy_factors(kk, b, G, C)
+    store_tile(w_ptr + n * L * dk, mm(tm, K * eb), rows, cols_k, L, dk, dk)
+    store_tile(u_ptr + n * L * dv, mm(tm, V), rows, cols_v, L, dv, dv)
 
 
 @triton.jit
@@ -132,38 +86,32 @@ def _states_kernel(
     GATE: 0 none, 1 scalar [N, T], 2 per key channel [N, T, dk].
     """
     n = tl.program_id(0).to(tl.int64)
-    col0 = tl.program_id(1) * BV
-    rows = tl.arange(0, C)
-    h = _load_tile(h0_ptr + n * dk * dv, 0, dk, dv, col0, BK, BV)
+    cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
+    cols_k = tl.arange(0, BK)
+    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    h = load_tile(h0_ptr + n * dk * dv, cols_k, cols_v, dk, dv, dv)
     for i in range(nc):
-        t0 = i * C
-        _store_tile(H_ptr + (n * nc + i) * dk * dv, h, 0, dk, dv, col0, BK, BV)
-        K = _load_tile(k_ptr + n * T * dk, t0, T, dk, 0, C, BK)
-        vals = _load_tile(src_ptr + n * src_rows * dv, t0, src_rows, dv, col0, C, BV)
+        rows = i * C + tl.arange(0, C)
+        store_tile(H_ptr + (n * nc + i) * dk * dv, h, cols_k, cols_v, dk, dv, dv)
+        K = load_tile(k_ptr + n * T * dk, rows, cols_k, T, dk, dk)
+        vals = load_tile(src_ptr + n * src_rows * dv, rows, cols_v, src_rows, dv, dv)
         if HAS_BETA:
-            W = _load_tile(w_ptr + n * src_rows * dk, t0, src_rows, dk, 0, C, BK)
-            vals = vals - tl.dot(W, h, input_precision="ieee")
-            _store_tile(vp_ptr + n * src_rows * dv, vals, t0, src_rows, dv, col0, C, BV)
+            W = load_tile(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
+            vals = vals - mm(W, h)
+            store_tile(vp_ptr + n * src_rows * dv, vals, rows, cols_v, src_rows, dv, dv)
         if GATE == 0:
-            h = h + tl.dot(tl.trans(K), vals, input_precision="ieee")
-        elif GATE == 1:
-            G = tl.cumsum(_load_steps(g_ptr + n * T, t0, T, C), 0)
-            G_L = tl.sum(tl.where(rows == C - 1, G, 0.0), 0)
-            Kt = K * tl.exp(G_L - G)[:, None]
-            h = tl.exp(G_L) * h + tl.dot(tl.trans(Kt), vals, input_precision="ieee")
+            h = h + mm(tl.trans(K), vals)
         else:
-            G = tl.cumsum(_load_tile(g_ptr + n * T * dk, t0, T, dk, 0, C, BK), 0)
-            G_L = _last_row(G, C)
-            Kt = K * tl.exp(G_L[None, :] - G)
-            h = tl.exp(G_L)[:, None] * h + tl.dot(tl.trans(Kt), vals, input_precision="ieee")
-    _store_tile(hT_ptr + n * dk * dv, h, 0, dk, dv, col0, BK, BV)
+            _, G, _, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
+            h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K * tl.exp(GL - G)), vals)
+    store_tile(hT_ptr + n * dk * dv, h, cols_k, cols_v, dk, dv, dv)
 
 
 @triton.jit
 def _output_kernel(
     q_ptr, k_ptr, vals_ptr, g_ptr, H_ptr, o_ptr,
     T, vals_rows, nc, dk, dv,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr,
 ):
     """Readout of one chunk for one block of value columns (grid (nc, N, cdiv(dv, BV))).
@@ -175,68 +123,30 @@ def _output_kernel(
     """
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
-    col0 = tl.program_id(2) * BV
-    t0 = i * C
-    rows = tl.arange(0, C)
-    if BEFORE:
-        causal = rows[:, None] > rows[None, :]
+    cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    cols_k = tl.arange(0, BK)
+    rows = i * C + tl.arange(0, C)
+    q_seq = q_ptr + n * T * dk
+    k_seq = k_ptr + n * T * dk
+    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    mask = readout_mask(C, BEFORE)
+    Q = load_tile(q_seq, rows, cols_k, T, dk, dk)
+    h = load_tile(H_ptr + (n * nc + i) * dk * dv, cols_k, cols_v, dk, dv, dv)
+    vals = load_tile(vals_ptr + n * vals_rows * dv, rows, cols_v, vals_rows, dv, dv)
+    _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
+    if GATE == 2:
+        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
     else:
-        causal = rows[:, None] >= rows[None, :]
-    Q = _load_tile(q_ptr + n * T * dk, t0, T, dk, 0, C, BK)
-    h = _load_tile(H_ptr + (n * nc + i) * dk * dv, 0, dk, dv, col0, BK, BV)
-    vals = _load_tile(vals_ptr + n * vals_rows * dv, t0, vals_rows, dv, col0, C, BV)
+        A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD), G, Gq, mask, GATE)
     if GATE == 0:
-        K = _load_tile(k_ptr + n * T * dk, t0, T, dk, 0, C, BK)
-        A = tl.where(causal, tl.dot(Q, tl.trans(K), input_precision="ieee"), 0.0)
         Qt = Q
-    elif GATE == 1:
-        K = _load_tile(k_ptr + n * T * dk, t0, T, dk, 0, C, BK)
-        g = _load_steps(g_ptr + n * T, t0, T, C)
-        G = tl.cumsum(g, 0)
-        Gq = G
-        if BEFORE:
-            Gq = G - g
-        A = tl.dot(Q, tl.trans(K), input_precision="ieee")
-        A = A * tl.exp(tl.where(causal, Gq[:, None] - G[None, :], float("-inf")))
-        Qt = Q * tl.exp(Gq)[:, None]
     else:
-        g = _load_tile(g_ptr + n * T * dk, t0, T, dk, 0, C, BK)
-        G = tl.cumsum(g, 0)
-        Gq = G
-        if BEFORE:
-            Gq = G - g
         Qt = Q * tl.exp(Gq)
-        A = tl.zeros((C, C), dtype=tl.float32)
-        for c0 in tl.static_range(0, BK, BKC):
-            q_c = _load_tile(q_ptr + n * T * dk, t0, T, dk, c0, C, BKC)
-            k_c = _load_tile(k_ptr + n * T * dk, t0, T, dk, c0, C, BKC)
-            g_c = _load_tile(g_ptr + n * T * dk, t0, T, dk, c0, C, BKC)
-            G_c = tl.cumsum(g_c, 0)
-            Gq_c = G_c
-            if BEFORE:
-                Gq_c = G_c - g_c
-            expo = tl.where(causal[:, :, None], Gq_c[:, None, :] - G_c[None, :, :], float("-inf"))
-            A += tl.sum(q_c[:, None, :] * k_c[None, :, :] * tl.exp(expo), 2)
-    O = tl.dot(Qt, h, input_precision="ieee") + tl.dot(A, vals, input_precision="ieee")
-    _store_tile(o_ptr + n * T * dv, O, t0, T, dv, col0, C, BV)
+    O = mm(Qt, h) + mm(A, vals)
+    store_tile(o_ptr + n * T * dv, O, rows, cols_v, T, dv, dv)
 
 
 # --------------------------------------------------------------------------- launcher
-
-
-def _block(d: int) -> int:
-    """Register block for a dimension of size d: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def _block_v(dv: int, bk: int) -> int:
-    """Value columns per program of the states and output kernels (bounds the [BK, BV] state tile)."""
-    return min(_block(dv), 64 if bk <= 128 else 32)
-
-
-def _block_channels(c: int, bk: int) -> int:
-    """Key channels per step of the per-channel scores, so a [C, C, BKC] product stays <= 8192 elements."""
-    return min(bk, max(1, 8192 // (c * c)))
 
 
 def _check(name: str, x: Optional[Tensor], shapes: list[tuple[int, ...]], dtypes, device) -> None:
@@ -281,10 +191,10 @@ def chunk_forward(
     dv = v.shape[2]
     if chunk not in CHUNKS:
         raise ValueError(f"chunk must be one of {CHUNKS}, got {chunk!r}")
-    if not 1 <= dk <= MAX_DIM:
-        raise ValueError(f"k: dk must be in 1..{MAX_DIM}, got {dk}")
-    if not 1 <= dv <= MAX_DIM:
-        raise ValueError(f"v: dv must be in 1..{MAX_DIM}, got {dv}")
+    if not 1 <= dk <= MAX_HEAD_DIM:
+        raise ValueError(f"k: dk must be in 1..{MAX_HEAD_DIM}, got {dk}")
+    if not 1 <= dv <= MAX_HEAD_DIM:
+        raise ValueError(f"v: dv must be in 1..{MAX_HEAD_DIM}, got {dv}")
     dev = k.device
     _check("k", k, [(n, t, dk)], _FLOAT_INPUTS, dev)
     _check("v", v, [(n, t, dv)], _FLOAT_INPUTS, dev)
@@ -298,6 +208,7 @@ def chunk_forward(
             "chunk_forward: a per-key-channel gate g [N,T,dk] together with beta has no exact WY form; "
             "use a scalar gate g [N,T]"
         )
+    blocks = kernel_blocks(dev, dk, dv, chunk)
 
     c = chunk
     nc = triton.cdiv(t, c)
@@ -319,19 +230,20 @@ def chunk_forward(
         h_final.copy_(h0)
         return o, h_final, H, Vp, W
 
-    bk = _block(dk)
-    bv = _block_v(dv, bk)
+    bv = blocks.BV
+    launch = dict(C=c, BK=blocks.BK, GATE=gate, num_warps=blocks.num_warps)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     if delta:
-        _prepare_kernel[(nc, n)](k, v, beta, g_arg, W, Vp, t, L, dk, dv, C=c, BK=bk, BV=_block(dv), GATE=gate)
+        _prepare_kernel[(nc, n)](k, v, beta, g_arg, W, Vp, t, L, dk, dv, BV=blocks.BV_prepare, BKD=blocks.BKD,
+                                 **launch)
     src, src_rows = (Vp, L) if delta else (v, t)
     _states_kernel[(n, triton.cdiv(dv, bv))](
         k, src, g_arg, W if delta else k, Vp if delta else k, h0, H, h_final,
-        t, src_rows, nc, dk, dv, C=c, BK=bk, BV=bv, GATE=gate, HAS_BETA=delta,
+        t, src_rows, nc, dk, dv, BV=bv, HAS_BETA=delta, **launch,
     )
     if q is not None:
         _output_kernel[(nc, n, triton.cdiv(dv, bv))](
             q, k, src, g_arg, H, o, t, src_rows, nc, dk, dv,
-            C=c, BK=bk, BV=bv, BKC=_block_channels(c, bk), GATE=gate, BEFORE=bool(before),
+            BV=bv, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before), **launch,
         )
     return o, h_final, H, Vp, W

@@ -24,9 +24,9 @@ from torch import Tensor
 
 from nlcompile.targets.scan import Readout, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
+from nlcompile.targets.triton.common import MAX_HEAD_DIM, kernel_blocks
 from nlcompile.targets.triton.forward import chunk_forward
 
-MAX_HEAD_DIM = 256
 _EMPTY = (0,)
 
 
@@ -94,12 +94,15 @@ def _backward(ctx, do, dh_final, *_intermediates):
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
-def kernel_chunk(chunk_size: int, per_channel: bool) -> int:
+def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str, dk: int, dv: int) -> int:
     """The kernel's chunk length: a power of two in [16, 64]; 16 with a per-channel gate
-    (its intra-chunk scores are a [C, C, dk] register block)."""
+    (its intra-chunk scores are [C, C, channels] register blocks); on a GPU possibly smaller
+    for large head dims (``common.kernel_blocks``: what fits the device's shared memory)."""
     if per_channel:
-        return 16
-    return min(64, max(16, 1 << max(0, math.ceil(math.log2(max(chunk_size, 1))))))
+        chunk = 16
+    else:
+        chunk = min(64, max(16, 1 << max(0, math.ceil(math.log2(max(chunk_size, 1))))))
+    return kernel_blocks(device, dk, dv, chunk, shrink=True).chunk
 
 
 _warned: set[str] = set()
@@ -158,7 +161,7 @@ def triton_chunkwise_scan(
     h0 = (initial_state.float() if initial_state is not None
           else k.new_zeros(n, dk, dv, dtype=torch.float32))
     per_channel = g is not None and g.dim() == 3
-    c = kernel_chunk(chunk_size, per_channel)
+    c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v_in), contiguous(q),
                               contiguous(None if beta is None else beta.float()),

@@ -1,0 +1,191 @@
+"""The Triton chunk kernels compile for an NVIDIA H100 (sm_90) and fit its shared memory.
+
+No GPU needed: Triton compiles ahead of time for a given target (``triton.compile`` of an
+``ASTSource`` with ``GPUTarget("cuda", 90, 32)``), down to the cubin, with its bundled
+ptxas.  A kernel whose shared memory exceeds the H100's 232448 bytes per block compiles
+but fails to launch, so the test compiles the kernels with the blocks the launchers choose
+on CUDA (``common.kernel_blocks``, chunk from ``ops.kernel_chunk``) and checks
+``metadata.shared``.  It prints REG and STACK (spill) bytes from ``cuobjdump -res-usage``
+for the record.
+
+Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rule, no
+gate) and Gated DeltaNet (delta rule, scalar gate), forward (prepare, states, output with
+the readout after) and backward (states_bwd, grads) kernels, and Gated DeltaNet at
+dk = dv = 64 and 256.  ``python tests/test_triton_sm90.py --all`` prints the table for
+every kind (gate none / scalar / per channel, delta on / off, readout before / after,
+with and without q) at dk = dv in {64, 128, 256}: 129 kernels, about 6 minutes on 2 cores.
+Pointers and integer arguments are compiled as 16-divisible, as a launch at the benchmark
+shape specialises them; that gives the larger shared memory (unaligned builds need less).
+
+The compiles run in subprocesses without TRITON_INTERPRET (conftest sets it for this
+machine's CPU runs, and the interpreter replaces the kernels' JITFunctions), two at a time.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block (opt-in maximum)
+BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr"}  # the benchmark's inputs; beta, g, states... are fp32
+# (name, delta, gate): gate 0 none, 1 scalar, 2 per key channel
+DELTANET, GATED_DELTANET = ("DeltaNet", True, 0), ("GatedDeltaNet", True, 1)
+ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2), DELTANET, GATED_DELTANET]
+
+
+def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, before: bool = False,
+                 with_q: bool = True) -> list[dict]:
+    """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
+    of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
+    chunk_size 64."""
+    from nlcompile.targets.triton.common import kernel_blocks
+    from nlcompile.targets.triton.ops import kernel_chunk
+
+    name, delta, gate = kind
+    dv = dk if dv is None else dv
+    chunk = kernel_chunk(64, gate == 2, "cuda", dk, dv)
+    b = kernel_blocks("cuda", dk, dv, chunk)
+    base = dict(C=chunk, BK=b.BK, BV=b.BV, BKD=b.BKD)
+    specs = []
+
+    def add(module, kernel, **constexprs):
+        specs.append(dict(kind=name, d=dk if dk == dv else f"{dk}x{dv}", before=before, with_q=with_q,
+                          module=module, kernel=kernel, constexprs=constexprs, num_warps=b.num_warps))
+
+    if delta:
+        add("forward", "_prepare_kernel", **dict(base, BV=b.BV_prepare), GATE=gate)
+    add("forward", "_states_kernel", C=chunk, BK=b.BK, BV=b.BV, GATE=gate, HAS_BETA=delta)
+    if with_q:
+        add("forward", "_output_kernel", **base, BKC=b.BKC, GATE=gate, BEFORE=before)
+    flags = dict(base, BKC=b.BKC, HAS_Q=with_q, DELTA=delta, GATE=gate, BEFORE=before)
+    add("backward", "_states_bwd_kernel", **flags)
+    add("backward", "_grads_kernel", **flags)
+    return specs
+
+
+def compile_sm90(spec: dict) -> dict:
+    """AOT-compile one kernel for sm_90 (in a process without TRITON_INTERPRET): shared memory
+    bytes, registers and stack bytes per thread, compile seconds."""
+    import importlib
+    import time
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    fn = getattr(importlib.import_module(f"nlcompile.targets.triton.{spec['module']}"), spec["kernel"])
+    consts = spec["constexprs"]
+    signature = {a: "constexpr" if a in consts else
+                 ("*bf16" if a in BF16_POINTERS else "*fp32") if a.endswith("_ptr") else "i32"
+                 for a in fn.arg_names}
+    # A launch specialises on 16-divisible pointers and integers (``tt.divisibility``), which
+    # vectorises loads and changes layouts and shared memory; at the benchmark shape (T = 2048 or
+    # 8192, d = 128, chunk 32) every argument is.  Not aligned: none is (e.g. T odd).
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
+             if spec.get("aligned", True) and a not in consts}
+    start = time.time()
+    ck = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs=consts, attrs=attrs),
+                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=spec["num_warps"]))
+    seconds = time.time() - start
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(ck.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
+    return dict(spec, shared=ck.metadata.shared, reg=reg, stack=stack, seconds=round(seconds, 1))
+
+
+def _worker(specs: list[dict]) -> list[dict]:
+    """Compile ``specs`` in a child process of this file (TRITON_INTERPRET removed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
+    out = subprocess.run([sys.executable, __file__, "--compile"], input=json.dumps(specs), env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout)
+
+
+def compile_all(specs: list[dict], workers: int = 2) -> list[dict]:
+    """Compile ``specs`` in ``workers`` child processes (round robin), results in input order."""
+    parts = [specs[i::workers] for i in range(workers)]
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(pool.map(_worker, [p for p in parts if p]))
+    ordered = [None] * len(specs)
+    for i, part in enumerate(done):
+        for j, result in enumerate(part):
+            ordered[i + j * workers] = result
+    return ordered
+
+
+def table(results: list[dict]) -> str:
+    head = "| kernel | kind | d | C | BV | BKC | warps | flags | shared B | REG | STACK B | compile s |"
+    rows = [head, "|" + " --- |" * 12]
+    for r in results:
+        c = r["constexprs"]
+        flags = ",".join(f"{k}={int(v)}" for k, v in c.items() if k in ("HAS_Q", "BEFORE", "HAS_BETA"))
+        rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['C']} | {c['BV']} | {c.get('BKC', '-')} | "
+                    f"{r['num_warps']} | {flags} | {r['shared']} | {r['reg']} | {r['stack']} | {r['seconds']} |")
+    return "\n".join(rows)
+
+
+def _triton_cuda_backend_or_skip():
+    triton = pytest.importorskip("triton")
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not os.path.exists(os.path.join(bin_dir, "cuobjdump")):
+        pytest.skip("this triton has no bundled NVIDIA toolchain (ptxas, cuobjdump)")
+
+
+def test_kernels_fit_h100_shared_memory():
+    _triton_cuda_backend_or_skip()
+    specs = kernel_specs(DELTANET, 128) + kernel_specs(GATED_DELTANET, 128)
+    specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256)
+    results = compile_all(specs)
+    print("\n" + table(results))
+    over = [f"{r['kernel']} {r['kind']} d={r['d']}: {r['shared']} B" for r in results
+            if r["shared"] > SM90_SHARED_BYTES]
+    assert not over, f"over the H100's {SM90_SHARED_BYTES} B of shared memory per block: {over}"
+
+
+def test_launch_blocks_on_cuda():
+    """The chunk shrinks with the head dim on CUDA (and only there); a launcher refuses a chunk that
+    would not fit instead of failing at launch."""
+    from nlcompile.targets.triton.common import kernel_blocks
+    from nlcompile.targets.triton.ops import kernel_chunk
+
+    assert [kernel_chunk(64, False, "cuda", d, d) for d in (32, 64, 128, 256)] == [64, 64, 32, 16]
+    assert [kernel_chunk(64, False, "cpu", d, d) for d in (32, 64, 128, 256)] == [64, 64, 64, 64]
+    assert kernel_chunk(64, True, "cuda", 256, 256) == 16
+    with pytest.raises(ValueError, match="too long"):
+        kernel_blocks("cuda", 128, 128, 64)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--compile"]:  # child: specs on stdin, results on stdout
+        print(json.dumps([compile_sm90(spec) for spec in json.load(sys.stdin)]))
+        return 0
+    if argv[:1] == ["--all"]:
+        specs, seen = [], set()
+        for d in (64, 128, 256):
+            for kind in ALL_KINDS:
+                for before, with_q in ((False, True), (True, True), (False, False)):
+                    for s in kernel_specs(kind, d, d, before, with_q):
+                        key = json.dumps([s["module"], s["kernel"], d, s["constexprs"]], sort_keys=True)
+                        if key not in seen:
+                            seen.add(key)
+                            specs.append(s)
+        results = compile_all(specs, workers=max(1, os.cpu_count() or 1))
+        print(table(results))
+        print("max shared:", max(r["shared"] for r in results), "limit:", SM90_SHARED_BYTES)
+        return 0
+    print(__doc__)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
