@@ -101,8 +101,10 @@ class StateRule:
     Per step:  S' = gate (I - beta k k^T) S + write k v^T   (terms absent -> 1 / 0).
     ``gate`` is a factor a_t (any sign); ``log_gate`` is set too when a_t = exp(g)
     was proved, so targets may work in log space.  ``per_channel`` marks a gate
-    over the key index.  For AFFINE / NONLINEAR, ``reason`` and ``blocking_node``
-    say why no chunkwise form applies.
+    over the key index; ``gate_first`` marks a per-channel gate applied before the
+    delta step, S' = (I - beta k k^T) gate S + write k v^T (Kimi Delta Attention;
+    a scalar gate commutes with the projection and never sets it).  For AFFINE /
+    NONLINEAR, ``reason`` and ``blocking_node`` say why no chunkwise form applies.
     """
 
     state: int
@@ -117,6 +119,7 @@ class StateRule:
     per_channel: bool = False
     reason: str | None = None
     blocking_node: str | None = None
+    gate_first: bool = False
 
 
 @dataclass(frozen=True)

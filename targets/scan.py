@@ -3,13 +3,16 @@
 One update rule covers the exact kinds nlcompile rewrites (state S in R^{dk x dv})::
 
     S_t = diag(a_t) (I - b_t k_t k_t^T) S_{t-1} + w_t k_t v_t^T
+        (gate_first: S_t = (I - b_t k_t k_t^T) diag(a_t) S_{t-1} + w_t k_t v_t^T)
     o_t = S_t^T q_t        (readout "after")   or   S_{t-1}^T q_t   ("before")
 
     a_t = gate_t | exp(log_gate_t) | 1 ;  b_t = beta_t | absent ;  w_t = write_t | b_t | 1
 
 additive (no beta, no gate), scalar decay (RetNet, Mamba-2), per-key-channel
 decay (GLA), delta (DeltaNet), gated delta with a scalar gate (Gated DeltaNet)
-and delta with a separate write coefficient.  ``sequential_scan`` is the
+or a per-key-channel gate applied first (Kimi Delta Attention; applied after
+the delta step it has no chunkwise form), and delta with a separate write
+coefficient.  ``sequential_scan`` is the
 per-token reference; ``chunkwise_scan`` computes the same function (up to
 float reassociation) with chunk-level matmuls, a WY/UT triangular solve for
 the delta family and a short inter-chunk recurrence (see ``scan_chunk``).
@@ -50,6 +53,7 @@ class _Scan:
     log_gate: Optional[Tensor]
     state: Tensor
     before: bool
+    gate_first: bool = False
 
     @property
     def per_channel(self) -> bool:
@@ -57,7 +61,7 @@ class _Scan:
         return g is not None and g.dim() == 3
 
 
-def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout) -> _Scan:
+def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first=False) -> _Scan:
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
     if gate is not None and log_gate is not None:
@@ -82,7 +86,8 @@ def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout) -> 
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     state = cast(initial_state) if initial_state is not None else k.new_zeros(n, dk, dv, dtype=dtype)
     return _Scan(
-        cast(k), cast(v), cast(q), cast(beta), cast(write), cast(gate), cast(log_gate), state, readout == "before"
+        cast(k), cast(v), cast(q), cast(beta), cast(write), cast(gate), cast(log_gate), state, readout == "before",
+        gate_first,
     )
 
 
@@ -97,12 +102,13 @@ def sequential_scan(
     log_gate: Optional[Tensor] = None,
     initial_state: Optional[Tensor] = None,
     readout: Readout = "after",
+    gate_first: bool = False,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Run the update rule one token at a time (the reference the chunkwise form must match).
 
     Returns (o [N,T,dv] or None when q is None, final state [N,dk,dv]).
     """
-    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout)
+    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first)
     s = x.state.clone()
     factor = x.gate if x.log_gate is None else x.log_gate.exp()
     coef = x.write if x.write is not None else x.beta
@@ -111,10 +117,13 @@ def sequential_scan(
         kt = x.k[:, t]
         if x.q is not None and x.before:
             outs.append((x.q[:, t, None, :] @ s).squeeze(1))
+        a_t = None if factor is None else factor[:, t, :, None] if x.per_channel else factor[:, t, None, None]
+        if a_t is not None and x.gate_first:
+            s = s * a_t
         if x.beta is not None:
             s = s - x.beta[:, t, None, None] * kt[:, :, None] * (kt[:, None, :] @ s)
-        if factor is not None:
-            s = s * (factor[:, t, :, None] if x.per_channel else factor[:, t, None, None])
+        if a_t is not None and not x.gate_first:
+            s = s * a_t
         vt = x.v[:, t] if coef is None else x.v[:, t] * coef[:, t, None]
         s = s + kt[:, :, None] * vt[:, None, :]
         if x.q is not None and not x.before:
@@ -146,13 +155,14 @@ def _to_chunks(x: Tensor, c: int, nc: int) -> Tensor:
 SEGMENT_TOKENS = 1024
 
 
-def _segmented(segment: int, chunk_size: int, *, k, v, q, initial_state, readout, **per_step):
+def _segmented(segment: int, chunk_size: int, *, k, v, q, initial_state, readout, gate_first, **per_step):
     """``chunkwise_scan`` over consecutive pieces of ``segment`` steps, the state carried."""
     state, outs = initial_state, []
     for start in range(0, k.shape[1], segment):
         cut = lambda x: None if x is None else x[:, start:start + segment]  # noqa: E731
         o, state = chunkwise_scan(cut(k), cut(v), q=cut(q), initial_state=state, readout=readout,
-                                  chunk_size=chunk_size, **{name: cut(x) for name, x in per_step.items()})
+                                  chunk_size=chunk_size, gate_first=gate_first,
+                                  **{name: cut(x) for name, x in per_step.items()})
         outs.append(o)
     return (torch.cat(outs, 1) if q is not None else None), state
 
@@ -173,6 +183,7 @@ def chunkwise_scan(
     initial_state: Optional[Tensor] = None,
     readout: Readout = "after",
     chunk_size: int = 64,
+    gate_first: bool = False,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Same function as ``sequential_scan``, computed chunk by chunk (exact, any T >= 1).
 
@@ -180,11 +191,12 @@ def chunkwise_scan(
     gate 1).  ``chunk_size`` is capped at the next power of two >= T; with a
     per-channel gate it is rounded down to a power of two (the intra-chunk
     scores halve the chunk recursively).  A per-channel gate together with
-    beta raises NotImplementedError.  Differentiable: under autograd the
+    beta needs ``gate_first`` (else NotImplementedError: applied after the
+    delta step, the gate makes each step rank two).  Differentiable: under autograd the
     recurrence avoids its out= buffers, and gradients at exact-zero gates are
     exact (see ``scan_decay.GateCum``).
     """
-    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout)
+    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first)
     n, t, _ = x.k.shape
     if t == 0:
         return (x.v.clone() if x.q is not None else None), x.state.clone()
@@ -196,7 +208,7 @@ def chunkwise_scan(
     segment = max(c, SEGMENT_TOKENS // c * c)
     if t > segment:
         return _segmented(segment, c, k=k, v=v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
-                          initial_state=initial_state, readout=readout)
+                          initial_state=initial_state, readout=readout, gate_first=gate_first)
     nc = -(-t // c)
     chunk = lambda y: None if y is None else _to_chunks(y, c, nc)  # noqa: E731
     v_in = x.v if x.beta is not None or x.write is None else x.v * x.write.unsqueeze(-1)
@@ -217,6 +229,7 @@ def chunkwise_scan(
         per_channel=x.per_channel,
         before=x.before,
         floor=floor,
+        gate_first=x.gate_first,
     )
     plan = prepare_chunks(inputs)
     states = chunk_states(plan, x.state)
@@ -240,6 +253,7 @@ def choose_chunk_size(
     gate: Optional[Tensor] = None,
     log_gate: Optional[Tensor] = None,
     q: Optional[Tensor] = None,
+    gate_first: bool = False,
 ) -> int:
     """Pick the chunk length for these shapes by timing a few candidates once.
 
@@ -256,7 +270,7 @@ def choose_chunk_size(
         return min(_CANDIDATES[-1], _next_pow2(t))
     g = gate if gate is not None else log_gate
     per_channel = g is not None and g.dim() == 3
-    if per_channel and beta is not None:
+    if per_channel and beta is not None and not gate_first:
         return _CANDIDATES[-1]  # unsupported by chunkwise_scan; nothing to time
     kind = (beta is not None, g is None, per_channel, log_gate is not None, q is not None)
     key = (kind, n, dk, v.shape[-1], _next_pow2(t), k.dtype, k.device)
@@ -264,7 +278,7 @@ def choose_chunk_size(
         return _CHUNK_CACHE[key]
     tp = min(t, _PROBE_T)
     cut = lambda y: None if y is None else y[:, :tp]  # noqa: E731
-    args = dict(q=cut(q), beta=cut(beta), gate=cut(gate), log_gate=cut(log_gate))
+    args = dict(q=cut(q), beta=cut(beta), gate=cut(gate), log_gate=cut(log_gate), gate_first=gate_first)
     sync = torch.cuda.synchronize if k.is_cuda else (lambda: None)
     best, best_time = _CANDIDATES[-1], float("inf")
     with torch.no_grad():

@@ -44,6 +44,7 @@ class ChunkInputs:
     per_channel: bool
     before: bool
     floor: Optional[float] = None  # flush gate factors below exp(floor) (see scan_decay)
+    gate_first: bool = False       # per-channel gate applied before the delta step
 
 
 @dataclass(frozen=True)
@@ -110,14 +111,17 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
     T = (I + A)^{-1}, W = T (b * K * exp(G)), U = T (w * V).  The corrected
     values U - W S never need forming: the chunk's state map is
     S -> (exp(G_last) I - K_end^T W) S + K_end^T U and its readout is
-    scores U + (Q_in - scores W) S.
+    scores U + (Q_in - scores W) S.  With a per-channel gate applied first
+    (``gate_first``) the same holds with A_rs = b_r sum_c k_rc k_sc
+    exp(G_rc - G_sc) (the channel scores of b K against K) and exp(G) per channel.
     """
     k, v = x.k, x.v
     c = k.shape[2]
-    if x.per_channel and x.beta is not None:
+    if x.per_channel and x.beta is not None and not x.gate_first:
         raise NotImplementedError(
-            "gated delta rule with a per-key-channel gate has no exact WY form here; "
-            "use a scalar gate per step, or the sequential scan"
+            "gated delta rule with a per-key-channel gate applied after the delta step has no exact "
+            "WY form (each step is rank two); use a scalar gate, the gate before the delta step "
+            "(gate_first), or the sequential scan"
         )
     decay_last = row_cum = None
     if x.cum is None:
@@ -137,10 +141,17 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
         intra = None if scores is None else _bmm(scores, v)
         return ChunkPlan(None, decay_last, _bmm(k_end_t, v), q_in, intra)
     kb = k * x.beta.unsqueeze(-1)
-    gram = _bmm(kb, k.transpose(-1, -2))
+    if x.per_channel:
+        nc, n = k.shape[:2]
+        flat = lambda t: t.reshape(nc * n, c, -1)  # noqa: E731
+        cum = x.cum.map(flat)
+        gram = channel_scores(flat(kb), flat(k), cum, cum, False, x.floor).view(nc, n, c, c)
+    else:
+        gram = _bmm(kb, k.transpose(-1, -2))
     if x.cum is not None:
-        gram = gram * _gamma(x.cum, x.cum, c, -1, x.floor)
-        kb = kb * decay(x.cum, floor=x.floor).unsqueeze(-1)
+        if not x.per_channel:
+            gram = gram * _gamma(x.cum, x.cum, c, -1, x.floor)
+        kb = _scale(kb, decay(x.cum, floor=x.floor), x.per_channel)
     t_inv = unit_lower_inverse(gram)  # reads only the strictly lower part
     write = x.beta if x.write is None else x.write
     dv = v.shape[-1]

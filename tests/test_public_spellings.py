@@ -386,6 +386,36 @@ def make_gated_delta_product(T):
     return (q, k, v, g, beta), {"scale": D ** -0.5}
 
 
+def kda_recurrent(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """Mirrors fla/ops/kda/naive.py (naive_recurrent_kda, Kimi Delta Attention): [B, T, H, K],
+    a per-key-channel log-gate g [B, T, H, K] applied to the state BEFORE the delta step,
+    ``S += initial_state``, broadcast-and-sum retrieval, einsum write and readout."""
+    dtype = v.dtype
+    B_, T, H_, K = q.shape
+    V = v.shape[-1]
+    if scale is None:
+        scale = K ** -0.5
+    q, k, v, g, beta = (x.to(torch.float) for x in (q, k, v, g, beta))
+    q = q * scale
+    S = k.new_zeros(B_, H_, K, V).to(q)
+    if initial_state is not None:
+        S += initial_state
+    o = torch.zeros_like(v)
+    for i in range(T):
+        q_i, k_i, v_i, g_i, b_i = q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i]
+        S = S * g_i[..., None].exp()
+        S = S + torch.einsum("bhk,bhv->bhkv", b_i[..., None] * k_i, v_i - (k_i[..., None] * S).sum(-2))
+        o[:, i] = torch.einsum("bhk,bhkv->bhv", q_i, S)
+    return o.to(dtype), (S if output_final_state else None)
+
+
+def make_kda(T):
+    q, k, v = _qkv(T, norm_k=True)
+    g = -F.softplus(torch.randn(B, T, H, D))
+    beta = torch.sigmoid(torch.randn(B, T, H))
+    return (q, k, v, g, beta), {}
+
+
 # (function, inputs, extra call keywords per call structure, expected kind);
 # a callable keyword value is called afresh for every call (a new initial state).
 WITH_STATE = ({}, {"initial_state": _state, "output_final_state": True})
@@ -402,6 +432,7 @@ CASES = [
     (delta_rule_recurrent, make_delta, ({}, {"initial_state": _state}, {"output_final_state": False}), "delta"),
     (gated_delta_recurrent, make_gated_delta, WITH_STATE, "gated_delta"),
     (gated_delta_product_recurrent, make_gated_delta_product, WITH_STATE, "gated_delta"),
+    (kda_recurrent, make_kda, WITH_STATE, "gated_delta"),
 ]
 
 
@@ -473,3 +504,43 @@ def test_call_structures_interleaved():
         kw = {"initial_state": _state(), "output_final_state": True}
         assert_close_outputs(compiled(*args, **kw), fn(*args, **kw))
     assert compiled.captures == 2
+
+
+def per_channel_gate_after_delta(q, k, v, g, beta):
+    """The per-channel gate applied AFTER the delta step (then the write): S' = D (I - b k k^T) S + b k v^T,
+    rank two per step, no WY form."""
+    S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    outs = []
+    for t in range(q.shape[1]):
+        k_t, b_t = k[:, t], beta[:, t, :, None]
+        S = S - (b_t * k_t)[..., None] * (k_t[..., None] * S).sum(-2)[..., None, :]
+        S = S * g[:, t].exp()[..., None]
+        S = S + (b_t * k_t)[..., None] * v[:, t, :, None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1)
+
+
+def per_channel_gate_after_write(q, k, v, g, beta):
+    """The whole delta step, write included, then the per-channel gate: an affine map."""
+    S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    outs = []
+    for t in range(q.shape[1]):
+        k_t = k[:, t]
+        S = S + (beta[:, t, :, None] * k_t)[..., None] * (v[:, t] - (k_t[..., None] * S).sum(-2))[..., None, :]
+        S = S * g[:, t].exp()[..., None]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("fn,kind,why", [
+    (per_channel_gate_after_delta, "gated_delta", "applied after the delta step"),
+    (per_channel_gate_after_write, "affine", "the write key differs from the erase key"),
+])
+def test_per_channel_gate_after_the_delta_step_stays_sequential_and_says_why(fn, kind, why):
+    compiled = nlcompile.compile(fn)
+    for T in LENGTHS:
+        args, _ = make_kda(T)
+        assert_close_outputs(compiled(*args), fn(*args))
+    loop = compiled.explain(*make_kda(9)[0]).loops[0]
+    assert (loop.kind, loop.rewrite) == (kind, "sequential"), loop
+    assert why in loop.reason, loop.reason

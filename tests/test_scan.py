@@ -54,6 +54,11 @@ def _kind_args(kind: str, t: int, gen: torch.Generator, dtype) -> dict:
         "gated_delta": lambda: {"beta": beta(), "gate": _signed_gate(scalar, gen, dtype)},
         "gated_delta_log": lambda: {"beta": beta(), "log_gate": _strong_log_gate(scalar, gen, dtype)},
         "delta_write": lambda: {"beta": beta(), "write": torch.randn(scalar, generator=gen, dtype=dtype)},
+        # per-key-channel gate applied before the delta step (Kimi Delta Attention)
+        "kda": lambda: {"beta": beta(), "gate": torch.rand(channel, generator=gen, dtype=dtype) * 0.3 + 0.7,
+                        "gate_first": True},
+        "kda_signed": lambda: {"beta": beta(), "gate": _signed_gate(channel, gen, dtype), "gate_first": True},
+        "kda_log": lambda: {"beta": beta(), "log_gate": _strong_log_gate(channel, gen, dtype), "gate_first": True},
     }[kind]()
 
 
@@ -71,6 +76,9 @@ KINDS = (
     "gated_delta",
     "gated_delta_log",
     "delta_write",
+    "kda",
+    "kda_signed",
+    "kda_log",
 )
 
 
@@ -217,10 +225,12 @@ def test_choose_chunk_size_is_a_cached_power_of_two():
     assert first < 1.0
 
 
-@pytest.mark.parametrize("kind", ["gated_delta_log", "delta_write", "channel_log", "decay_signed"])
+@pytest.mark.parametrize("kind", ["gated_delta_log", "delta_write", "channel_log", "decay_signed", "kda_log",
+                                  "kda_signed"])
 def test_gradients_match_sequential(kind):
     """The chunkwise program is differentiable and has the sequential loop's gradients."""
     k, v, q, s0, kw = _problem(kind, 21, seed=6)
+    flags = {name: kw.pop(name) for name in list(kw) if isinstance(kw[name], bool)}
     inputs = {"k": k, "v": v, "q": q, "initial_state": s0, **kw}
     for x in inputs.values():
         x.requires_grad_(True)
@@ -232,14 +242,14 @@ def test_gradients_match_sequential(kind):
         o, s = fn(readout="before", **inputs, **extra)
         return torch.autograd.grad((o * probe_o).sum() + (s * probe_s).sum(), list(inputs.values()))
 
-    ref = grads(sequential_scan)
-    ours = grads(chunkwise_scan, chunk_size=8)
+    ref = grads(sequential_scan, **flags)
+    ours = grads(chunkwise_scan, chunk_size=8, **flags)
     for name, g, r in zip(inputs, ours, ref):
         assert _rel(g, r) <= 1e-9, f"d/d{name}: {_rel(g, r):.2e}"
 
 
 @pytest.mark.parametrize("readout", ["after", "before"])
-@pytest.mark.parametrize("kind", ["additive", "delta", "gated_delta_log", "channel_log", "decay_signed"])
+@pytest.mark.parametrize("kind", ["additive", "delta", "gated_delta_log", "channel_log", "decay_signed", "kda_log"])
 def test_long_sequences_run_in_passes_exactly(kind, readout, monkeypatch):
     """Past SEGMENT_TOKENS steps the scan runs pass after pass carrying the state."""
     monkeypatch.setattr(scan_mod, "SEGMENT_TOKENS", 16)

@@ -19,7 +19,9 @@ from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import backward
 from nlcompile.targets.triton.backward import chunk_backward
 
-KINDS = ["additive", "decay", "decay_channel", "delta", "gated_delta"]
+# kda: the delta rule with a per-key-channel gate, gate first (Kimi Delta Attention):
+# S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T
+KINDS = ["additive", "decay", "decay_channel", "delta", "gated_delta", "kda"]
 N = 2
 
 
@@ -28,13 +30,13 @@ def make_inputs(kind: str, T: int, dk: int, dv: int, *, with_q=True, seed=0, gat
     l2-normalised keys for the delta family."""
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
-    delta = kind in ("delta", "gated_delta")
+    delta = kind in ("delta", "gated_delta", "kda")
     k = rnd(N, T, dk)
     x = dict(k=F.normalize(k, dim=-1) if delta else k, v=rnd(N, T, dv), q=rnd(N, T, dk) if with_q else None,
              beta=torch.rand(N, T, generator=gen) if delta else None, g=None, h0=rnd(N, dk, dv))
     if kind in ("decay", "gated_delta"):
         x["g"] = -gate_scale * F.softplus(rnd(N, T))
-    elif kind == "decay_channel":
+    elif kind in ("decay_channel", "kda"):
         x["g"] = -gate_scale * F.softplus(rnd(N, T, dk))
     return x
 
@@ -68,8 +70,8 @@ def chunk_intermediates(k, v, q, beta, g, h0, C: int, before: bool):
         vp = vc
         if beta is not None:
             bc = beta[:, sl]
-            E = torch.exp((G[:, :, None] - G[:, None, :]).masked_fill(~strict, float("-inf")))
-            Akk = bc[:, :, None] * (kc @ kc.transpose(1, 2)) * E
+            expo = (Gk[:, :, None, :] - Gk[:, None, :, :]).masked_fill(~strict[:, :, None], float("-inf"))
+            Akk = bc[:, :, None] * torch.einsum("nrc,nsc,nrsc->nrs", kc, kc, expo.exp())
             Tm = torch.linalg.inv(torch.eye(C, dtype=k.dtype) + Akk)
             Wc = Tm @ (kc * bc[..., None] * Gk.exp())
             vp = Tm @ vc - Wc @ h
@@ -96,7 +98,7 @@ def reference_grads(x: dict, do, dh_final, before: bool):
     get = leaves.get
     write = torch.ones_like(leaves["beta"]) if "beta" in leaves else None
     o, s = sequential_scan(get("k"), get("v"), q=get("q"), beta=get("beta"), write=write, log_gate=get("g"),
-                           initial_state=get("h0"), readout="before" if before else "after")
+                           initial_state=get("h0"), readout="before" if before else "after", gate_first=True)
     loss = (s * dh_final.double()).sum()
     if o is not None:
         loss = loss + (o * do.double()).sum()
@@ -141,7 +143,7 @@ def test_chunk_intermediates_match_sequential(kind):
         d = lambda t: None if t is None else t.double()  # noqa: E731
         o_ref, s_ref = sequential_scan(d(x["k"]), d(x["v"]), q=d(x["q"]), beta=d(x["beta"]), write=d(wb),
                                        log_gate=d(x["g"]), initial_state=d(x["h0"]),
-                                       readout="before" if before else "after")
+                                       readout="before" if before else "after", gate_first=True)
         torch.testing.assert_close(o, o_ref)
         torch.testing.assert_close(s, s_ref)
 
@@ -154,7 +156,7 @@ def test_chunk16_tail(kind, readout):
 
 
 @pytest.mark.parametrize("readout", ["after", "before"])
-@pytest.mark.parametrize("kind", ["decay", "decay_channel", "gated_delta"])
+@pytest.mark.parametrize("kind", ["decay", "decay_channel", "gated_delta", "kda"])
 def test_slow_gates(kind, readout):
     """Gates near 1 (g = -0.05 softplus(randn)): with realistic gates a chunk's decay
     exp(G_L) is ~e^-10, so the inter-chunk gate paths (D dHn, dG_L) barely matter; here they do."""
@@ -204,15 +206,6 @@ def test_half_precision_inputs_are_upcast():
     assert_grads_close(got, reference_grads(x, do, dh_final, False))
 
 
-def test_per_channel_gate_with_delta_is_unsupported():
-    x = make_inputs("delta", 16, 16, 16)
-    g = -F.softplus(torch.randn(N, 16, 16))
-    with pytest.raises(NotImplementedError):
-        chunk_backward(x["k"], x["v"], x["q"], x["beta"], g, x["h0"], torch.zeros(N, 1, 16, 16),
-                       torch.zeros(N, 16, 16), torch.zeros(N, 16, 16), torch.zeros(N, 16, 16),
-                       torch.zeros(N, 16, 16), 16, False)
-
-
 def _forward_or_skip():
     try:
         from nlcompile.targets.triton.forward import chunk_forward
@@ -221,7 +214,8 @@ def _forward_or_skip():
     return chunk_forward
 
 
-@pytest.mark.parametrize("kind,before", [("gated_delta", False), ("decay_channel", True), ("decay", False)])
+@pytest.mark.parametrize("kind,before", [("gated_delta", False), ("decay_channel", True), ("decay", False),
+                                         ("kda", True)])
 def test_chained_with_chunk_forward(kind, before):
     """chunk_forward's H, V', W feed chunk_backward directly."""
     chunk_forward = _forward_or_skip()

@@ -4,7 +4,8 @@
 same inputs (beta=b, write=ones, log_gate=g, so the reference's v is the
 already-scaled v).  Checked: the output o, the final state and H (the state
 entering each chunk: H[:, i] equals the sequential state after i*C steps), for
-every kind (additive, scalar decay, per-channel decay, delta, gated delta),
+every kind (additive, scalar decay, per-channel decay, delta, gated delta, and the delta rule
+with a per-channel gate in the gate-first order, Kimi Delta Attention: "kda"),
 both readouts, without queries, at lengths 1, shorter than, equal to and not a
 multiple of the chunk, with dk != dv and non-power-of-two sizes, chunks 16, 32
 and 64, bf16 inputs, growing gates (g > 0), strong decay and several value blocks.
@@ -29,7 +30,7 @@ from nlcompile.targets.triton.forward import chunk_forward
 
 N = 2
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-3}
-KINDS = ("additive", "decay", "channel", "delta", "gated_delta")
+KINDS = ("additive", "decay", "channel", "delta", "gated_delta", "kda")
 
 
 def _inputs(kind: str, t: int, dk: int = 16, dv: int = 32, *, seed: int = 0, dtype=torch.float32,
@@ -40,11 +41,11 @@ def _inputs(kind: str, t: int, dk: int = 16, dv: int = 32, *, seed: int = 0, dty
     randn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
     k, v, q = randn(N, t, dk), randn(N, t, dv), randn(N, t, dk)
     beta = g = None
-    if kind in ("delta", "gated_delta"):
+    if kind in ("delta", "gated_delta", "kda"):
         k = F.normalize(k, dim=-1)
         beta = torch.rand(N, t, generator=gen) * 0.9 + 0.05
-    if kind in ("decay", "gated_delta", "channel"):
-        shape = (N, t) if kind != "channel" else (N, t, dk)
+    if kind in ("decay", "gated_delta", "channel", "kda"):
+        shape = (N, t) if kind not in ("channel", "kda") else (N, t, dk)
         g = 0.05 * torch.rand(*shape, generator=gen) if growth else -F.softplus(randn(*shape))
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     return dict(k=cast(k), v=cast(v), q=cast(q) if with_q else None, beta=cast(beta), g=g,
@@ -52,7 +53,8 @@ def _inputs(kind: str, t: int, dk: int = 16, dv: int = 32, *, seed: int = 0, dty
 
 
 def _reference(x: dict, before: bool):
-    """float64 sequential scan on the given inputs: (o or None, final state, scan(prefix) -> state)."""
+    """float64 sequential scan on the given inputs: (o or None, final state, scan(prefix) -> state).
+    gate_first=True: the kernels' order (the same function unless the gate is per channel with beta)."""
     d = lambda y: None if y is None else y.double()  # noqa: E731
 
     def scan(length: int):
@@ -60,7 +62,7 @@ def _reference(x: dict, before: bool):
         write = None if x["beta"] is None else torch.ones(N, length, dtype=torch.float64)
         return sequential_scan(cut(x["k"]), cut(x["v"]), q=cut(x["q"]), beta=cut(x["beta"]), write=write,
                                log_gate=cut(x["g"]), initial_state=d(x["h0"]),
-                               readout="before" if before else "after")
+                               readout="before" if before else "after", gate_first=True)
 
     o, h = scan(x["k"].shape[1])
     return o, h, scan
@@ -116,7 +118,7 @@ def test_lengths(kind, t):
 
 
 @pytest.mark.parametrize("dk,dv", [(32, 16), (20, 24), (16, 5)], ids=["dk32-dv16", "dk20-dv24", "dk16-dv5"])
-@pytest.mark.parametrize("kind", ["additive", "channel", "gated_delta"])
+@pytest.mark.parametrize("kind", ["additive", "channel", "gated_delta", "kda"])
 def test_dk_differs_from_dv(kind, dk, dv):
     _check(_inputs(kind, 23, dk, dv, seed=3), chunk=16)
 
@@ -126,7 +128,7 @@ def test_chunk_64(kind):
     _check(_inputs(kind, 70, seed=4), chunk=64, before=True)
 
 
-@pytest.mark.parametrize("kind", ["decay", "channel", "gated_delta"])
+@pytest.mark.parametrize("kind", ["decay", "channel", "gated_delta", "kda"])
 def test_growing_gates_are_exact(kind):
     """Gates slightly above 1 (g in (0, 0.05)): nothing is flushed or clamped."""
     _check(_inputs(kind, 45, seed=5, growth=True), chunk=16)
@@ -206,5 +208,3 @@ def test_argument_errors():
         call(args(k=torch.randn(N, 8, 300), q=None, h0=None))
     with pytest.raises(ValueError, match="dv"):
         call(args(v=torch.randn(N, 8, 257), h0=None))
-    with pytest.raises(NotImplementedError, match="per-key-channel"):
-        call(args(g=-F.softplus(torch.randn(N, 8, 16))))

@@ -9,11 +9,12 @@ on CUDA (``common.kernel_blocks``, chunk from ``ops.kernel_chunk``) and checks
 for the record.
 
 Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rule, no
-gate) and Gated DeltaNet (delta rule, scalar gate), forward (prepare, states, output with
-the readout after) and backward (states_bwd, grads) kernels, and Gated DeltaNet at
-dk = dv = 64 and 256.  ``python tests/test_triton_sm90.py --all`` prints the table for
+gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-channel gate,
+gate first; chunk 16), forward (prepare, states, output with the readout after) and
+backward (states_bwd, grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256.
+``python tests/test_triton_sm90.py --all`` prints the table for
 every kind (gate none / scalar / per channel, delta on / off, readout before / after,
-with and without q) at dk = dv in {64, 128, 256}: 129 kernels, about 6 minutes on 2 cores.
+with and without q) at dk = dv in {64, 128, 256}: 153 kernels, about 7 minutes on 2 cores.
 Pointers and integer arguments are compiled as 16-divisible, as a launch at the benchmark
 shape specialises them; that gives the larger shared memory (unaligned builds need less).
 
@@ -35,8 +36,8 @@ import pytest
 SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block (opt-in maximum)
 BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr"}  # the benchmark's inputs; beta, g, states... are fp32
 # (name, delta, gate): gate 0 none, 1 scalar, 2 per key channel
-DELTANET, GATED_DELTANET = ("DeltaNet", True, 0), ("GatedDeltaNet", True, 1)
-ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2), DELTANET, GATED_DELTANET]
+DELTANET, GATED_DELTANET, KDA = ("DeltaNet", True, 0), ("GatedDeltaNet", True, 1), ("KDA", True, 2)
+ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2), DELTANET, GATED_DELTANET, KDA]
 
 
 def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, before: bool = False,
@@ -59,7 +60,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
                           module=module, kernel=kernel, constexprs=constexprs, num_warps=b.num_warps))
 
     if delta:
-        add("forward", "_prepare_kernel", **dict(base, BV=b.BV_prepare), GATE=gate)
+        add("forward", "_prepare_kernel", **dict(base, BV=b.BV_prepare), BKC=b.BKC, GATE=gate)
     add("forward", "_states_kernel", C=chunk, BK=b.BK, BV=b.BV, GATE=gate, HAS_BETA=delta)
     if with_q:
         add("forward", "_output_kernel", **base, BKC=b.BKC, GATE=gate, BEFORE=before)
@@ -144,7 +145,7 @@ def _triton_cuda_backend_or_skip():
 def test_kernels_fit_h100_shared_memory():
     _triton_cuda_backend_or_skip()
     specs = kernel_specs(DELTANET, 128) + kernel_specs(GATED_DELTANET, 128)
-    specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256)
+    specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256) + kernel_specs(KDA, 128)
     results = compile_all(specs)
     print("\n" + table(results))
     over = [f"{r['kernel']} {r['kind']} d={r['d']}: {r['shared']} B" for r in results

@@ -177,3 +177,35 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys):
     assert bench.main(["--smoke"]) == 0
     out = capsys.readouterr().out
     assert "| DeltaNet | 40 | fwd+bwd |" in out and "| GatedDeltaNet | 40 | fwd |" in out
+
+
+def test_kda_gate_first_runs_the_kernels():
+    """A per-key-channel gate with beta in the gate-first order (Kimi Delta Attention) runs the
+    kernels (no fallback warning): forward and gradients against sequential_scan in float64."""
+    import warnings
+
+    k, v, kw = scan_inputs("delta", T=37, dk=16, dv=24, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    kw["log_gate"] = -F.softplus(torch.randn(2, 37, 16, generator=gen))
+    leaves = [k, v, *kw.values()]
+    for x in leaves:
+        x.requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, s = triton_chunkwise_scan(k, v, readout="before", gate_first=True, **kw)
+    o_ref, s_ref = reference(k, v, dict(kw, gate_first=True), "before")
+    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+    got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
+    want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
+    for name, g, w in zip(["k", "v", *kw], got, want):
+        assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
+
+
+def test_per_channel_delta_gate_after_falls_back_and_is_refused():
+    """The gate-after order with a per-channel gate and beta has no chunkwise form: the target says
+    so and the PyTorch scan it falls back to raises."""
+    k, v, kw = scan_inputs("delta", T=20)
+    kw["log_gate"] = -F.softplus(torch.randn(2, 20, 16))
+    with pytest.warns(UserWarning, match="gate_first=False"), pytest.raises(NotImplementedError):
+        triton_chunkwise_scan(k, v, **kw)

@@ -6,6 +6,8 @@ sequential loop), independent of every spelling in the zoo:
 
     S_t = Diag(a_t) (I - b_t k_t k_t^T) S_{t-1} + c_t k_t v_t^T
     o_t = S_t^T q_t   (or S_{t-1}^T q_t for readout "before")
+
+except KDA, whose per-channel gate acts first: S_t = (I - b_t k_t k_t^T) Diag(a_t) S_{t-1} + ...
 """
 from __future__ import annotations
 
@@ -90,7 +92,10 @@ def oracle(family, variant, readout, c):
             M = M - b[:, :, t, None, None] * (kt @ kt.transpose(-1, -2))
         if a is not None:
             decay = a[:, :, t]
-            M = (decay[..., None] if decay.ndim == 3 else decay[..., None, None]) * M
+            if family == "kda":                                      # M Diag(a): decay first
+                M = M * decay[..., None, :]
+            else:
+                M = (decay[..., None] if decay.ndim == 3 else decay[..., None, None]) * M
         write = 1.0 if w is None else w[:, :, t, None, None]
         S_prev = S
         S = M @ S + write * (kt @ vt.transpose(-1, -2))
@@ -121,7 +126,8 @@ def test_registry_covers_the_brief():
         assert e.name == name and e.kind in KINDS and e.readout in ("after", "before")
         assert e.state_layout in ("kv", "vk") and e.time_dim in (0, 1, 2)
         fams[e.family].append(e)
-    assert set(fams) == {"linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet"}
+    assert set(fams) == {"linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet",
+                         "kda"}
     for fam, es in fams.items():
         assert len(es) >= 2, fam
         assert {e.time_dim for e in es} >= {1, 2}, fam          # both [B,T,H,D] and [B,H,T,D]
@@ -229,12 +235,17 @@ def test_chunk_gla_strong_gates_no_nan(C):
     o_s, _ = R.chunk_simple_gla(q, k, v, g[..., 0], chunk_size=C)
     assert torch.isfinite(o_s).all()
     kn = F.normalize(k, dim=-1)
-    o_d, _ = R.chunk_gated_delta_rule(q, kn, v, g[..., 0], torch.rand(B, H, T, generator=gen), C)
+    beta = torch.rand(B, H, T, generator=gen)
+    o_d, _ = R.chunk_gated_delta_rule(q, kn, v, g[..., 0], beta, C)
     assert torch.isfinite(o_d).all()
+    o_k, S_k = R.chunk_kda(q, kn, v, g, beta, C)
+    assert torch.isfinite(o_k).all() and torch.isfinite(S_k).all()
+    o_n, S_n = MODELS["kda_fla"].fn(q, kn, v, g, beta, output_final_state=True)
+    assert rel(o_k, o_n) <= 1e-4 and rel(S_k, S_n) <= 1e-4
 
 
 @pytest.mark.parametrize("name", ["linear_attention_einsum", "retnet_recurrent", "mamba2_scan_bhtd",
-                                  "gla_naive_bhtd", "deltanet_fla", "gated_deltanet_fla"])
+                                  "gla_naive_bhtd", "deltanet_fla", "gated_deltanet_fla", "kda_fla"])
 def test_reference_gradients_match_naive(name):
     e = MODELS[name]
     args = [a.requires_grad_(True) for a in e.make_inputs(B=1, H=2, T=21, D=4, dtype=torch.float64)]
@@ -252,6 +263,7 @@ _WITH_INITIAL_STATE = [
     ("gla_naive_bhtd", R.chunk_gla, ("q", "k", "v", "g")),
     ("deltanet_fla", R.chunk_delta_rule, ("q", "k", "v", "beta")),
     ("gated_deltanet_fla", R.chunk_gated_delta_rule, ("q", "k", "v", "g", "beta")),
+    ("kda_fla", R.chunk_kda, ("q", "k", "v", "g", "beta")),
 ]
 
 
@@ -264,6 +276,39 @@ def test_reference_initial_state(name, chunk_fn, keys):
     o, S = e.fn(*args, initial_state=S0, output_final_state=True)
     o_ref, S_ref = chunk_fn(*args, chunk_size=8, initial_state=S0)
     assert rel(o_ref, o) <= 1e-10 and rel(S_ref, S) <= 1e-10
+
+
+def _kda_loop(q, k, v, g, beta, S0=None):
+    """The KDA formula token by token, fp64: S = (I - b k k^T) Diag(exp g) S + b k v^T,
+    o = S^T (q / sqrt(dk))."""
+    q, k, v, g, beta = (x.double() for x in (q, k, v, g, beta))
+    B, H, T, dk = q.shape
+    S = torch.zeros(B, H, dk, v.shape[-1], dtype=torch.float64) if S0 is None else S0.double()
+    eye = torch.eye(dk, dtype=torch.float64)
+    outs = []
+    for t in range(T):
+        kt, vt, bt = k[:, :, t, :, None], v[:, :, t, :, None], beta[:, :, t, None, None]
+        S = (eye - bt * kt @ kt.transpose(-1, -2)) @ (torch.exp(g[:, :, t])[..., None] * S) \
+            + bt * kt @ vt.transpose(-1, -2)
+        outs.append(S.transpose(-1, -2) @ (q[:, :, t, :, None] * dk ** -0.5))
+    return torch.cat(outs, dim=-1).transpose(-1, -2), S
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunk_kda_matches_per_token_formula(dtype, with_state):
+    for T in (1, 7, 70):
+        c = canonical_inputs("kda", B=2, H=2, T=T, D=8, Dv=5, dtype=dtype, seed=T)
+        assert (c["g"] < 0).all() and c["g"].min() < -1          # realistic, not near zero
+        S0 = torch.randn(2, 2, 8, 5, generator=torch.Generator().manual_seed(T)).to(dtype) \
+            if with_state else None
+        args = (c["q"], c["k"], c["v"], c["g"], c["beta"])
+        o_ref, S_ref = _kda_loop(*args, S0=S0)
+        for C in (16, 64):
+            o, S = R.chunk_kda(*args, chunk_size=C, initial_state=S0)
+            assert o.dtype == dtype and o.shape == o_ref.shape and S.shape == S_ref.shape
+            assert rel(o, o_ref) <= 1e-5, (T, C, rel(o, o_ref))
+            assert rel(S, S_ref) <= 1e-5, (T, C, "state", rel(S, S_ref))
 
 
 def test_readout_before_helper_on_decay():

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-FAMILIES = ("linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet")
+FAMILIES = ("linear_attention", "retnet", "mamba2", "gla", "deltanet", "gated_deltanet", "kda")
 
 STATIC_KEYS = frozenset({"A"})          # per-head parameters with no time axis
 DERIVED_KEYS = {                        # spelling-side name: (canonical name, forward, inverse)
@@ -67,6 +67,9 @@ def _draw(family: str, B: int, H: int, T: int, D: int, Dv: int, gen: torch.Gener
     if family == "gated_deltanet":
         return {"q": unit(B, H, T, D), "k": unit(B, H, T, D), "v": randn(B, H, T, Dv),
                 "g": -F.softplus(randn(B, H, T)), "beta": torch.sigmoid(randn(B, H, T))}
+    if family == "kda":                                       # log-gate per key channel
+        return {"q": unit(B, H, T, D), "k": unit(B, H, T, D), "v": randn(B, H, T, Dv),
+                "g": -0.6 * F.softplus(randn(B, H, T, D)), "beta": torch.sigmoid(randn(B, H, T))}
     raise KeyError(f"unknown zoo family {family!r}; known: {', '.join(FAMILIES)}")
 
 

@@ -7,7 +7,7 @@ in ``MATH.md`` and share nothing with the compiler.
 Conventions, for every function here:
 
 * inputs ``[B, H, T, D]`` (time at dim 2), per-token gates / betas ``[B, H, T]``
-  (or ``[B, H, T, dk]`` for GLA's per-key-channel gate), any ``T``: the ragged
+  (or ``[B, H, T, dk]`` for the per-key-channel gates of GLA and KDA), any ``T``: the ragged
   tail is padded with neutral values (zeros, log-gate 0, beta 0);
 * state ``[B, H, dk, dv]``; readout after the update, ``o_t = S_t^T (scale q_t)``;
 * computation in fp32 (fp64 stays fp64), output cast back to the input dtype;
@@ -33,6 +33,7 @@ __all__ = [
     "chunk_gla",
     "chunk_delta_rule",
     "chunk_gated_delta_rule",
+    "chunk_kda",
     "readout_before",
 ]
 
@@ -252,6 +253,39 @@ def chunk_gated_delta_rule(q, k, v, g, beta, chunk_size: int = 64, scale: float 
     o, S = _delta_recurrence(qc, kc, W, U, P, S0, decay_q=G.exp()[..., None],
                              decay_k=(G_last - G).exp()[..., None],
                              decay_last=G_last.exp()[..., None])
+    return _unchunk(o, T).to(q.dtype), S
+
+
+def chunk_kda(q, k, v, g, beta, chunk_size: int = 64, scale: float | None = None,
+              initial_state: torch.Tensor | None = None):
+    """Kimi Delta Attention, S_t = (I - b_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + b_t k_t v_t^T
+    (g: [B, H, T, dk], a log-gate per key channel).
+
+    G = cumsum of g inside the chunk, per channel;  Gamma_rsc = exp(G_rc - G_sc) for s <= r
+    (masked to -inf before the exp: every exponent is <= 0);
+    A_rs = b_r sum_c k_rc k_sc Gamma_rsc (s < r);  W = (I + A)^{-1} (b K exp(G));
+    U = (I + A)^{-1} (b V);  P_rs = sum_c q_rc k_sc Gamma_rsc (s <= r);  then per chunk
+    U' = U - W S,  O = (Q exp(G)) S + P U',  S = exp(G_last) S + (K exp(G_last - G))^T U'.
+    Gamma is materialised as [B, H, N, C, C, dk]: simple, but memory-hungry at large dk.
+    """
+    B, H, T, K = q.shape
+    V = v.shape[-1]
+    C = chunk_size
+    acc, qc, kc, vc = _prepare(q, k, v, scale, C)
+    bc = _pad_chunk(beta.to(acc), C)[..., None]                      # [B, H, N, C, 1]
+    G = _pad_chunk(g.to(acc), C).cumsum(-2)                          # [B, H, N, C, K]
+    G_last = G[..., -1:, :]                                          # [B, H, N, 1, K]
+    mask = _causal(C, q.device)[..., None]                           # [C, C, 1]
+    Gamma = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~mask, -math.inf).exp()
+    k_s = kc[..., None, :, :] * Gamma                                # [B, H, N, C, C, K]
+    kb = kc * bc
+    A = (kb[..., :, None, :] * k_s).sum(-1).tril(-1)
+    W, U = _unit_lower_solve(A, kb * G.exp(), vc * bc)
+    P = (qc[..., :, None, :] * k_s).sum(-1)                         # Gamma is already lower
+    S0 = _initial(initial_state, B, H, K, V, acc, q.device)
+    o, S = _delta_recurrence(qc, kc, W, U, P, S0, decay_q=G.exp(),
+                             decay_k=(G_last - G).exp(),
+                             decay_last=G_last.exp().transpose(-1, -2))
     return _unchunk(o, T).to(q.dtype), S
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import deltanet, gated_deltanet, gla, linear_attention, mamba2, reference, retnet
+from . import deltanet, gated_deltanet, gla, kda, linear_attention, mamba2, reference, retnet
 from .inputs import canonical_from_args, canonical_inputs, spelling_args, to_time_dim
 
 __all__ = ["ZooEntry", "LayerEntry", "MODELS", "LAYERS", "family_reference"]
@@ -122,6 +122,8 @@ def _chunk_call(family: str, c: dict, variant: str):
         if variant == "gate_after":          # S = a (I - b k k^T) S + (a b) k v^T
             v = v.to(_acc(v)) * c["g"].to(_acc(v)).exp()[..., None]
         return reference.chunk_gated_delta_rule, (c["q"], c["k"], v, c["g"], c["beta"]), {}
+    if family == "kda":
+        return reference.chunk_kda, (c["q"], c["k"], c["v"], c["g"], c["beta"]), {}
     raise KeyError(f"no chunkwise reference for family {family!r}")
 
 
@@ -162,9 +164,10 @@ _ARGS = {
     "gla": ("q", "k", "v", "g"),
     "deltanet": ("q", "k", "v", "beta"),
     "gated_deltanet": ("q", "k", "v", "g", "beta"),
+    "kda": ("q", "k", "v", "g", "beta"),
 }
 _KIND = {"linear_attention": "additive", "retnet": "decay", "mamba2": "decay", "gla": "decay",
-         "deltanet": "delta", "gated_deltanet": "gated_delta"}
+         "deltanet": "delta", "gated_deltanet": "gated_delta", "kda": "gated_delta"}
 
 
 def _entry(family, fn, time_dim, *, readout="after", returns_state=False, state_layout="kv",
@@ -204,6 +207,8 @@ _ENTRIES = [
     _entry("gated_deltanet", gated_deltanet.gated_deltanet_matmul_bthd, 1, state_layout="vk"),
     _entry("gated_deltanet", gated_deltanet.gated_deltanet_gate_after, 0, variant="gate_after",
            arg_names=("q", "k", "v", "alpha", "beta")),
+    _entry("kda", kda.kda_fla, 2, state_kwarg=_OFS),
+    _entry("kda", kda.kda_matmul_bthd, 1, state_layout="vk"),
 ]
 MODELS: dict[str, ZooEntry] = {e.name: e for e in _ENTRIES}
 

@@ -139,9 +139,20 @@ def _fallback(state: int, node: str, why: str, kind: RuleKind, culprit: str | No
 
 
 def _projection(parts: _Parts, gate: Sequence[Factor], ca: float, key: int, bset: set[int], value):
+    """(erase key factors, beta, gate_first) of the projection term ``-b k k^T (gate) S``.
+
+    A per-key-channel gate is found either on the written key index (``D (I - b k k^T) S``:
+    delta, then decay) or on the read index (``(I - b k k^T) D S``: decay, then delta,
+    ``gate_first``); a scalar gate commutes and is reported as not first.
+    """
     pos, m = parts.proj
-    rest = _remove(m.factors, gate)
     c = m.state.indices[pos]
+    gate_first = False
+    try:
+        rest = _remove(m.factors, gate)
+    except _Fail:
+        rest = _remove(m.factors, [_rename(f, key, c) for f in gate])
+        gate_first = True
     read = [f for f in rest if c in f.indices]
     wrote = [f for f in rest if key in f.indices]
     if any(c in f.indices and key in f.indices for f in rest):
@@ -151,7 +162,7 @@ def _projection(parts: _Parts, gate: Sequence[Factor], ca: float, key: int, bset
     _check(wrote, bset | {key}, "the key", value)
     beta = [f for f in rest if f not in read and f not in wrote]
     _check(beta, bset, "beta", value)
-    return tuple(wrote), Operand(-m.coef / ca, tuple(beta))
+    return tuple(wrote), Operand(-m.coef / ca, tuple(beta)), gate_first
 
 
 def _write(parts: _Parts, key: int, value: int | None, bset: set[int], erase_key):
@@ -168,7 +179,8 @@ def _write(parts: _Parts, key: int, value: int | None, bset: set[int], erase_key
     if value is not None:
         _check(vw, bset | {value}, "the value", None)
     if erase_key is not None and sorted(kw, key=repr) != sorted(erase_key, key=repr):
-        raise _Fail("the write key differs from the erase key")
+        raise _Fail("the write key differs from the erase key (for instance a per-key-channel decay between "
+                    "the delta step's erase and its write): no chunkwise form")
     v = Operand(1.0, tuple(vw)) if value is not None else None
     return Operand(1.0, tuple(kw)), v, Operand(m.coef, tuple(w))
 
@@ -180,7 +192,8 @@ def _build(parts: _Parts, key_pos: int, value_pos: int | None) -> tuple[StateRul
     bset = set(batch)
     gate, ca = (parts.gate.factors, parts.gate.coef) if parts.gate else ((), 0.0)
     _check(gate, bset | {key}, "the decay", value)
-    erase_key, beta = _projection(parts, gate, ca, key, bset, value) if parts.proj else (None, None)
+    erase_key, beta, gate_first = (_projection(parts, gate, ca, key, bset, value) if parts.proj
+                                   else (None, None, False))
     k, v, write = _write(parts, key, value, bset, erase_key)
     if value is None and k.factors and not bset <= _atoms(k.factors):
         raise _Fail("no value dim found: the key does not carry every other index of the state")
@@ -197,8 +210,9 @@ def _build(parts: _Parts, key_pos: int, value_pos: int | None) -> tuple[StateRul
     note = None
     if not readouts and not parts.proj and value is not None:
         note = f"no readout: key taken as state dim {next(d for d, t in enumerate(parts.dims) if t == (key,))}"
+    per_channel = any(key in f.indices for f in gate)
     rule = StateRule(parts.state, kind, layout, k, v, beta, write, g, _log_gate(g, parts.exp_input),
-                     any(key in f.indices for f in gate), note)
+                     per_channel, note, gate_first=gate_first and per_channel)
     return rule, readouts
 
 

@@ -34,8 +34,10 @@ def _why_not(analysis: LoopAnalysis, target: Target) -> str | None:
             return rule.reason or f"state {rule.state} is {rule.kind.value}"
         if rule.kind not in target.fast_kinds:
             return f"target {target.name} has no fast path for {rule.kind.value}"
-        if rule.kind is RuleKind.GATED_DELTA and rule.per_channel:
-            return "gated delta with a per-key-channel gate has no exact chunkwise (WY) form here"
+        if rule.kind is RuleKind.GATED_DELTA and rule.per_channel and not rule.gate_first:
+            return ("the per-key-channel gate is applied after the delta step (S' = diag(a) (I - b k k^T) S "
+                    "+ ...): no exact chunkwise (WY) form; decaying first, S' = (I - b k k^T) diag(a) S + ... "
+                    "(Kimi Delta Attention), has one")
     return None
 
 

@@ -4,7 +4,8 @@ Forward, per chunk i (see ``forward``): G = cumsum(g) in the chunk, Gq = G (read
 "after") or G - g ("before"), G_L = G at the last row, D = exp(G_L), Kt = K e^{G_L-G},
 Qt = Q e^{Gq}, A the masked, decayed scores of Q against K, and for the delta family
 Akk = tril_{-1}(b_r k_r.k_s e^{G_r-G_s}), Tm = (I + Akk)^{-1}, W = Tm diag(b e^G) K,
-U = Tm V, V' = U - W H_i (else V' = V)::
+U = Tm V, V' = U - W H_i (else V' = V); with a per-channel gate (the gate-first order)
+Akk_rs = b_r sum_c k_rc k_sc e^{G_rc-G_sc} and e^G is per channel in W::
 
     H_{i+1} = D H_i + Kt^T V'        O_i = Qt H_i + A V'
 
@@ -41,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, gram, kernel_blocks, load_steps, load_tile, mm,
-    pair_decay, readout_mask, reverse_cumsum, scores, store_tile, wy_factors,
+    MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, gram, kernel_blocks, load_steps,
+    load_tile, mm, pair_decay, readout_mask, reverse_cumsum, scores, store_tile, wy_factors,
 )
 
 __all__ = ["chunk_backward"]
@@ -145,8 +146,11 @@ def _grads_kernel(
     if DELTA:  # the WY form, needed inside the dv loop (dV = Tm^T dV')
         b = load_steps(b_ptr + n * T, rows, T)
         strict = r[:, None] > r[None, :]
-        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD)
-        E, Tm, eb = wy_factors(kk, b, G, C)                               # eb = b e^G [C,1]
+        if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
+            kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
+        else:
+            kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD)
+            E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
         kb = k * eb
 
     # Sums over dv, one block of BV value columns at a time.
@@ -212,14 +216,24 @@ def _grads_kernel(
         dKb = mm(tl.trans(Tm), dW)
         dTm += mm(dW, tl.trans(kb))
         dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm)))
-        dAE = tl.where(strict, dAkk, 0.0) * E                             # dAkk_rs e^{G_r - G_s}
-        dK += b[:, None] * mm(dAE, k) + mm(tl.trans(dAE * b[:, None]), k) + dKb * eb
-        db = tl.sum(dAE * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
+        if GATE == 2:  # Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r)
+            dAkk = tl.where(strict, dAkk, 0.0)
+            dAb = dAkk * b[:, None]
+            E3 = channel_decay(G, G, strict)
+            dKr = tl.sum(dAb[:, :, None] * k[None, :, :] * E3, 1)          # sum_s dAb_rs k_sc E_rsc
+            dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)          # sum_r dAb_rs k_rc E_rsc
+            dK += dKr + dKs + dKb * eb
+            dG += k * (dKr - dKs) + dKb * kb                              # Kb = b e^G K per channel
+            db = tl.sum(dAkk * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
+        else:
+            dAE = tl.where(strict, dAkk, 0.0) * E                         # dAkk_rs e^{G_r - G_s}
+            dK += b[:, None] * mm(dAE, k) + mm(tl.trans(dAE * b[:, None]), k) + dKb * eb
+            db = tl.sum(dAE * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
+            if GATE == 1:
+                M = dAE * b[:, None] * kk                                # dAkk * Akk
+                dG += tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
+                dG += tl.sum(dKb * kb, 1, keep_dims=True)
         tl.store(db_ptr + n * T + rows, db, mask=rows < T)
-        if GATE == 1:
-            M = dAE * b[:, None] * kk                                    # dAkk * Akk
-            dG += tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
-            dG += tl.sum(dKb * kb, 1, keep_dims=True)
 
     store_tile(dk_ptr + n * T * dk, dK, rows, cols_k, T, dk, dk)
 
@@ -264,8 +278,6 @@ def chunk_backward(
     value_dim = v.shape[-1]
     delta = beta is not None
     gate = 0 if g is None else (2 if g.dim() == 3 else 1)
-    if gate == 2 and delta:
-        raise NotImplementedError("a per-key-channel gate with a delta rule has no WY chunk form here")
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     if max(key_dim, value_dim) > MAX_HEAD_DIM:

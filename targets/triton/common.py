@@ -169,6 +169,20 @@ def wy_factors(kk, b, G, C: tl.constexpr):
     return E, Tm, eb
 
 
+@triton.jit
+def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr):
+    """The delta rule's chunk factors for a per-key-channel gate in the "gate first" order
+    (S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T): (kkg, Tm, eb) with
+    kkg_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r, else 0; from [C, C, BKC] products,
+    masked before exp), Akk = diag(b) kkg, Tm = (I + Akk)^{-1} and eb = b e^G [C, BK] per
+    channel, so W = Tm (K * eb) and U = Tm V."""
+    r = tl.arange(0, C)
+    kkg = channel_scores(k_seq, k_seq, g_seq, rows, T, dk, r[:, None] > r[None, :], C, BK, BKC, False)
+    Tm = unit_lower_inverse(b[:, None] * kkg, C)
+    eb = b[:, None] * tl.exp(G)
+    return kkg, Tm, eb
+
+
 # --------------------------------------------------------------------------- launch choices
 
 MAX_HEAD_DIM = 256
@@ -213,7 +227,8 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
     that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
     CUDA: 8 warps; the chunk halved until [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv
     = 64: 64, 128: 32, 256: 16), BV <= 32 with [BK, BV] <= 4096 elements, BKC as on the CPU,
-    BKD = 32.  Every kernel then needs at most 149504 B of shared memory for dk = dv <= 256
+    BKD = 32.  Every kernel then needs at most 183296 B of shared memory for dk = dv <= 256 (the
+    delta rule with a per-channel gate, states_bwd at 256; every other kind at most 149504 B)
     (tests/test_triton_sm90.py; ``python tests/test_triton_sm90.py --all`` for every kind).
     """
     bk = block(dk)

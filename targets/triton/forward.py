@@ -3,12 +3,14 @@
 The update rule (state S in R^{dk x dv}, fp32, per sequence n of N = batch*heads)::
 
     S_t = a_t (I - b_t k_t k_t^T) S_{t-1} + k_t v_t^T     (delta family; without beta: a_t S_{t-1} + k_t v_t^T)
+    (per-channel gate with beta: the "gate first" order (I - b_t k_t k_t^T) diag(a_t) S_{t-1} + k_t v_t^T)
     o_t = S_t^T q_t  ("after")   or   S_{t-1}^T q_t  ("before"),   a_t = exp(g_t)  (scalar or per key channel)
 
 Chunk form (C tokens per chunk, chunk i entered with state H_i, G = inclusive
 cumsum of g inside the chunk, G_L its value at the last row, Gq = G or G - g)::
 
     delta:  Akk = tril(diag(b) K K^T * e^{G_r - G_s}, -1),  Tm = (I + Akk)^{-1}
+            (per-channel gate: Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc}, e^G per channel in W)
             W = Tm diag(b e^G) K,  U = Tm V,  V' = U - W H_i          (otherwise V' = V)
     H_{i+1} = e^{G_L} H_i + (K e^{G_L - G})^T V'
     O_i     = (Q e^{Gq}) H_i + A V',  A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc}  (s <= r, or s < r "before")
@@ -29,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_scores, chunk_gates, gram, kernel_blocks, load_steps, load_tile, mm, readout_mask,
-    scores, store_tile, wy_factors,
+    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, gram, kernel_blocks, load_steps, load_tile, mm,
+    readout_mask, scores, store_tile, wy_factors,
 )
 
 __all__ = ["chunk_forward"]
@@ -46,26 +48,36 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr,
     T, L, dk, dv,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKD: tl.constexpr, GATE: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    GATE: tl.constexpr,
 ):
     """Delta family, one chunk per program (grid (nc, N)): the WY/UT factors W [C, dk] and U [C, dv].
 
     Akk_rs = b_r (k_r . k_s) e^{G_r - G_s} for s < r; Tm = (I + Akk)^{-1};
     W = Tm diag(b e^G) K and U = Tm V.  Written to rows i*C .. i*C+C-1 of the
     padded [N, L = nc*C, .] buffers (U into the V' buffer, which the states
-    kernel then corrects in place).  GATE: 0 none, 1 scalar (per channel is unsupported).
+    kernel then corrects in place).  GATE: 0 none, 1 scalar, 2 per key channel in the
+    "gate first" order S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T (Kimi Delta
+    Attention): then Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc} (built like the per-channel
+    readout scores, BKC channels at a time) and W = Tm (b e^G * K) with e^G per channel.
     """
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     rows = i * C + tl.arange(0, C)
     cols_k = tl.arange(0, BK)
     cols_v = tl.arange(0, BV)
-    K = load_tile(k_ptr + n * T * dk, rows, cols_k, T, dk, dk)
+    k_seq = k_ptr + n * T * dk
+    K = load_tile(k_seq, rows, cols_k, T, dk, dk)
     V = load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)
     b = load_steps(beta_ptr + n * T, rows, T)
-    _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
-    kk = gram(k_ptr + n * T * dk, k_ptr + n * T * dk, rows, T, dk, C, BK, BKD)
-    _, tm, eb = wy_factors(kk, b, G, C)
+    if GATE == 2:
+        g_seq = g_ptr + n * T * dk
+        _, G, _, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
+        _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
+    else:
+        _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
+        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD)
+        _, tm, eb = wy_factors(kk, b, G, C)
     store_tile(w_ptr + n * L * dk, mm(tm, K * eb), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V), rows, cols_v, L, dv, dv)
 
@@ -176,7 +188,8 @@ def chunk_forward(
 
     k [N,T,dk], v [N,T,dv], q [N,T,dk] or None (fp32 / bf16 / fp16, computed in fp32),
     beta [N,T] or None (delta family; v is already scaled by the write coefficient),
-    g [N,T] or [N,T,dk] fp32 log-gate or None, h0 [N,dk,dv] fp32 (None means zeros),
+    g [N,T] or [N,T,dk] fp32 log-gate or None (per channel with beta: the gate-first order
+    S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T), h0 [N,dk,dv] fp32 (None means zeros),
     chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t.
 
     Returns (o [N,T,dv] fp32 or torch.empty(0) without q, h_final [N,dk,dv],
@@ -203,11 +216,6 @@ def chunk_forward(
     _check("g", g, [(n, t), (n, t, dk)], (torch.float32,), dev)
     _check("h0", h0, [(n, dk, dv)], (torch.float32,), dev)
     gate = 0 if g is None else (1 if g.dim() == 2 else 2)
-    if gate == 2 and beta is not None:
-        raise NotImplementedError(
-            "chunk_forward: a per-key-channel gate g [N,T,dk] together with beta has no exact WY form; "
-            "use a scalar gate g [N,T]"
-        )
     blocks = kernel_blocks(dev, dk, dv, chunk)
 
     c = chunk
@@ -234,8 +242,8 @@ def chunk_forward(
     launch = dict(C=c, BK=blocks.BK, GATE=gate, num_warps=blocks.num_warps)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     if delta:
-        _prepare_kernel[(nc, n)](k, v, beta, g_arg, W, Vp, t, L, dk, dv, BV=blocks.BV_prepare, BKD=blocks.BKD,
-                                 **launch)
+        _prepare_kernel[(nc, n)](k, v, beta, g_arg, W, Vp, t, L, dk, dv, BV=blocks.BV_prepare, BKC=blocks.BKC,
+                                 BKD=blocks.BKD, **launch)
     src, src_rows = (Vp, L) if delta else (v, t)
     _states_kernel[(n, triton.cdiv(dv, bv))](
         k, src, g_arg, W if delta else k, Vp if delta else k, h0, H, h_final,

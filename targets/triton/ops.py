@@ -11,7 +11,8 @@ fuses the code around them.
 differentiable torch ops (the write coefficient folded into v, gates to log
 space) and falls back to the exact PyTorch scan for what the kernels do not
 cover: float64, gates with zeros or negative values, a per-key-channel gate
-with a delta rule, head dims above 256.
+with a delta rule in the gate-after order (``gate_first=False``; the kernels
+implement the gate-first order of Kimi Delta Attention), head dims above 256.
 """
 from __future__ import annotations
 
@@ -115,15 +116,16 @@ def _fallback(why: str) -> None:
                       stacklevel=3)
 
 
-def _unsupported(k, v, beta, gate, log_gate, tensors) -> Optional[str]:
+def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False) -> Optional[str]:
     """Why the kernels cannot run these inputs (None when they can)."""
     if any(x.dtype == torch.float64 for x in tensors):
         return "float64 inputs (the kernels compute in float32)"
     if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dim {max(k.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
     g = gate if gate is not None else log_gate
-    if g is not None and g.dim() == 3 and beta is not None:
-        return "a per-key-channel gate with a delta rule (no WY form)"
+    if g is not None and g.dim() == 3 and beta is not None and not gate_first:
+        return ("a per-key-channel gate with a delta rule applied after the delta step (gate_first=False: "
+                "no chunkwise form; the kernels implement gate_first=True, Kimi Delta Attention)")
     if gate is not None and not bool((gate > 0).all()):
         return "gates with zero or negative values (the kernels work in log space)"
     if log_gate is not None and not bool(torch.isfinite(log_gate).all()):
@@ -143,14 +145,19 @@ def triton_chunkwise_scan(
     initial_state: Optional[Tensor] = None,
     readout: Readout = "after",
     chunk_size: int = 64,
+    gate_first: bool = False,
 ) -> tuple[Optional[Tensor], Tensor]:
-    """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results)."""
+    """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results).
+
+    ``gate_first`` only matters for a per-key-channel gate with beta (a scalar gate commutes
+    with the delta step): the kernels run the gate-first order; the other falls back."""
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
-    why = _unsupported(k, v, beta, gate, log_gate, given)
+    why = _unsupported(k, v, beta, gate, log_gate, given, gate_first)
     if why is not None:
         _fallback(why)
         return chunkwise_scan(k, v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
-                              initial_state=initial_state, readout=readout, chunk_size=chunk_size)
+                              initial_state=initial_state, readout=readout, chunk_size=chunk_size,
+                              gate_first=gate_first)
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
     n, t, dk = k.shape
