@@ -3,13 +3,14 @@
     .venv/bin/python benchmarks/bench_chunkwise.py            # full table (a few minutes)
     .venv/bin/python benchmarks/bench_chunkwise.py --quick    # T in {256, 2048}, no torch.compile
 
-For DeltaNet and GLA at B=2, H=4, D=64 and T in {256, 2048, 8192}: the time of
+For DeltaNet, GLA and KDA (Kimi Delta Attention) at B=2, H=4, D=64 and T in {256, 2048, 8192}: the time of
 the naive per-token loop (eager), of ``nlcompile.compile`` (torch target) and
 of the zoo's hand-written chunkwise reference given the same chunk size
 nlcompile chose; nlcompile's cold compile time at each T (a fresh process);
 and ``torch.compile``'s compile time on the naive loop at T=32/64/128 for
-contrast.  Times are best-of-n wall clock on this machine; the ratios are what
-to read (the machine is shared and absolute times drift).
+contrast.  Times are best-of-n wall clock on this machine, the three variants
+timed in interleaved rounds; the ratios are what to read (the machine is shared
+and absolute times drift).
 """
 from __future__ import annotations
 
@@ -23,16 +24,20 @@ import time
 
 import torch
 
-BENCH = {"DeltaNet": "deltanet_fla", "GLA": "gla_naive_bhtd"}
+BENCH = {"DeltaNet": "deltanet_fla", "GLA": "gla_naive_bhtd", "KDA": "kda_fla"}
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def interleaved_best(fns: dict, repeats: dict) -> dict:
+    """Best wall time of each function, the calls interleaved round by round so that every
+    function sees the same spells of load on this shared machine (``repeats`` per name)."""
+    times: dict = {name: [] for name in fns}
+    for round_ in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if round_ < repeats[name]:
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: min(t) for name, t in times.items()}
 
 
 def chosen_chunk(compiled, args) -> int:
@@ -83,10 +88,10 @@ def run(lengths, torch_compile_lengths) -> list[dict]:
             compiled(*args)
             chunk = chosen_chunk(compiled, args)
             with torch.no_grad():
-                repeats = 1 if T >= 4096 else 2
-                eager = best(lambda: entry.fn(*args), repeats)
-                ours = best(lambda: compiled(*args), 5)
-                ref = best(lambda: entry.reference(*args, chunk_size=chunk), 5)
+                fns = {"eager": lambda: entry.fn(*args), "ours": lambda: compiled(*args),
+                       "ref": lambda: entry.reference(*args, chunk_size=chunk)}
+                t = interleaved_best(fns, {"eager": 2 if T >= 4096 else 3, "ours": 8, "ref": 8})
+                eager, ours, ref = t["eager"], t["ours"], t["ref"]
             kind = compiled.explain(*args).loops[0].kind
             cold = in_fresh_process(COLD_COMPILE, name, str(T))
             row = dict(model=label, T=T, kind=kind, chunk=chunk, eager_ms=eager * 1e3, ours_ms=ours * 1e3,

@@ -84,6 +84,14 @@ def _scale(x: Tensor, factor: Tensor, per_channel: bool) -> Tensor:
     return x * (factor if per_channel else factor.unsqueeze(-1))
 
 
+def _channel_scores(q: Tensor, k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool,
+                    floor: Optional[float]) -> Tensor:
+    """``channel_scores`` over chunk-major tensors [nc, N, C, dk] -> [nc, N, C, C]."""
+    nc, n, c = q.shape[:3]
+    flat = lambda t: t.reshape(nc * n, c, -1)  # noqa: E731
+    return channel_scores(flat(q), flat(k), q_cum.map(flat), k_cum.map(flat), diagonal, floor).view(nc, n, c, c)
+
+
 def _scores(x: ChunkInputs, row_cum: Optional[GateCum], c: int) -> Tensor:
     """Intra-chunk readout scores, masked (and decayed) as the readout requires."""
     q, k = x.q, x.k
@@ -91,10 +99,7 @@ def _scores(x: ChunkInputs, row_cum: Optional[GateCum], c: int) -> Tensor:
     if x.cum is None:
         return _bmm(q, k.transpose(-1, -2)).tril_(diag)
     if x.per_channel:
-        nc, n = q.shape[:2]
-        flat = lambda t: t.reshape(nc * n, c, -1)  # noqa: E731
-        s = channel_scores(flat(q), flat(k), row_cum.map(flat), x.cum.map(flat), not x.before, x.floor)
-        return s.view(nc, n, c, c)
+        return _channel_scores(q, k, row_cum, x.cum, not x.before, x.floor)
     return _bmm(q, k.transpose(-1, -2)) * _gamma(row_cum, x.cum, c, diag, x.floor)
 
 
@@ -141,11 +146,8 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
         intra = None if scores is None else _bmm(scores, v)
         return ChunkPlan(None, decay_last, _bmm(k_end_t, v), q_in, intra)
     kb = k * x.beta.unsqueeze(-1)
-    if x.per_channel:
-        nc, n = k.shape[:2]
-        flat = lambda t: t.reshape(nc * n, c, -1)  # noqa: E731
-        cum = x.cum.map(flat)
-        gram = channel_scores(flat(kb), flat(k), cum, cum, False, x.floor).view(nc, n, c, c)
+    if x.per_channel:  # gate first: A_rs = b_r sum_c k_rc k_sc exp(G_rc - G_sc), s < r
+        gram = _channel_scores(kb, k, x.cum, x.cum, False, x.floor)
     else:
         gram = _bmm(kb, k.transpose(-1, -2))
     if x.cum is not None:
