@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import backward
 from nlcompile.targets.triton.backward import chunk_backward
+from nlcompile.targets.triton.forward import chunk_forward
 
 # kda: the delta rule with a per-key-channel gate, gate first (Kimi Delta Attention):
 # S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T
@@ -206,19 +207,10 @@ def test_half_precision_inputs_are_upcast():
     assert_grads_close(got, reference_grads(x, do, dh_final, False))
 
 
-def _forward_or_skip():
-    try:
-        from nlcompile.targets.triton.forward import chunk_forward
-    except Exception as e:  # noqa: BLE001 - written in parallel; absent or broken means skip
-        pytest.skip(f"targets.triton.forward unavailable: {e}")
-    return chunk_forward
-
-
 @pytest.mark.parametrize("kind,before", [("gated_delta", False), ("decay_channel", True), ("decay", False),
                                          ("kda", True)])
 def test_chained_with_chunk_forward(kind, before):
     """chunk_forward's H, V', W feed chunk_backward directly."""
-    chunk_forward = _forward_or_skip()
     T, C, dk, dv = 37, 16, 16, 24
     x = make_inputs(kind, T, dk, dv)
     gen = torch.Generator().manual_seed(3)
