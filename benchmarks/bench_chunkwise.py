@@ -20,24 +20,12 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 import torch
 
+from nlcompile.timing import interleaved_best
+
 BENCH = {"DeltaNet": "deltanet_fla", "GLA": "gla_naive_bhtd", "KDA": "kda_fla"}
-
-
-def interleaved_best(fns: dict, repeats: dict) -> dict:
-    """Best wall time of each function, the calls interleaved round by round so that every
-    function sees the same spells of load on this shared machine (``repeats`` per name)."""
-    times: dict = {name: [] for name in fns}
-    for round_ in range(max(repeats.values())):
-        for name, fn in fns.items():
-            if round_ < repeats[name]:
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: min(t) for name, t in times.items()}
 
 
 def chosen_chunk(compiled, args) -> int:

@@ -8,15 +8,7 @@ import time
 import torch
 
 from nlcompile.numerics import relative_error
-
-
-def _best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+from nlcompile.timing import interleaved_best
 
 
 def demo(model: str, T: int, B: int, H: int, D: int, target: str) -> int:
@@ -43,10 +35,11 @@ def demo(model: str, T: int, B: int, H: int, D: int, target: str) -> int:
     ok = all(e <= 1e-4 for e in errors)
     print(f"check against eager: max relative error {max(errors):.2e} ({'OK' if ok else 'MISMATCH'})")
     with torch.no_grad():
-        eager = _best_time(lambda: entry.fn(*args), 2)
-        ours = _best_time(lambda: compiled(*args), 5)
+        best = interleaved_best({"eager": lambda: entry.fn(*args), "ours": lambda: compiled(*args)},
+                                {"eager": 3, "ours": 8})
+    eager, ours = best["eager"], best["ours"]
     print(f"compile (first call): {first_call:.2f} s; eager {eager * 1e3:.1f} ms, nlcompile {ours * 1e3:.1f} ms "
-          f"-> speedup {eager / ours:.1f}x (measured side by side in this run)")
+          f"-> speedup {eager / ours:.1f}x (best of interleaved rounds, measured side by side in this run)")
     return 0 if ok and report.loops and report.loops[0].rewrite == "chunkwise" else 1
 
 
