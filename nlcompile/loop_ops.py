@@ -152,10 +152,9 @@ class ChunkwiseLoop(torch.nn.Module):
                 kw["log_gate"] = L.operand_for_kernel(rule.log_gate, lay, "gate", values, per_channel=rule.per_channel)
             elif rule.gate is not None:
                 kw["gate"] = L.operand_for_kernel(rule.gate, lay, "gate", values, per_channel=rule.per_channel)
-            if rule.gate_first:
-                kw["gate_first"] = True
+            kw["gate_first"] = rule.gate_first
             chunk = self.chunk_size or self.choose(
-                k, v, **{x: kw[x] for x in ("beta", "gate", "log_gate", "gate_first") if x in kw})
+                k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
             self.chunk_sizes_used[rule.state] = chunk
             mine = [r for r in self.analysis.readouts if r.state == rule.state]
             final = None

@@ -16,23 +16,19 @@ implement the gate-first order of Kimi Delta Attention), head dims above 256.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from nlcompile.targets.scan import Readout, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
-from nlcompile.targets.triton.common import MAX_HEAD_DIM, kernel_blocks
+from nlcompile.targets.triton.common import MAX_HEAD_DIM, block, kernel_blocks
 from nlcompile.targets.triton.forward import chunk_forward
 
 _EMPTY = (0,)
-
-
-def _chunks(t: int, chunk: int) -> int:
-    return -(-t // chunk)
 
 
 @torch.library.custom_op("nlcompile::chunk_scan", mutates_args=())
@@ -46,7 +42,7 @@ def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor]
 def _(k, v, q, beta, g, h0, chunk, before):
     n, t, dk = k.shape
     dv = v.shape[-1]
-    nc = _chunks(t, chunk)
+    nc = triton.cdiv(t, chunk)
     f32 = dict(dtype=torch.float32, device=k.device)
     o = k.new_empty((n, t, dv) if q is not None else _EMPTY, **f32)
     delta = beta is not None
@@ -102,7 +98,7 @@ def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str,
     if per_channel:
         chunk = 16
     else:
-        chunk = min(64, max(16, 1 << max(0, math.ceil(math.log2(max(chunk_size, 1))))))
+        chunk = min(64, block(chunk_size))
     return kernel_blocks(device, dk, dv, chunk, shrink=True).chunk
 
 
