@@ -5,16 +5,19 @@
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_triton.py --smoke   # tiny shapes on the CPU
 
 DeltaNet and Gated DeltaNet at B=8, H=16, D=128, T in {2048, 8192}, bf16:
-forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels),
+forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels; ``--dots``
+times them at several tl.dot precisions),
 of the ``fla`` package's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``
 (when installed: ``pip install flash-linear-attention``) and of the torch
 target's ``chunkwise_scan``, as ratios measured in one run, with the device
-named.  ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to
+named, and each output's max error relative to the torch target's fp32 scan on the same
+bf16-rounded inputs.  ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to
 check the script itself; its times mean nothing.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -47,9 +50,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 
 def make_inputs(model: str, B: int, H: int, T: int, D: int, device, dtype) -> dict:
     gen = torch.Generator(device="cpu").manual_seed(0)
-    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    rnd = lambda *s: torch.randn(*s, generator=gen, device=gen.device)  # noqa: E731
     x = dict(q=rnd(B, T, H, D) * D ** -0.5, k=F.normalize(rnd(B, T, H, D), dim=-1), v=rnd(B, T, H, D),
-             beta=torch.rand(B, T, H, generator=gen))
+             beta=torch.rand(B, T, H, generator=gen, device=gen.device))
     if model == "GatedDeltaNet":
         x["g"] = F.logsigmoid(rnd(B, T, H) + 3)
     return {n: t.to(device=device, dtype=dtype if n in ("q", "k", "v") else torch.float32) for n, t in x.items()}
@@ -77,55 +80,114 @@ def fla_kernel(model: str):
     return lambda x: fn(**x, scale=1.0)[0]
 
 
-def measure(models, lengths, B, H, D, device, dtype, repeats) -> list[dict]:
+@contextlib.contextmanager
+def dot_precision(prec: str):
+    """Force the kernels' tl.dot precision ("auto": the choice by input dtype) while timing,
+    the backward included (it launches later, from autograd)."""
+    old = os.environ.pop("NLCOMPILE_TRITON_DOT", None)
+    if prec != "auto":
+        os.environ["NLCOMPILE_TRITON_DOT"] = prec
+    try:
+        yield
+    finally:
+        os.environ.pop("NLCOMPILE_TRITON_DOT", None)
+        if old is not None:
+            os.environ["NLCOMPILE_TRITON_DOT"] = old
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want).abs().max() / want.abs().max()).item()
+
+
+def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), profile_T=None) -> list[dict]:
+    """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
+    relative to the torch target's fp32 scan on the same (bf16-rounded) inputs."""
     from nlcompile.targets.scan import chunkwise_scan
+    from nlcompile.targets.triton.common import dot_precision as auto_precision
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     rows = []
     for model in models:
-        impls = {"nlcompile-triton": lambda x: ours(x, triton_chunkwise_scan),
-                 "torch-target": lambda x: ours(x, chunkwise_scan)}
+        impls = {}
+        for prec in dots:
+            probe = torch.empty(0, dtype=dtype)
+            chosen = (auto_precision(probe, None), auto_precision(probe, None, backward=True))
+            label = f"nlcompile-triton ({'/'.join(chosen) if prec == 'auto' else prec})"
+            impls[label] = (prec, lambda x: ours(x, triton_chunkwise_scan))
+        impls["torch target"] = ("auto", lambda x: ours(x, chunkwise_scan))
         fla = fla_kernel(model)
         if fla is not None:
-            impls["fla"] = fla
+            impls["fla"] = ("auto", fla)
         for T in lengths:
             x = make_inputs(model, B, H, T, D, device, dtype)
+            with torch.no_grad():
+                want = ours({n: t.float() for n, t in x.items()}, chunkwise_scan)
             grads = {n: t.requires_grad_(n in ("q", "k", "v")) for n, t in x.items()}
-            row = {"model": model, "T": T}
-            if fla is not None:  # same function: report how far apart the two kernels are
-                with torch.no_grad():
-                    a, b = impls["nlcompile-triton"](x).float(), fla(x).float()
-                row["rel diff vs fla"] = ((a - b).abs().max() / b.abs().max()).item()
-            for name, fn in impls.items():
-                with torch.no_grad():
-                    row[f"{name} fwd"] = timed(lambda: fn(x), device, repeats)
-                row[f"{name} fwd+bwd"] = timed(lambda: fn(grads).float().square().sum().backward(), device, repeats)
-                print(f"  {model} T={T} {name}: fwd {row[f'{name} fwd'] * 1e3:.2f} ms, "
-                      f"fwd+bwd {row[f'{name} fwd+bwd'] * 1e3:.2f} ms", file=sys.stderr, flush=True)
-            rows.append(row)
+            for name, (prec, fn) in impls.items():
+                row = dict(model=model, T=T, kernel=name)
+                with dot_precision(prec):
+                    with torch.no_grad():
+                        row["err"] = rel_err(fn(x), want)
+                        row["fwd"] = timed(lambda: fn(x), device, repeats)
+                    step = lambda: fn(grads).float().square().sum().backward()  # noqa: E731
+                    try:
+                        row["fwd_bwd"] = timed(step, device, repeats)
+                    except RuntimeError as e:  # fla refuses some backward passes on some Triton versions
+                        if name != "fla":
+                            raise
+                        row["fwd_bwd"], row["note"] = None, str(e).splitlines()[0]
+                    if profile_T == T:
+                        row["profile"] = kernel_profile(step)
+                        print(f"  {model} T={T} {name}, one fwd+bwd, device ms per kernel: "
+                              + "; ".join(f"{k[:60]} {t:.2f}" for k, t in row["profile"]), file=sys.stderr, flush=True)
+                rows.append(row)
+                both = "-" if row["fwd_bwd"] is None else f"{row['fwd_bwd'] * 1e3:.2f} ms"
+                print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
+                      f"error {row['err']:.1e}", file=sys.stderr, flush=True)
     return rows
 
 
+def kernel_profile(step, top: int = 10) -> list[tuple[str, float]]:
+    """(kernel name, device ms) of one call of ``step``, the ``top`` most expensive (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [(e.key, e.self_device_time_total / 1e3) for e in prof.key_averages()]
+    return sorted(events, key=lambda e: -e[1])[:top]
+
+
 def table(rows: list[dict], device_name: str) -> str:
-    diffs = [f"{r['model']} T={r['T']}: {r['rel diff vs fla']:.1e}" for r in rows if "rel diff vs fla" in r]
-    lines = [f"device: {device_name}", f"max relative output difference vs fla: {', '.join(diffs) or 'fla not installed'}",
-             "",
-             "| model | T | pass | nlcompile-triton (ms) | fla (ms) | triton / fla | torch target (ms) | "
-             "torch target / triton |", "|---|---|---|---|---|---|---|---|"]
+    fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
+    lines = [f"device: {device_name}", "",
+             "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 |",
+             "|---|---|---|---|---|---|---|---|"]
+    notes, profiles = [], []
+    ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
+    ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
     for r in rows:
-        for p in ("fwd", "fwd+bwd"):
-            ours_t, torch_t = r[f"nlcompile-triton {p}"], r[f"torch-target {p}"]
-            fla_t = r.get(f"fla {p}")
-            fla_cols = f"{fla_t * 1e3:.2f} | {ours_t / fla_t:.2f}x" if fla_t else "not installed | -"
-            lines.append(f"| {r['model']} | {r['T']} | {p} | {ours_t * 1e3:.2f} | {fla_cols} | "
-                         f"{torch_t * 1e3:.2f} | {torch_t / ours_t:.2f}x |")
-    return "\n".join(lines)
+        ref = fla.get((r["model"], r["T"]), {})
+        ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {ratio(r['fwd_bwd'], ref.get('fwd_bwd'))}"
+        lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
+                     f"{r['err']:.1e} |")
+        if "note" in r:
+            notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
+        if "profile" in r:
+            profiles.append(f"{r['model']} T={r['T']} {r['kernel']}, one fwd+bwd, device ms per kernel: " +
+                            "; ".join(f"{name[:60]} {t:.2f}" for name, t in r["profile"]))
+    if not fla:
+        notes.append("fla not installed: no ratios")
+    return "\n".join(lines + [""] + notes + profiles)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU interpreter ok)")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--dots", default="auto", help="comma-separated tl.dot precisions to time our kernels with: "
+                    "auto (by input dtype), ieee, tf32x3, tf32")
+    ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
     args = ap.parse_args(argv)
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU (Triton interpreter: {os.environ.get('TRITON_INTERPRET', '0')})"
     rows = measure(["DeltaNet", "GatedDeltaNet"], lengths, shape["B"], shape["H"], shape["D"], device,
-                   torch.bfloat16, repeats)
+                   torch.bfloat16, repeats, args.dots.split(","), args.profile)
     print(table(rows, device_name))
     if args.json:
         with open(args.json, "w") as f:

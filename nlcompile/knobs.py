@@ -2,6 +2,8 @@
 
 * ``NLCOMPILE_DUMP=dir``: write the graph after every pass to ``dir``.
 * ``NLCOMPILE_VERBOSE=1``: print progress of long work (probing, verifying).
+* ``NLCOMPILE_TRITON_DOT=ieee|tf32x3|tf32``: the Triton kernels' matmul precision, overriding
+  the choice by input dtype (``targets/triton/common.dot_precision``); for measuring.
 """
 from __future__ import annotations
 
@@ -16,3 +18,14 @@ def dump_dir() -> Path | None:
 
 def verbose() -> bool:
     return os.environ.get("NLCOMPILE_VERBOSE", "") not in ("", "0")
+
+
+TRITON_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def triton_dot_precision() -> str | None:
+    value = os.environ.get("NLCOMPILE_TRITON_DOT", "")
+    if value and value not in TRITON_DOT_PRECISIONS:
+        raise ValueError(f"NLCOMPILE_TRITON_DOT={value!r}: expected one of {', '.join(TRITON_DOT_PRECISIONS)} "
+                         "(or unset, to choose by input dtype)")
+    return value or None

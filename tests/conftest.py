@@ -1,10 +1,23 @@
-"""Run Triton kernels on the CPU (the interpreter) when there is no GPU.
+"""Run Triton kernels on the CPU (the interpreter) when there is no GPU, on the GPU when there is one.
 
-Set before any kernel module is imported: ``triton.jit`` reads it at decoration time.
+TRITON_INTERPRET is set before any kernel module is imported: ``triton.jit`` reads it at
+decoration time.  With a GPU, the Triton test files (``test_triton_*``) make CUDA the default
+device, so their tensors (and random generators: ``torch.Generator(torch.get_default_device())``)
+live where the kernels run.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture(autouse=True)
+def _triton_tests_on_the_gpu(request):
+    if torch.cuda.is_available() and request.module.__name__.startswith("test_triton_"):
+        with torch.device("cuda"):
+            yield
+    else:
+        yield

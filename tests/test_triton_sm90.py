@@ -11,10 +11,12 @@ for the record.
 Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rule, no
 gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-channel gate,
 gate first; chunk 16), forward (prepare, states, output with the readout after) and
-backward (states_bwd, grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256.
-``python tests/test_triton_sm90.py --all`` prints the table for
-every kind (gate none / scalar / per channel, delta on / off, readout before / after,
-with and without q) at dk = dv in {64, 128, 256}: 153 kernels, about 7 minutes on 2 cores.
+backward (states_bwd, grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256, with the dot
+precisions the launchers pick for bf16 inputs (tf32 forward, ieee backward); and the forward
+kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256.
+``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
+per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs)
+at dk = dv in {64, 128, 256}.
 Pointers and integer arguments are compiled as 16-divisible, as a launch at the benchmark
 shape specialises them; that gives the larger shared memory (unaligned builds need less).
 
@@ -34,17 +36,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block (opt-in maximum)
-BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr"}  # the benchmark's inputs; beta, g, states... are fp32
+BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr"}  # bf16 for the benchmark's inputs; beta, g, states... are fp32
 # (name, delta, gate): gate 0 none, 1 scalar, 2 per key channel
 DELTANET, GATED_DELTANET, KDA = ("DeltaNet", True, 0), ("GatedDeltaNet", True, 1), ("KDA", True, 2)
 ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2), DELTANET, GATED_DELTANET, KDA]
 
 
 def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, before: bool = False,
-                 with_q: bool = True) -> list[dict]:
+                 with_q: bool = True, prec: str = "tf32") -> list[dict]:
     """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
     of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
-    chunk_size 64."""
+    chunk_size 64, with bf16 k, v, q (``common.dot_precision``: "tf32" forward, "ieee" backward)
+    or fp32 ones (``prec="ieee"``: "ieee" everywhere)."""
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
 
@@ -56,8 +59,11 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     specs = []
 
     def add(module, kernel, **constexprs):
+        dot = prec if module == "forward" else "ieee"
         specs.append(dict(kind=name, d=dk if dk == dv else f"{dk}x{dv}", before=before, with_q=with_q,
-                          module=module, kernel=kernel, constexprs=constexprs, num_warps=b.num_warps))
+                          inputs="fp32" if prec == "ieee" else "bf16",
+                          module=module, kernel=kernel, constexprs=dict(constexprs, PREC=dot),
+                          num_warps=b.num_warps))
 
     if delta:
         add("forward", "_prepare_kernel", **dict(base, BV=b.BV_prepare), BKC=b.BKC, GATE=gate)
@@ -82,7 +88,8 @@ def compile_sm90(spec: dict) -> dict:
     fn = getattr(importlib.import_module(f"nlcompile.targets.triton.{spec['module']}"), spec["kernel"])
     consts = spec["constexprs"]
     signature = {a: "constexpr" if a in consts else
-                 ("*bf16" if a in BF16_POINTERS else "*fp32") if a.endswith("_ptr") else "i32"
+                 ("*bf16" if a in BF16_POINTERS and spec["inputs"] == "bf16" else "*fp32") if a.endswith("_ptr")
+                 else "i32"
                  for a in fn.arg_names}
     # A launch specialises on 16-divisible pointers and integers (``tt.divisibility``), which
     # vectorises loads and changes layouts and shared memory; at the benchmark shape (T = 2048 or
@@ -125,12 +132,13 @@ def compile_all(specs: list[dict], workers: int = 2) -> list[dict]:
 
 
 def table(results: list[dict]) -> str:
-    head = "| kernel | kind | d | C | BV | BKC | warps | flags | shared B | REG | STACK B | compile s |"
-    rows = [head, "|" + " --- |" * 12]
+    head = "| kernel | kind | d | dot | C | BV | BKC | warps | flags | shared B | REG | STACK B | compile s |"
+    rows = [head, "|" + " --- |" * 13]
     for r in results:
         c = r["constexprs"]
         flags = ",".join(f"{k}={int(v)}" for k, v in c.items() if k in ("HAS_Q", "BEFORE", "HAS_BETA"))
-        rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['C']} | {c['BV']} | {c.get('BKC', '-')} | "
+        rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['PREC']} | {c['C']} | {c['BV']} | "
+                    f"{c.get('BKC', '-')} | "
                     f"{r['num_warps']} | {flags} | {r['shared']} | {r['reg']} | {r['stack']} | {r['seconds']} |")
     return "\n".join(rows)
 
@@ -149,6 +157,8 @@ def test_kernels_fit_h100_shared_memory():
     _require_triton_cuda_backend()
     specs = kernel_specs(DELTANET, 128) + kernel_specs(GATED_DELTANET, 128)
     specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256) + kernel_specs(KDA, 128)
+    specs += [s for s in kernel_specs(DELTANET, 128, prec="ieee") + kernel_specs(GATED_DELTANET, 256, prec="ieee")
+              if s["module"] == "forward"]  # the backward kernels run in ieee for bf16 inputs too
     results = compile_all(specs)
     print("\n" + table(results))
     over = [f"{r['kernel']} {r['kind']} d={r['d']}: {r['shared']} B" for r in results
@@ -177,8 +187,9 @@ def main(argv: list[str]) -> int:
         specs, seen = [], set()
         for d in (64, 128, 256):
             for kind in ALL_KINDS:
-                for before, with_q in ((False, True), (True, True), (False, False)):
-                    for s in kernel_specs(kind, d, d, before, with_q):
+                for before, with_q, prec in ((False, True, "tf32"), (True, True, "tf32"), (False, False, "tf32"),
+                                             (False, True, "ieee")):
+                    for s in kernel_specs(kind, d, d, before, with_q, prec):
                         key = json.dumps([s["module"], s["kernel"], d, s["constexprs"]], sort_keys=True)
                         if key not in seen:
                             seen.add(key)

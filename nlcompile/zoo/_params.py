@@ -16,8 +16,8 @@ def init_params(module: nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.ndim == 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * p.shape[1] ** -0.5)
+                p.copy_(torch.randn(p.shape, generator=gen, device=gen.device) * p.shape[1] ** -0.5)
             elif name.endswith("norm_weight"):
                 p.fill_(1.0)
             else:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen, device=gen.device) * 0.1)

@@ -46,7 +46,7 @@ def from_time_dim(x: torch.Tensor, time_dim: int) -> torch.Tensor:
 
 def _draw(family: str, B: int, H: int, T: int, D: int, Dv: int, gen: torch.Generator) -> dict:
     def randn(*shape):
-        return torch.randn(*shape, generator=gen)
+        return torch.randn(*shape, generator=gen, device=gen.device)
 
     def unit(*shape):
         return F.normalize(randn(*shape), p=2, dim=-1)
@@ -56,7 +56,7 @@ def _draw(family: str, B: int, H: int, T: int, D: int, Dv: int, gen: torch.Gener
     if family == "mamba2":
         x = randn(B, H, T, Dv)
         dt = F.softplus(randn(B, H, T) - 3.0)                 # ~ 0.05 .. 0.3
-        A = -torch.exp(torch.rand(H, generator=gen) * math.log(16.0))   # in [-16, -1]
+        A = -torch.exp(torch.rand(H, generator=gen, device=gen.device) * math.log(16.0))   # in [-16, -1]
         return {"x": x, "dt": dt, "A": A, "B": randn(B, H, T, D), "C": randn(B, H, T, D)}
     if family == "gla":
         return {"q": randn(B, H, T, D), "k": randn(B, H, T, D), "v": randn(B, H, T, Dv),
@@ -79,10 +79,12 @@ def canonical_inputs(family: str, B: int = 2, H: int = 4, T: int = 16, D: int = 
     """The family's inputs in the canonical layout, keyed by name.
 
     D is the key (state) dim, Dv the value dim (defaults to D).  Keys are
-    L2-normalised for the delta rules, betas in (0, 1), log-gates <= 0.
+    L2-normalised for the delta rules, betas in (0, 1), log-gates <= 0.  Drawn on the CPU (the
+    same values on every machine), then moved to ``device`` (default: torch's default device).
     """
     gen = torch.Generator().manual_seed(seed)
     drawn = _draw(family, B, H, T, D, D if Dv is None else Dv, gen)
+    device = torch.get_default_device() if device is None else device
     return {name: x.to(dtype=dtype, device=device) for name, x in drawn.items()}
 
 

@@ -220,7 +220,8 @@ def _make_module(cls, seed=0, d_model=64, n_heads=4, head_dim=16) -> nn.Module:
 
 def _layer_inputs(B=2, T=16, d_model=64, dtype=torch.float32, seed=0, *, device=None) -> tuple:
     gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(B, T, d_model, generator=gen).to(dtype=dtype, device=device),)
+    device = torch.get_default_device() if device is None else device
+    return (torch.randn(B, T, d_model, generator=gen, device=gen.device).to(dtype=dtype, device=device),)
 
 
 LAYERS: dict[str, LayerEntry] = {

@@ -42,8 +42,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, gram, kernel_blocks, load_steps,
-    load_tile, mm, pair_decay, readout_mask, reverse_cumsum, scores, store_tile, wy_factors,
+    MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
+    load_steps, load_tile, mm, pair_decay, readout_mask, reverse_cumsum, scores, store_tile, wy_factors,
 )
 
 __all__ = ["chunk_backward"]
@@ -71,7 +71,7 @@ def _states_bwd_kernel(
     dhn_ptr, dvp_ptr, dh0_ptr,                        # outputs
     T, NC, dk, dv, dvp_rows,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr,
+    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Reverse inter-chunk recurrence for one sequence and one block of dv columns.
 
@@ -97,7 +97,7 @@ def _states_bwd_kernel(
         rows = i * C + r
         k = load_tile(k_seq, rows, cols_k, T, dk, dk)
         g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
-        dvp = mm(k * tl.exp(GL - G), dh)                                 # Kt dHn
+        dvp = mm(k * tl.exp(GL - G), dh, PREC)                                 # Kt dHn
         dh_prev = tl.exp(tl.trans(GL)) * dh                               # D dHn
         if HAS_Q:
             q = load_tile(q_seq, rows, cols_k, T, dk, dk)
@@ -105,12 +105,12 @@ def _states_bwd_kernel(
             if GATE == 2:
                 A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
             else:
-                A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD), G, Gq, mask, GATE)
-            dvp += mm(tl.trans(A), do)                                    # A^T dO
-            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do)                  # Qt^T dO
+                A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
+            dvp += mm(tl.trans(A), do, PREC)                                    # A^T dO
+            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC)                  # Qt^T dO
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
-            dh_prev -= mm(tl.trans(w), dvp)                              # W^T dV'
+            dh_prev -= mm(tl.trans(w), dvp, PREC)                              # W^T dV'
         store_tile(dhn_ptr + (n * NC + i) * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
         store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dv)
         dh = dh_prev
@@ -123,7 +123,7 @@ def _grads_kernel(
     dk_ptr, dv_ptr, dq_ptr, db_ptr, dg_ptr,                                       # outputs
     T, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr,
+    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradients of one chunk of one sequence w.r.t. k, q, beta, g (and v for the delta
     family; otherwise dv = dV' was written by the states kernel)."""
@@ -149,7 +149,7 @@ def _grads_kernel(
         if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
             kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
         else:
-            kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD)
+            kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
             E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
         kb = k * eb
 
@@ -168,18 +168,18 @@ def _grads_kernel(
             vp = load_tile(vp_seq, rows, cols_v, T, dv, dv)
         else:
             vp = load_tile(v_seq, rows, cols_v, T, dv, dv)
-        dKt += mm(vp, tl.trans(dhn))
+        dKt += mm(vp, tl.trans(dhn), PREC)
         dD += tl.sum(dhn * h, 1)
         if HAS_Q:
             do = load_tile(do_seq, rows, cols_v, T, dv, dv)
-            dQt += mm(do, tl.trans(h))
-            dA += mm(do, tl.trans(vp))
+            dQt += mm(do, tl.trans(h), PREC)
+            dA += mm(do, tl.trans(vp), PREC)
         if DELTA:
             dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
             v = load_tile(v_seq, rows, cols_v, T, dv, dv)
-            dW -= mm(dvp, tl.trans(h))
-            dTm += mm(dvp, tl.trans(v))                                  # U = Tm V
-            store_tile(dv_ptr + n * T * dv, mm(tl.trans(Tm), dvp), rows, cols_v, T, dv, dv)
+            dW -= mm(dvp, tl.trans(h), PREC)
+            dTm += mm(dvp, tl.trans(v), PREC)                                  # U = Tm V
+            store_tile(dv_ptr + n * T * dv, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, dv)
 
     # Kt = K e^{G_L - G} and D = e^{G_L}.
     eKt = tl.exp(GL - G)
@@ -203,19 +203,19 @@ def _grads_kernel(
             dG -= k * dKA
         else:          # A = (Q K^T) * e^{Gq_r - G_s}
             dAg = dA * pair_decay(Gq, G, mask)
-            dQ += mm(dAg, k)
-            dK += mm(tl.trans(dAg), q)
+            dQ += mm(dAg, k, PREC)
+            dK += mm(tl.trans(dAg), q, PREC)
             if GATE == 1:
-                dAA = dAg * gram(q_seq, k_seq, rows, T, dk, C, BK, BKD)
+                dAA = dAg * gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
                 dGq += tl.sum(dAA, 1, keep_dims=True)
                 dG -= tl.trans(tl.sum(dAA, 0, keep_dims=True))
         dG += dGq
         store_tile(dq_ptr + n * T * dk, dQ, rows, cols_k, T, dk, dk)
 
     if DELTA:  # back through W = Tm Kb, U = Tm V, Tm = (I + Akk)^{-1}
-        dKb = mm(tl.trans(Tm), dW)
-        dTm += mm(dW, tl.trans(kb))
-        dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm)))
+        dKb = mm(tl.trans(Tm), dW, PREC)
+        dTm += mm(dW, tl.trans(kb), PREC)
+        dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC)
         if GATE == 2:  # Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r)
             dAkk = tl.where(strict, dAkk, 0.0)
             dAb = dAkk * b[:, None]
@@ -227,7 +227,7 @@ def _grads_kernel(
             db = tl.sum(dAkk * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
         else:
             dAE = tl.where(strict, dAkk, 0.0) * E                         # dAkk_rs e^{G_r - G_s}
-            dK += b[:, None] * mm(dAE, k) + mm(tl.trans(dAE * b[:, None]), k) + dKb * eb
+            dK += b[:, None] * mm(dAE, k, PREC) + mm(tl.trans(dAE * b[:, None]), k, PREC) + dKb * eb
             db = tl.sum(dAE * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
             if GATE == 1:
                 M = dAE * b[:, None] * kk                                # dAkk * Akk
@@ -239,14 +239,18 @@ def _grads_kernel(
 
     if GATE > 0:  # G_L is G's last row; G = cumsum(g); before: Gq = G - g
         dG += tl.where(r[:, None] == C - 1, dGL, 0.0)
-        dg = reverse_cumsum(dG, 0)
-        if HAS_Q:
-            if BEFORE:
-                dg -= dGq
         if GATE == 2:
+            dg = reverse_cumsum(dG, 0)
+            if HAS_Q:
+                if BEFORE:
+                    dg -= dGq
             store_tile(dg_ptr + n * T * dk, dg, rows, cols_k, T, dk, dk)
-        else:
-            tl.store(dg_ptr + n * T + rows, tl.sum(dg, 1), mask=rows < T)
+        else:  # summed to a vector before the scan (see ``chunk_gates``)
+            dg = reverse_cumsum(tl.sum(dG, 1), 0)
+            if HAS_Q:
+                if BEFORE:
+                    dg -= tl.sum(dGq, 1)
+            tl.store(dg_ptr + n * T + rows, dg, mask=rows < T)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -309,7 +313,7 @@ def chunk_backward(
     dhn = torch.empty(n, nc, key_dim, value_dim, **f32)
     dvp = torch.empty(n, nc * chunk, value_dim, **f32) if delta else dv
     flags = dict(C=chunk, BK=blocks.BK, BV=blocks.BV, BKC=blocks.BKC, BKD=blocks.BKD, HAS_Q=q is not None, DELTA=delta,
-                 GATE=gate, BEFORE=bool(before), num_warps=blocks.num_warps)
+                 GATE=gate, BEFORE=bool(before), PREC=dot_precision(k, q, backward=True), num_warps=blocks.num_warps)
     _states_bwd_kernel[(n, triton.cdiv(value_dim, blocks.BV))](
         k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0,
         t, nc, key_dim, value_dim, dvp.shape[1], **flags)

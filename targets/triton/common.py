@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+
+from nlcompile import knobs
 
 # --------------------------------------------------------------------------- in-kernel helpers
 
@@ -40,9 +43,9 @@ def reverse_cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
-def mm(a, b):
-    """fp32-exact matmul (the compiler checks kernels against eager at 1e-4)."""
-    return tl.dot(a, b, input_precision="ieee")
+def mm(a, b, PREC: tl.constexpr):
+    """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``)."""
+    return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -78,11 +81,14 @@ def chunk_gates(g_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, GATE: tl.
     """
     if GATE == 2:
         g = load_tile(g_seq, rows, tl.arange(0, BK), T, dk, dk)
-    elif GATE == 1:
-        g = load_steps(g_seq, rows, T)[:, None]
+        G = tl.cumsum(g, 0)
+    elif GATE == 1:  # scanned as a vector: Triton 3.6 fails to lower a scan over a [C, 1] block for sm_90
+        g_steps = load_steps(g_seq, rows, T)
+        g = g_steps[:, None]
+        G = tl.cumsum(g_steps, 0)[:, None]
     else:
         g = tl.zeros([C, 1], dtype=tl.float32)
-    G = tl.cumsum(g, 0)
+        G = g
     if BEFORE:
         Gq = G - g
     else:
@@ -115,14 +121,14 @@ def channel_decay(Gq, G, mask):
 
 
 @triton.jit
-def gram(a_seq, b_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr):
+def gram(a_seq, b_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, PREC: tl.constexpr):
     """[C, C] A B^T of the chunk's ``rows`` of two row-major [T, dk] matrices (Q K^T, K K^T),
     BKD key channels at a time (loaded from memory: an fp32 dot holds its operands' whole
     reduction dim in registers, so BKD < BK bounds them on a GPU)."""
     acc = tl.zeros((C, C), dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BKD):
         cols = c0 + tl.arange(0, BKD)
-        acc += mm(load_tile(a_seq, rows, cols, T, dk, dk), tl.trans(load_tile(b_seq, rows, cols, T, dk, dk)))
+        acc += mm(load_tile(a_seq, rows, cols, T, dk, dk), tl.trans(load_tile(b_seq, rows, cols, T, dk, dk)), PREC)
     return acc
 
 
@@ -186,6 +192,28 @@ def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C: tl.constexpr, BK: tl.
 # --------------------------------------------------------------------------- launch choices
 
 MAX_HEAD_DIM = 256
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
+    """``tl.dot`` precision of the forward (or ``backward``) kernels for the keys and queries
+    given: their dtype is the precision the model runs in (the values may arrive in fp32,
+    already scaled by beta).
+
+    fp32: "ieee" (fp32 products: the compiler checks against eager at 1e-4).
+    bf16 / fp16: "tf32" in the forward (tensor cores; operands rounded to 10 mantissa bits, which
+    holds a bf16 input exactly and rounds the fp32 intermediates, W, V', the states, far below
+    the inputs' own 8-bit rounding) and "ieee" in the backward.  Measured on an H100 (Triton 3.6,
+    B=8 H=16 D=128 bf16, ``benchmarks/bench_triton.py``): tf32 made the DeltaNet forward 2.4x
+    faster (T=2048: 7.11 -> 2.90 ms) but the backward kernels about 4x slower (fwd+bwd 20.0 ->
+    52.9 ms).  ``NLCOMPILE_TRITON_DOT`` overrides both.  The CPU interpreter computes every dot in
+    fp32 whatever is asked.
+    """
+    forced = knobs.triton_dot_precision()
+    if forced:
+        return forced
+    low = all(x.dtype in _LOW_PRECISION for x in (k, q) if x is not None)
+    return "tf32" if low and not backward else "ieee"
 
 
 def block(d: int) -> int:

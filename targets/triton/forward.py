@@ -31,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, gram, kernel_blocks, load_steps, load_tile, mm,
-    readout_mask, scores, store_tile, wy_factors,
+    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks, load_steps,
+    load_tile, mm, readout_mask, scores, store_tile, wy_factors,
 )
 
 __all__ = ["chunk_forward"]
@@ -49,7 +49,7 @@ def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr,
     T, L, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    GATE: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Delta family, one chunk per program (grid (nc, N)): the WY/UT factors W [C, dk] and U [C, dv].
 
@@ -76,10 +76,10 @@ def _prepare_kernel(
         _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
     else:
         _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
-        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD)
+        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
         _, tm, eb = wy_factors(kk, b, G, C)
-    store_tile(w_ptr + n * L * dk, mm(tm, K * eb), rows, cols_k, L, dk, dk)
-    store_tile(u_ptr + n * L * dv, mm(tm, V), rows, cols_v, L, dv, dv)
+    store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
+    store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
 
 
 @triton.jit
@@ -87,6 +87,7 @@ def _states_kernel(
     k_ptr, src_ptr, g_ptr, w_ptr, vp_ptr, h0_ptr, H_ptr, hT_ptr,
     T, src_rows, nc, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_BETA: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """The inter-chunk recurrence for one sequence and one block of value columns (grid (N, cdiv(dv, BV))).
 
@@ -109,13 +110,13 @@ def _states_kernel(
         vals = load_tile(src_ptr + n * src_rows * dv, rows, cols_v, src_rows, dv, dv)
         if HAS_BETA:
             W = load_tile(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
-            vals = vals - mm(W, h)
+            vals = vals - mm(W, h, PREC)
             store_tile(vp_ptr + n * src_rows * dv, vals, rows, cols_v, src_rows, dv, dv)
         if GATE == 0:
-            h = h + mm(tl.trans(K), vals)
+            h = h + mm(tl.trans(K), vals, PREC)
         else:
             _, G, _, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
-            h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K * tl.exp(GL - G)), vals)
+            h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K * tl.exp(GL - G)), vals, PREC)
     store_tile(hT_ptr + n * dk * dv, h, cols_k, cols_v, dk, dv, dv)
 
 
@@ -124,7 +125,7 @@ def _output_kernel(
     q_ptr, k_ptr, vals_ptr, g_ptr, H_ptr, o_ptr,
     T, vals_rows, nc, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    GATE: tl.constexpr, BEFORE: tl.constexpr,
+    GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Readout of one chunk for one block of value columns (grid (nc, N, cdiv(dv, BV))).
 
@@ -149,12 +150,12 @@ def _output_kernel(
     if GATE == 2:
         A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
     else:
-        A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD), G, Gq, mask, GATE)
+        A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
     if GATE == 0:
         Qt = Q
     else:
         Qt = Q * tl.exp(Gq)
-    O = mm(Qt, h) + mm(A, vals)
+    O = mm(Qt, h, PREC) + mm(A, vals, PREC)
     store_tile(o_ptr + n * T * dv, O, rows, cols_v, T, dv, dv)
 
 
@@ -239,7 +240,7 @@ def chunk_forward(
         return o, h_final, H, Vp, W
 
     bv = blocks.BV
-    launch = dict(C=c, BK=blocks.BK, GATE=gate, num_warps=blocks.num_warps)
+    launch = dict(C=c, BK=blocks.BK, GATE=gate, PREC=dot_precision(k, q), num_warps=blocks.num_warps)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     if delta:
         _prepare_kernel[(nc, n)](k, v, beta, g_arg, W, Vp, t, L, dk, dv, BV=blocks.BV_prepare, BKC=blocks.BKC,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU part of the Triton target in one go, for a lent GPU machine (offline, its own torch/triton):
+# install nlcompile (no deps), the GPU benchmark, then the Triton test files on the GPU.
+#
+#   bash benchmarks/gpu_check.sh            # logs and bench.json under $OUT (default: gpu-logs/)
+#
+# Wheels in .whl/ (e.g. fla_core, for the benchmark's flash-linear-attention columns) are installed
+# first, without their dependencies.  BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
+# the tl.dot precisions the benchmark times (auto = the choice by input dtype); PROFILE=T adds each
+# kernel's device time at that T.  Seen on an H100 (2026-11-26): the benchmark with two precisions
+# and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about 110 s
+# with 12 workers.
+set -u
+OUT=${OUT:-gpu-logs}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+    || { cat "$OUT/install.log"; exit 1; }
+nvidia-smi -L
+$PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --json "$OUT/bench.json" \
+    ${PROFILE:+--profile "$PROFILE"} \
+    2>"$OUT/bench.err" | tee "$OUT/bench.md"
+echo "bench rc=${PIPESTATUS[0]}"; tail -5 "$OUT/bench.err"
+timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
+    tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py >"$OUT/tests.log" 2>&1
+echo "pytest rc=$?"
+grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
