@@ -97,7 +97,7 @@ def _states_bwd_kernel(
         rows = i * C + r
         k = load_tile(k_seq, rows, cols_k, T, dk, dk)
         g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
-        dvp = mm(k * tl.exp(GL - G), dh, PREC)                                 # Kt dHn
+        dvp = mm(k * tl.exp(GL - G), dh, PREC)                           # Kt dHn
         dh_prev = tl.exp(tl.trans(GL)) * dh                               # D dHn
         if HAS_Q:
             q = load_tile(q_seq, rows, cols_k, T, dk, dk)
@@ -106,11 +106,11 @@ def _states_bwd_kernel(
                 A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
             else:
                 A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
-            dvp += mm(tl.trans(A), do, PREC)                                    # A^T dO
-            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC)                  # Qt^T dO
+            dvp += mm(tl.trans(A), do, PREC)                              # A^T dO
+            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC)            # Qt^T dO
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
-            dh_prev -= mm(tl.trans(w), dvp, PREC)                              # W^T dV'
+            dh_prev -= mm(tl.trans(w), dvp, PREC)                        # W^T dV'
         store_tile(dhn_ptr + (n * NC + i) * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
         store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dv)
         dh = dh_prev
@@ -178,7 +178,7 @@ def _grads_kernel(
             dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
             v = load_tile(v_seq, rows, cols_v, T, dv, dv)
             dW -= mm(dvp, tl.trans(h), PREC)
-            dTm += mm(dvp, tl.trans(v), PREC)                                  # U = Tm V
+            dTm += mm(dvp, tl.trans(v), PREC)                            # U = Tm V
             store_tile(dv_ptr + n * T * dv, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, dv)
 
     # Kt = K e^{G_L - G} and D = e^{G_L}.
@@ -317,8 +317,9 @@ def chunk_backward(
     _states_bwd_kernel[(n, triton.cdiv(value_dim, blocks.BV))](
         k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0,
         t, nc, key_dim, value_dim, dvp.shape[1], **flags)
+    cap = {} if blocks.grads_maxnreg is None else dict(maxnreg=blocks.grads_maxnreg)
     _grads_kernel[(nc, n)](
         k, v, q_, beta_, g_, H, Vp_, dvp, do_, dhn,
         dk, dv, dq if q is not None else dummy, dbeta if delta else dummy, dg if g is not None else dummy,
-        t, nc, key_dim, value_dim, **flags)
+        t, nc, key_dim, value_dim, **flags, **cap)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)

@@ -8,6 +8,7 @@ the one place where block sizes and warps are chosen per device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -232,6 +233,7 @@ class Blocks:
     BKC: int         # key channels per step of the per-channel-gate scores ([C, C, BKC] products)
     BKD: int         # key channels per step of the [C, C] Gram products Q K^T, K K^T (``gram``)
     num_warps: int
+    grads_maxnreg: Optional[int] = None  # register cap of the backward's grads kernel (CUDA: 255)
 
 
 # CUDA (sized on the H100, sm_90: 232448 bytes of shared memory per block).  The fp32 "ieee" dots
@@ -255,9 +257,10 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
     that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
     CUDA: 8 warps; the chunk halved until [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv
     = 64: 64, 128: 32, 256: 16), BV <= 32 with [BK, BV] <= 4096 elements, BKC as on the CPU,
-    BKD = 32.  Every kernel then needs at most 183296 B of shared memory for dk = dv <= 256 (the
-    delta rule with a per-channel gate, states_bwd at 256; every other kind at most 149504 B)
-    (tests/test_triton_sm90.py; ``python tests/test_triton_sm90.py --all`` for every kind).
+    BKD = 32, and the grads kernel capped at 255 registers: left to itself at 8 warps, ptxas gave
+    it 32 registers and 6 KB of spills per thread (DeltaNet, d = 128, sm_90; 255 and 1.9 KB
+    with the cap).  Every kernel then fits the H100's 232448 B of shared memory per block
+    (tests/test_triton_sm90.py; ``python tests/test_triton_sm90.py --all`` prints every kind).
     """
     bk = block(dk)
     if torch.device(device).type == "cuda":
@@ -276,4 +279,4 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
         warps = 4
         bkd = bk
     return Blocks(chunk=c, BK=bk, BV=bv, BV_prepare=block(dv), BKC=min(bk, max(1, 8192 // (c * c))),
-                  BKD=bkd, num_warps=warps)
+                  BKD=bkd, num_warps=warps, grads_maxnreg=255 if torch.device(device).type == "cuda" else None)
