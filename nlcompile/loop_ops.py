@@ -93,7 +93,13 @@ class ChunkwiseLoop(torch.nn.Module):
         self.scan, self.chunk_size, self.choose = scan, chunk_size, choose_chunk_size
         self.chunk_sizes_used: dict[int, int] = {}   # state -> chunk size of the latest call
         self.leaf_names = sorted(analysis.leaf_nodes)
-        self.leaf_gm = extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.leaf_names])
+        # leaves that are step inputs themselves are views of their source (no vmap call: at short T
+        # its overhead is a sizeable part of the loop's time); the others are computed by vmap
+        step_names = [p.name for p in step_ph]
+        self.step_leaves = {n: step_names.index(n) for n in self.leaf_names if n in step_names}
+        self.computed_leaves = [n for n in self.leaf_names if n not in self.step_leaves]
+        self.leaf_gm = (extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.computed_leaves])
+                        if self.computed_leaves else None)
         self.state_vals = [n.meta["val"] for n in out_nodes[:ns]]
         self.readout_vals = {r.node: nodes[r.node].meta["val"] for r in analysis.readouts}
         readout_names = sorted(self.readout_vals)
@@ -124,8 +130,16 @@ class ChunkwiseLoop(torch.nn.Module):
             self.post_gm = extract_subgraph(gm, [nodes[n] for n in self.post_inputs] + inv_ph, post_outs)
 
     def _leaves(self, sources, invariants) -> dict[str, torch.Tensor]:
-        vals = _every_step(self.leaf_gm, self.step_dims, sources, after=invariants)
-        return dict(zip(self.leaf_names, vals))
+        """Every leaf's values at all steps, stacked on a leading T dim."""
+        values = {}
+        for name, i in self.step_leaves.items():
+            dim, keep = self.step_dims[i]
+            x = sources[i].movedim(dim, 0)  # what step_slice gives at each t, stacked
+            values[name] = x.unsqueeze(dim + 1) if keep else x
+        if self.leaf_gm is not None:
+            values.update(zip(self.computed_leaves,
+                              _every_step(self.leaf_gm, self.step_dims, sources, after=invariants)))
+        return values
 
     def _at_zero_state(self, sources, invariants) -> dict[str, torch.Tensor]:
         """The constant-readout nodes evaluated with every state (old and new) zero."""

@@ -311,7 +311,10 @@ def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence
     out = out[:before] + "z" + out[before:]
     if terms:
         dtype = _promote([*(t.dtype for t in terms), torch.float32])   # at least fp32: gates, coefficients
-        res = torch.einsum(",".join(subs) + "->" + out, *[t.to(dtype) for t in terms])
+        if len(terms) == 1 and sorted(subs[0]) == sorted(out) and len(set(out)) == len(out):
+            res = terms[0].to(dtype).permute([subs[0].index(c) for c in out])  # a view, not an einsum
+        else:
+            res = torch.einsum(",".join(subs) + "->" + out, *[t.to(dtype) for t in terms])
         if op.coef != 1.0:
             res = res * op.coef
     else:
