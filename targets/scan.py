@@ -25,12 +25,14 @@ or in float64 when any input is float64.
 
 from __future__ import annotations
 
-import time
+import functools
 from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch
 from torch import Tensor
+
+from nlcompile.timing import interleaved_best
 
 from .scan_chunk import ChunkInputs, chunk_outputs, chunk_states, prepare_chunks
 from .scan_decay import gate_steps, underflow_floor
@@ -242,7 +244,8 @@ def chunkwise_scan(
 
 _CHUNK_CACHE: dict[tuple, int] = {}
 _CANDIDATES = (16, 32, 64)
-_PROBE_T = 512
+_PROBE_T = SEGMENT_TOKENS  # one pass of the scan: what every longer sequence runs, pass after pass
+_ROUNDS = 3
 
 
 def choose_chunk_size(
@@ -259,11 +262,13 @@ def choose_chunk_size(
 
     The best chunk depends on the machine and the kind (per-chunk Python
     steps against C^2 matmul work; on a 2-core CPU DeltaNet at T=4096 took
-    about 50 ms with C=16 and 28 ms with C=32 or 64), so after one
-    warm-up call each candidate runs twice (best of two) on a prefix of at most
-    ``_PROBE_T`` tokens of the actual inputs; the winner is cached per
-    (kind, N, dk, dv, T bucket, dtype, device).  Short sequences (< 2 chunks
-    of 64) skip timing: one chunk, the next power of two >= T.
+    about 50 ms with C=16 and 28 ms with C=32 or 64), so after one warm-up
+    call the candidates run in ``_ROUNDS`` interleaved rounds (a busy spell of
+    this shared machine slows every candidate alike), best time of each, on a
+    prefix of at most ``_PROBE_T`` tokens of the actual inputs (one pass of the
+    segmented scan); the winner is cached per (kind, N, dk, dv, T bucket,
+    dtype, device).  Short sequences (< 2 chunks of 64) skip timing: one
+    chunk, the next power of two >= T.
     """
     n, t, dk = k.shape
     if t < 2 * _CANDIDATES[-1]:
@@ -280,17 +285,14 @@ def choose_chunk_size(
     cut = lambda y: None if y is None else y[:, :tp]  # noqa: E731
     args = dict(q=cut(q), beta=cut(beta), gate=cut(gate), log_gate=cut(log_gate), gate_first=gate_first)
     sync = torch.cuda.synchronize if k.is_cuda else (lambda: None)
-    best, best_time = _CANDIDATES[-1], float("inf")
+
+    def run(c: int) -> None:
+        chunkwise_scan(cut(k), cut(v), chunk_size=c, **args)
+        sync()
+
     with torch.no_grad():
-        chunkwise_scan(cut(k), cut(v), chunk_size=_CANDIDATES[0], **args)  # warm-up
-        for c in _CANDIDATES:
-            for _ in range(2):  # best of two: robust to a busy neighbour
-                sync()
-                start = time.perf_counter()
-                chunkwise_scan(cut(k), cut(v), chunk_size=c, **args)
-                sync()
-                elapsed = time.perf_counter() - start
-                if elapsed < best_time:
-                    best, best_time = c, elapsed
-    _CHUNK_CACHE[key] = best
-    return best
+        run(_CANDIDATES[0])  # warm-up
+        best = interleaved_best({c: functools.partial(run, c) for c in _CANDIDATES},
+                                dict.fromkeys(_CANDIDATES, _ROUNDS))
+    _CHUNK_CACHE[key] = min(_CANDIDATES, key=best.__getitem__)
+    return _CHUNK_CACHE[key]
