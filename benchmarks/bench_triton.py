@@ -138,8 +138,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), pr
                         row["fwd_bwd"], row["note"] = None, str(e).splitlines()[0]
                     if profile_T == T:
                         row["profile"] = kernel_profile(step)
-                        print(f"  {model} T={T} {name}, one fwd+bwd, device ms per kernel: "
-                              + "; ".join(f"{k[:60]} {t:.2f}" for k, t in row["profile"]), file=sys.stderr, flush=True)
+                        print("  " + profile_text(row), file=sys.stderr, flush=True)
                 rows.append(row)
                 both = "-" if row["fwd_bwd"] is None else f"{row['fwd_bwd'] * 1e3:.2f} ms"
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
@@ -158,6 +157,11 @@ def kernel_profile(step, top: int = 10) -> list[tuple[str, float]]:
     return sorted(events, key=lambda e: -e[1])[:top]
 
 
+def profile_text(row: dict) -> str:
+    return (f"{row['model']} T={row['T']} {row['kernel']}, one fwd+bwd, device ms per kernel: "
+            + "; ".join(f"{name[:60]} {t:.2f}" for name, t in row["profile"]))
+
+
 def table(rows: list[dict], device_name: str) -> str:
     fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
     lines = [f"device: {device_name}", "",
@@ -174,8 +178,7 @@ def table(rows: list[dict], device_name: str) -> str:
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
         if "profile" in r:
-            profiles.append(f"{r['model']} T={r['T']} {r['kernel']}, one fwd+bwd, device ms per kernel: " +
-                            "; ".join(f"{name[:60]} {t:.2f}" for name, t in r["profile"]))
+            profiles.append(profile_text(r))
     if not fla:
         notes.append("fla not installed: no ratios")
     return "\n".join(lines + [""] + notes + profiles)

@@ -21,7 +21,8 @@ fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
     || { cat "$OUT/install.log"; exit 1; }
 nvidia-smi -L
-$PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
+$PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
+                                   torch.cuda.get_device_name())"
 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --json "$OUT/bench.json" \
     ${PROFILE:+--profile "$PROFILE"} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"
