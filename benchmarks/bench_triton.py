@@ -6,7 +6,7 @@
 
 DeltaNet and Gated DeltaNet at B=8, H=16, D=128, T in {2048, 8192}, bf16:
 forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels; ``--dots``
-times them at several tl.dot precisions),
+and ``--warps`` time them at several tl.dot precisions and warps per program),
 of the ``fla`` package's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``
 (when installed: ``pip install flash-linear-attention``) and of the torch
 target's ``chunkwise_scan``, as ratios measured in one run, with the device
@@ -81,25 +81,27 @@ def fla_kernel(model: str):
 
 
 @contextlib.contextmanager
-def dot_precision(prec: str):
-    """Force the kernels' tl.dot precision ("auto": the choice by input dtype) while timing,
-    the backward included (it launches later, from autograd)."""
-    old = os.environ.pop("NLCOMPILE_TRITON_DOT", None)
-    if prec != "auto":
-        os.environ["NLCOMPILE_TRITON_DOT"] = prec
+def kernel_knobs(prec: str, warps: str):
+    """Force the kernels' tl.dot precision and warps ("auto": the launchers' choice) while
+    timing, the backward included (it launches later, from autograd)."""
+    wanted = {"NLCOMPILE_TRITON_DOT": prec, "NLCOMPILE_TRITON_WARPS": warps}
+    old = {name: os.environ.pop(name, None) for name in wanted}
+    os.environ.update({name: value for name, value in wanted.items() if value != "auto"})
     try:
         yield
     finally:
-        os.environ.pop("NLCOMPILE_TRITON_DOT", None)
-        if old is not None:
-            os.environ["NLCOMPILE_TRITON_DOT"] = old
+        for name, value in old.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).abs().max() / want.abs().max()).item()
 
 
-def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), profile_T=None) -> list[dict]:
+def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",),
+            profile_T=None) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
     relative to the torch target's fp32 scan on the same (bf16-rounded) inputs."""
     from nlcompile.targets.scan import chunkwise_scan
@@ -109,23 +111,25 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), pr
     rows = []
     for model in models:
         impls = {}
+        probe = torch.empty(0, dtype=dtype)
+        chosen = "/".join((auto_precision(probe, None), auto_precision(probe, None, backward=True)))
         for prec in dots:
-            probe = torch.empty(0, dtype=dtype)
-            chosen = (auto_precision(probe, None), auto_precision(probe, None, backward=True))
-            label = f"nlcompile-triton ({'/'.join(chosen) if prec == 'auto' else prec})"
-            impls[label] = (prec, lambda x: ours(x, triton_chunkwise_scan))
-        impls["torch target"] = ("auto", lambda x: ours(x, chunkwise_scan))
+            for w in warps:
+                label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
+                label += ")" if w == "auto" else f", {w} warps)"
+                impls[label] = (prec, w, lambda x: ours(x, triton_chunkwise_scan))
+        impls["torch target"] = ("auto", "auto", lambda x: ours(x, chunkwise_scan))
         fla = fla_kernel(model)
         if fla is not None:
-            impls["fla"] = ("auto", fla)
+            impls["fla"] = ("auto", "auto", fla)
         for T in lengths:
             x = make_inputs(model, B, H, T, D, device, dtype)
             with torch.no_grad():
                 want = ours({n: t.float() for n, t in x.items()}, chunkwise_scan)
             grads = {n: t.requires_grad_(n in ("q", "k", "v")) for n, t in x.items()}
-            for name, (prec, fn) in impls.items():
+            for name, (prec, w, fn) in impls.items():
                 row = dict(model=model, T=T, kernel=name)
-                with dot_precision(prec):
+                with kernel_knobs(prec, w):
                     with torch.no_grad():
                         row["err"] = rel_err(fn(x), want)
                         row["fwd"] = timed(lambda: fn(x), device, repeats)
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--dots", default="auto", help="comma-separated tl.dot precisions to time our kernels with: "
                     "auto (by input dtype), ieee, tf32x3, tf32")
+    ap.add_argument("--warps", default="auto", help="comma-separated warps per program to time our kernels with "
+                    "(auto: the launchers' choice), crossed with --dots")
     ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU (Triton interpreter: {os.environ.get('TRITON_INTERPRET', '0')})"
     rows = measure(["DeltaNet", "GatedDeltaNet"], lengths, shape["B"], shape["H"], shape["D"], device,
-                   torch.bfloat16, repeats, args.dots.split(","), args.profile)
+                   torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.profile)
     print(table(rows, device_name))
     if args.json:
         with open(args.json, "w") as f:

@@ -6,7 +6,8 @@
 #
 # Wheels in .whl/ (e.g. fla_core, for the benchmark's flash-linear-attention columns) are installed
 # first, without their dependencies.  BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
-# the tl.dot precisions the benchmark times (auto = the choice by input dtype); PROFILE=T adds each
+# the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
+# program (auto = the launchers' choice; crossed with DOTS); PROFILE=T adds each
 # kernel's device time at that T.  Seen on an H100 (2026-11-26): the benchmark with two precisions
 # and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about 110 s
 # with 12 workers.
@@ -23,7 +24,8 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/inst
 nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
                                    torch.cuda.get_device_name())"
-timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --json "$OUT/bench.json" \
+timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
+    --json "$OUT/bench.json" \
     ${PROFILE:+--profile "$PROFILE"} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"
 echo "bench rc=${PIPESTATUS[0]}"; tail -5 "$OUT/bench.err"

@@ -4,6 +4,8 @@
 * ``NLCOMPILE_VERBOSE=1``: print progress of long work (probing, verifying).
 * ``NLCOMPILE_TRITON_DOT=ieee|tf32x3|tf32``: the Triton kernels' matmul precision, overriding
   the choice by input dtype (``targets/triton/common.dot_precision``); for measuring.
+* ``NLCOMPILE_TRITON_WARPS=1|2|4|8|16``: warps per program of the Triton kernels on CUDA,
+  overriding ``targets/triton/common.kernel_blocks``; for measuring.
 """
 from __future__ import annotations
 
@@ -29,3 +31,10 @@ def triton_dot_precision() -> str | None:
         raise ValueError(f"NLCOMPILE_TRITON_DOT={value!r}: expected one of {', '.join(TRITON_DOT_PRECISIONS)} "
                          "(or unset, to choose by input dtype)")
     return value or None
+
+
+def triton_warps() -> int | None:
+    value = os.environ.get("NLCOMPILE_TRITON_WARPS", "")
+    if value and value not in ("1", "2", "4", "8", "16"):
+        raise ValueError(f"NLCOMPILE_TRITON_WARPS={value!r}: expected 1, 2, 4, 8 or 16 (or unset)")
+    return int(value) if value else None

@@ -184,6 +184,31 @@ def test_launch_blocks_on_cuda():
         kernel_blocks("cuda", 128, 128, 64)
 
 
+def test_dot_precision_and_warps_choices(monkeypatch):
+    """fp32 inputs: ieee dots; bf16 / fp16: tf32 forward, ieee backward (measured on an H100, see
+    ``common.dot_precision``); the two measuring knobs override and reject unknown values."""
+    import torch
+
+    from nlcompile.targets.triton.common import dot_precision, kernel_blocks
+
+    f32, bf16, f16 = (torch.empty(0, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16))
+    assert [dot_precision(f32, f32), dot_precision(f32, None), dot_precision(bf16, bf16)] == ["ieee", "ieee", "tf32"]
+    assert dot_precision(f16, None) == "tf32" and dot_precision(bf16, f32) == "ieee"
+    assert dot_precision(bf16, bf16, backward=True) == "ieee"
+    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "tf32x3")
+    assert dot_precision(f32, f32) == dot_precision(bf16, None, backward=True) == "tf32x3"
+    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "fp8")
+    with pytest.raises(ValueError, match="NLCOMPILE_TRITON_DOT"):
+        dot_precision(f32, None)
+    assert kernel_blocks("cuda", 128, 128, 32).num_warps == 8
+    monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "16")
+    assert kernel_blocks("cuda", 128, 128, 32).num_warps == 16
+    assert kernel_blocks("cpu", 128, 128, 32).num_warps == 4  # CUDA only (the interpreter ignores warps)
+    monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "3")
+    with pytest.raises(ValueError, match="NLCOMPILE_TRITON_WARPS"):
+        kernel_blocks("cuda", 128, 128, 32)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["--compile"]:  # child: specs on stdin, results on stdout
         print(json.dumps([compile_sm90(spec) for spec in json.load(sys.stdin)]))

@@ -255,12 +255,13 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
     failure on the GPU.
     CPU (the interpreter): the chunk as asked, BV = 64 value columns (32 for dk > 128), BKC such
     that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
-    CUDA: 8 warps; the chunk halved until [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv
-    = 64: 64, 128: 32, 256: 16), BV <= 32 with [BK, BV] <= 4096 elements, BKC as on the CPU,
-    BKD = 32, and the grads kernel capped at 255 registers: left to itself at 8 warps, ptxas gave
-    it 32 registers and 6 KB of spills per thread (DeltaNet, d = 128, sm_90; 255 and 1.9 KB
-    with the cap).  Every kernel then fits the H100's 232448 B of shared memory per block
-    (tests/test_triton_sm90.py; ``python tests/test_triton_sm90.py --all`` prints every kind).
+    CUDA: 8 warps (``NLCOMPILE_TRITON_WARPS`` overrides, for measuring); the chunk halved until
+    [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), BV <= 32
+    with [BK, BV] <= 4096 elements, BKC as on the CPU, BKD = 32, and the grads kernel capped at
+    255 registers: left to itself at 8 warps, ptxas gave it 32 registers and 6 KB of spills per
+    thread (DeltaNet, d = 128, sm_90; 255 and 1.9 KB with the cap).  Every kernel then fits the
+    H100's 232448 B of shared memory per block (tests/test_triton_sm90.py; ``python
+    tests/test_triton_sm90.py --all`` prints every kind).
     """
     bk = block(dk)
     if torch.device(device).type == "cuda":
@@ -268,7 +269,7 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
         while c > 16 and c * max(bk, block(dv)) > _CUDA_TILE:
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
-        warps = _CUDA_WARPS
+        warps = knobs.triton_warps() or _CUDA_WARPS
         bkd = min(bk, _CUDA_BKD)
         if c != chunk and not shrink:
             raise ValueError(f"chunk {chunk} is too long for dk={dk} on {device}: at most {c} fits the "
