@@ -317,9 +317,8 @@ def chunk_backward(
     _states_bwd_kernel[(n, triton.cdiv(value_dim, blocks.BV))](
         k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0,
         t, nc, key_dim, value_dim, dvp.shape[1], **flags)
-    cap = {} if blocks.grads_maxnreg is None else dict(maxnreg=blocks.grads_maxnreg)
     _grads_kernel[(nc, n)](
         k, v, q_, beta_, g_, H, Vp_, dvp, do_, dhn,
         dk, dv, dq if q is not None else dummy, dbeta if delta else dummy, dg if g is not None else dummy,
-        t, nc, key_dim, value_dim, **flags, **cap)
+        t, nc, key_dim, value_dim, **flags, maxnreg=blocks.grads_maxnreg)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)

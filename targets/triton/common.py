@@ -270,6 +270,7 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
         warps = knobs.triton_warps() or _CUDA_WARPS
+        maxnreg = 255
         bkd = min(bk, _CUDA_BKD)
         if c != chunk and not shrink:
             raise ValueError(f"chunk {chunk} is too long for dk={dk} on {device}: at most {c} fits the "
@@ -278,6 +279,7 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
         c = chunk
         bv = min(block(dv), 64 if bk <= 128 else 32)
         warps = 4
+        maxnreg = None
         bkd = bk
     return Blocks(chunk=c, BK=bk, BV=bv, BV_prepare=block(dv), BKC=min(bk, max(1, 8192 // (c * c))),
-                  BKD=bkd, num_warps=warps, grads_maxnreg=255 if torch.device(device).type == "cuda" else None)
+                  BKD=bkd, num_warps=warps, grads_maxnreg=maxnreg)
