@@ -69,7 +69,9 @@ class CompiledFunction:
 
     def compiled_for(self, *args, **kwargs) -> Compiled:
         """The ``Compiled`` entry serving this call (compiling it if needed)."""
-        tensors, layout = flatten_call(args, kwargs)
+        return self._entry(args, kwargs, *flatten_call(args, kwargs))
+
+    def _entry(self, args, kwargs, tensors, layout) -> Compiled:
         found = self._find(tensors, layout.key())
         if found is not None:
             return found
@@ -85,10 +87,10 @@ class CompiledFunction:
         return compiled
 
     def __call__(self, *args, **kwargs):
-        compiled = self.compiled_for(*args, **kwargs)
+        tensors, layout = flatten_call(args, kwargs)
+        compiled = self._entry(args, kwargs, tensors, layout)
         if compiled.run is None:
             return self._traceable.target(*args, **kwargs)
-        tensors, _ = flatten_call(args, kwargs)
         self._check_time_lengths(compiled, tensors, compiled.input_names)
         params = [t for _, t in self._traceable.named_tensors()]
         # the program was traced on contiguous probes (its reshapes may be views); inputs

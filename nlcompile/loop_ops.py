@@ -3,6 +3,9 @@
 Each takes ``(*step_sources, *initial_states, *invariants)`` (a step source is
 the whole time-carrying tensor; step t reads ``source.select(dim, t)``) and
 returns ``(*final_states, *per_step_outputs stacked on a new leading T dim)``.
+A module may say which per-step outputs are memory of its own (not views of
+its inputs or of each other) in ``fresh_outputs`` (one bool per output): the
+program then skips the defensive copy of those.
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ class SequentialLoop(torch.nn.Module):
         self.n_states = body.n_states
         self.n_outputs = body.n_step_outputs
         self.step_dims = tuple(step_dims)
+        self.fresh_outputs = (True,) * self.n_outputs  # each a torch.stack of its own
 
     def forward(self, *args: torch.Tensor):
         sources, states, invariants = _split(args, len(self.step_dims), self.n_states)
@@ -116,6 +120,10 @@ class ChunkwiseLoop(torch.nn.Module):
             else:
                 raise UnsupportedLoop(f"per-step output {node.name} depends on the state in a way the "
                                       "chunkwise form does not produce")
+        # which per-step outputs are memory of their own (a readout, the first time it is returned):
+        # the program need not copy those; leaves and post-processed values may be views of inputs
+        self.fresh_outputs = tuple(kind == "readout" and (kind, ref) not in self.sources[:i]
+                                   for i, (kind, ref) in enumerate(self.sources))
         # readouts that also hold state-free terms: their value at zero state (old and new)
         self.const_names = sorted(r.node for r in analysis.readouts if r.constant)
         self.const_gm = None
@@ -159,7 +167,9 @@ class ChunkwiseLoop(torch.nn.Module):
                  else k.new_ones(k.shape[0], k.shape[1], 1))
             kw = dict(
                 beta=L.operand_for_kernel(rule.beta, lay, "scalar", values) if rule.beta is not None else None,
-                write=L.operand_for_kernel(rule.write, lay, "scalar", values) if rule.write is not None else None,
+                # the scans take write = beta when write is not given: no second copy of the same values
+                write=(L.operand_for_kernel(rule.write, lay, "scalar", values)
+                       if rule.write is not None and rule.write != rule.beta else None),
                 initial_state=L.state_to_kernel(lay, inits[rule.state]),
             )
             if rule.log_gate is not None:

@@ -25,6 +25,7 @@ or in float64 when any input is float64.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -56,6 +57,14 @@ class _Scan:
     state: Tensor
     before: bool
     gate_first: bool = False
+
+    def cut(self, start: int, stop: int) -> "_Scan":
+        """Steps [start, stop) (the same object when that is all of them)."""
+        if start == 0 and stop >= self.k.shape[1]:
+            return self
+        per_step = ("k", "v", "q", "beta", "write", "gate", "log_gate")
+        return dataclasses.replace(self, **{name: None if getattr(self, name) is None
+                                            else getattr(self, name)[:, start:stop] for name in per_step})
 
     @property
     def per_channel(self) -> bool:
@@ -157,18 +166,6 @@ def _to_chunks(x: Tensor, c: int, nc: int) -> Tensor:
 SEGMENT_TOKENS = 1024
 
 
-def _segmented(segment: int, chunk_size: int, *, k, v, q, initial_state, readout, gate_first, **per_step):
-    """``chunkwise_scan`` over consecutive pieces of ``segment`` steps, the state carried."""
-    state, outs = initial_state, []
-    for start in range(0, k.shape[1], segment):
-        cut = lambda x: None if x is None else x[:, start:start + segment]  # noqa: E731
-        o, state = chunkwise_scan(cut(k), cut(v), q=cut(q), initial_state=state, readout=readout,
-                                  chunk_size=chunk_size, gate_first=gate_first,
-                                  **{name: cut(x) for name, x in per_step.items()})
-        outs.append(o)
-    return (torch.cat(outs, 1) if q is not None else None), state
-
-
 def _next_pow2(t: int) -> int:
     return 1 << max(0, t - 1).bit_length()
 
@@ -196,7 +193,8 @@ def chunkwise_scan(
     beta needs ``gate_first`` (else NotImplementedError: applied after the
     delta step, the gate makes each step rank two).  Differentiable: under autograd the
     recurrence avoids its out= buffers, and gradients at exact-zero gates are
-    exact (see ``scan_decay.GateCum``).
+    exact (see ``scan_decay.GateCum``).  Sequences longer than ``SEGMENT_TOKENS``
+    run in passes of that many tokens, the state carried.
     """
     x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first)
     n, t, _ = x.k.shape
@@ -208,9 +206,28 @@ def chunkwise_scan(
     if x.per_channel:
         c = 1 << (c.bit_length() - 1)
     segment = max(c, SEGMENT_TOKENS // c * c)
-    if t > segment:
-        return _segmented(segment, c, k=k, v=v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
-                          initial_state=initial_state, readout=readout, gate_first=gate_first)
+    grad = torch.is_grad_enabled() and any(
+        y is not None and y.requires_grad for y in (x.k, x.v, x.q, x.beta, x.write, x.gate, x.log_gate, x.state))
+    # outside autograd every pass writes its readout straight into one [N, T (padded), dv] buffer
+    out = None if x.q is None or grad else x.v.new_empty(n, -(-t // c) * c, x.v.shape[-1])
+    state, outs = x.state, []
+    for start in range(0, t, segment):
+        o, state = _chunkwise_pass(x.cut(start, start + segment), c, state,
+                                   None if out is None else out[:, start:start + segment])
+        outs.append(o)
+    if x.q is None:
+        o = None
+    elif out is not None:
+        o = out[:, :t]
+    else:
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
+    return o, state.clone()
+
+
+def _chunkwise_pass(x: _Scan, c: int, state: Tensor, out: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor]:
+    """One pass of the chunkwise scan over all of ``x`` from ``state``.  With ``out`` ([N, nc*c, dv]
+    of the caller's buffer) the readout is written there and None returned."""
+    n, t, _ = x.k.shape
     nc = -(-t // c)
     chunk = lambda y: None if y is None else _to_chunks(y, c, nc)  # noqa: E731
     v_in = x.v if x.beta is not None or x.write is None else x.v * x.write.unsqueeze(-1)
@@ -234,12 +251,14 @@ def chunkwise_scan(
         gate_first=x.gate_first,
     )
     plan = prepare_chunks(inputs)
-    states = chunk_states(plan, x.state)
-    o = None
-    if x.q is not None:
-        out = chunk_outputs(plan, states)  # [nc, N, c, dv]
-        o = out.transpose(0, 1).reshape(n, nc * c, -1)[:, :t]
-    return o, states[nc].clone()
+    states = chunk_states(plan, state)
+    if x.q is None:
+        return None, states[nc]
+    if out is not None:  # [N, nc*c, dv] seen chunk-major, as chunk_outputs lays out its result
+        chunk_outputs(plan, states, out=out.view(n, nc, c, -1).transpose(0, 1))
+        return None, states[nc]
+    o = chunk_outputs(plan, states)  # [nc, N, c, dv]
+    return o.transpose(0, 1).reshape(n, nc * c, -1)[:, :t], states[nc]
 
 
 _CHUNK_CACHE: dict[tuple, int] = {}

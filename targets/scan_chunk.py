@@ -57,7 +57,9 @@ class ChunkPlan:
     ([nc,N,1,1] or [nc,N,dk,1], None when there is no gate).
     The readout of chunk i is ``intra_i + q_in_i S_i`` (intra: the intra-chunk
     part, [nc,N,C,dv]; both None without queries).  Tensors may be views with
-    strided rows (slices of one wider matmul result).
+    strided rows (slices of one wider matmul result).  Outside autograd,
+    ``state_add`` is slots 1.. of ``states`` ([nc+1,N,dk,dv]), the buffer the
+    recurrence then fills in place (no copy of the additions).
     """
 
     transition: Optional[Tensor]
@@ -65,6 +67,7 @@ class ChunkPlan:
     state_add: Tensor
     q_in: Optional[Tensor]
     intra: Optional[Tensor]
+    states: Optional[Tensor] = None
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -77,6 +80,18 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
 def _grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records through any of these (then out= buffers are avoided)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _state_adds(k_end_t: Tensor, values: Tensor, grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """``K_end^T values`` per chunk [nc,N,dk,dv]; outside autograd written into slots 1.. of
+    a fresh states buffer [nc+1,N,dk,dv], which is returned too (else None)."""
+    if grad:
+        return _bmm(k_end_t, values), None
+    nc, n, dk = k_end_t.shape[:3]
+    states = values.new_empty(nc + 1, n, dk, values.shape[-1])
+    torch.bmm(k_end_t.reshape(nc * n, dk, -1), values.reshape(nc * n, *values.shape[2:]),
+              out=states[1:].view(nc * n, dk, -1))
+    return states[1:], states
 
 
 def _scale(x: Tensor, factor: Tensor, per_channel: bool) -> Tensor:
@@ -142,9 +157,11 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
     if x.q is not None:
         q_in = x.q if row_cum is None else _scale(x.q, decay(row_cum, floor=x.floor), x.per_channel)
         scores = _scores(x, row_cum, c)
+    grad = _grad(k, v, x.q, x.beta, x.write, *(x.cum or ()))
     if x.beta is None:
         intra = None if scores is None else _bmm(scores, v)
-        return ChunkPlan(None, decay_last, _bmm(k_end_t, v), q_in, intra)
+        add, states = _state_adds(k_end_t, v, grad)
+        return ChunkPlan(None, decay_last, add, q_in, intra, states)
     kb = k * x.beta.unsqueeze(-1)
     if x.per_channel:  # gate first: A_rs = b_r sum_c k_rc k_sc exp(G_rc - G_sc), s < r
         gram = _channel_scores(kb, k, x.cum, x.cum, False, x.floor)
@@ -157,21 +174,21 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
     t_inv = unit_lower_inverse(gram)  # reads only the strictly lower part
     write = x.beta if x.write is None else x.write
     dv = v.shape[-1]
-    if _grad(v, write, kb):
+    if grad:
         rhs = torch.cat([v * write.unsqueeze(-1), -kb], -1)
     else:  # same values, without the cat's extra copy
         rhs = v.new_empty(*v.shape[:-1], dv + k.shape[-1])
         torch.mul(v, write.unsqueeze(-1), out=rhs[..., :dv])
         torch.neg(kb, out=rhs[..., dv:])
     u_negw = _bmm(t_inv, rhs)  # [U | -W]
-    add_negkw = _bmm(k_end_t, u_negw)  # [K_end^T U | -K_end^T W]
-    transition = add_negkw[..., dv:]
+    add, states = _state_adds(k_end_t, u_negw[..., :dv], grad)  # K_end^T U
+    transition = _bmm(k_end_t, u_negw[..., dv:])  # -K_end^T W, contiguous for the recurrence
     transition.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay_last is None else decay_last.squeeze(-1))
     intra = None
     if q_in is not None:
         scores_uw = _bmm(scores, u_negw)  # [scores U | -scores W]
         intra, q_in = scores_uw[..., :dv], q_in + scores_uw[..., dv:]
-    return ChunkPlan(transition, None, add_negkw[..., :dv], q_in, intra)
+    return ChunkPlan(transition, None, add, q_in, intra, states)
 
 
 def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> Tensor:
@@ -181,25 +198,30 @@ def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> Tensor:
     """
     nc = plan.state_add.shape[0]
     add, dl, m = plan.state_add, plan.decay_last, plan.transition
-    if _grad(initial_state, add, dl, m):  # autograd: no out= buffers
+    if plan.states is None or _grad(initial_state):  # autograd: no in-place updates
         s, out = initial_state, [initial_state]
         for i in range(nc):
             s = (m[i] @ s if m is not None else s if dl is None else dl[i] * s) + add[i]
             out.append(s)
         return torch.stack(out)
-    states = initial_state.new_empty(nc + 1, *initial_state.shape)
+    states = plan.states  # slots 1.. hold the additions: each step adds its map of the state before
     states[0] = initial_state
     for i in range(nc):
         if m is not None:
-            torch.baddbmm(add[i], m[i], states[i], out=states[i + 1])
+            states[i + 1].baddbmm_(m[i], states[i])
         elif dl is not None:
-            torch.addcmul(add[i], dl[i], states[i], out=states[i + 1])
+            states[i + 1].addcmul_(dl[i], states[i])
         else:
-            torch.add(states[i], add[i], out=states[i + 1])
+            states[i + 1].add_(states[i])
     return states
 
 
-def chunk_outputs(plan: ChunkPlan, states: Tensor) -> Tensor:
-    """Phase 3: O_i = intra_i + Q_in,i S_i for all chunks at once -> [nc,N,C,dv]."""
+def chunk_outputs(plan: ChunkPlan, states: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Phase 3: O_i = intra_i + Q_in,i S_i for all chunks at once -> [nc,N,C,dv].
+
+    ``out`` (outside autograd; any strides, e.g. a transposed view of the caller's
+    [N, T, dv] output) receives the result directly.
+    """
     nc = plan.state_add.shape[0]
-    return _bmm(plan.q_in, states[:nc]).add_(plan.intra)
+    o = _bmm(plan.q_in, states[:nc])
+    return o.add_(plan.intra) if out is None else torch.add(o, plan.intra, out=out)

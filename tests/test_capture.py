@@ -366,6 +366,31 @@ def test_compiling_does_not_write_into_the_callers_tensors():
     assert torch.equal(state, before)
 
 
+def test_outputs_own_their_memory():
+    """The program copies a loop's output only where it could alias: a readout is returned as the
+    scan wrote it, an echoed input step gets memory of its own."""
+    def echo(q, k, v):
+        S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        outs, keys = [], []
+        for t in range(q.shape[1]):
+            S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+            outs.append((S * q[:, t, :, :, None]).sum(-2))
+            keys.append(k[:, t])
+        return torch.stack(outs, 1), torch.stack(keys, 1)
+
+    compiled = nlcompile.compile(echo)
+    for T in (64, 70):
+        args = [torch.randn(2, T, 3, 4) for _ in range(3)]
+        got = compiled(*args)
+        assert_close_outputs(got, echo(*args))
+        storages = [x.untyped_storage().data_ptr() for x in (*got, *args)]
+        assert len(set(storages)) == len(storages)
+        assert all(x.is_contiguous() for x in got)
+    program = compiled.compiled_for(*args).program
+    calls = [n.target for n in program.graph.nodes if n.op in ("call_function", "call_method")]
+    assert calls.count("contiguous") == 1 and calls.count(torch.ops.aten.clone.default) == 1
+
+
 def test_non_tensor_output_that_depends_on_T_is_not_frozen():
     def with_length(q, k, v):
         return la_stack_time1(q, k, v), q.shape[1]

@@ -141,12 +141,18 @@ def _emit_loop(b: _Builder, index: int, l1: RerolledLoop, l2: RerolledLoop, modu
     n_states = l1.body.n_states
     results = [b.graph.call_function(operator.getitem, (call, i)) for i in range(n_states + l1.body.n_step_outputs)]
     finals, stacked = results[:n_states], results[n_states:]
+    fresh = list(getattr(module, "fresh_outputs", ()))
     for g1, g2 in zip(l1.gathers, l2.gathers):
         y = b.graph.call_function(aten.movedim.int, (stacked[g1.output], 0, g1.dim))
         if g1.kind == "cat":
             y = b.graph.call_function(aten.flatten.using_ints, (y, g1.dim, g1.dim + 1))
-        # the eager program stacked into fresh memory: later views rely on that layout
-        y = b.graph.call_function(aten.clone.default, (y,), {"memory_format": torch.contiguous_format})
+        # the eager program stacked into fresh memory: later views rely on that layout, and writes
+        # to it must not reach the inputs (a copy unless the loop module says the output is its own)
+        if fresh[g1.output:g1.output + 1] == [True]:
+            fresh[g1.output] = False  # a second gather of the same output gets a copy
+            y = b.graph.call_method("contiguous", (y,))
+        else:
+            y = b.graph.call_function(aten.clone.default, (y,), {"memory_format": torch.contiguous_format})
         b.env[g1.node] = y
         b.pair[g1.node] = g2.node
     last2 = {v: k for k, v in l2.last_refs.items()}

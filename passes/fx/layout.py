@@ -16,6 +16,7 @@ values ``[N, T, dv]``, scalars ``[N, T]`` (N = the batch atoms, flattened in
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -290,31 +291,62 @@ def find_readouts(outputs: Sequence, value: Callable, inputs: Callable):
 
 
 # ---------------------------------------------------------------- numerics
-def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence[int],
-                sizes: Mapping[int, int], time_at: int = 0) -> torch.Tensor:
-    """``coef * prod(factor ** power)`` over ``order`` (broadcast where no factor carries
-    an index), with the time dim inserted before ``order[time_at]``: by default
-    ``[T, *sizes[order]]``; a kernel layout ``[batch..., T, d]`` comes out directly."""
-    order = list(order)
-    terms, subs = [], []
+@dataclass(frozen=True)
+class _Materialization:
+    """How ``materialize`` builds one operand: the einsum equation, or the permutation that
+    replaces it when one factor holds every index once; the dim of the result that is T;
+    the shapes before and after broadcasting, T included as -1."""
+
+    equation: str
+    permutation: tuple[int, ...] | None
+    time_dim: int
+    shape: tuple[int, ...]
+    full: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _materialization(op: Operand, order: tuple[int, ...], sizes: tuple[tuple[int, int], ...],
+                     time_at: int) -> _Materialization:
+    """The index bookkeeping of ``materialize``: pure in its arguments, so worked out once
+    per operand and layout instead of on every call of a compiled program."""
+    size = dict(sizes)
     names = {a: chr(ord("a") + i) if i < 25 else chr(ord("A") + i - 25) for i, a in enumerate(order)}
+    subs = []
     for f in op.factors:
         if not set(f.indices) <= set(order):
             raise ValueError(f"factor {f.node} carries indices {sorted(set(f.indices) - set(order))} not in {order}")
-        x = values[f.node]
-        x = x.reshape(x.shape[0], *f.atomic_shape)
-        terms.append(x if f.power == 1 else x.to(_float(x.dtype)) ** f.power)
         subs.append("z" + "".join(names[a] for a in f.indices))
     carried = [a for a in order if any(a in f.indices for f in op.factors)]
     before = sum(a in carried for a in order[:time_at])
     out = "".join(names[a] for a in carried)
     out = out[:before] + "z" + out[before:]
+    permutation = None
+    if len(subs) == 1 and sorted(subs[0]) == sorted(out) and len(set(out)) == len(out):
+        permutation = tuple(subs[0].index(c) for c in out)
+    shape = [size[a] if a in carried else 1 for a in order]
+    full = [size[a] for a in order]
+    shape.insert(time_at, -1)
+    full.insert(time_at, -1)
+    return _Materialization(",".join(subs) + "->" + out, permutation, before, tuple(shape), tuple(full))
+
+
+def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence[int],
+                sizes: Mapping[int, int], time_at: int = 0) -> torch.Tensor:
+    """``coef * prod(factor ** power)`` over ``order`` (broadcast where no factor carries
+    an index), with the time dim inserted before ``order[time_at]``: by default
+    ``[T, *sizes[order]]``; a kernel layout ``[batch..., T, d]`` comes out directly."""
+    plan = _materialization(op, tuple(order), tuple(sorted(sizes.items())), time_at)
+    terms = []
+    for f in op.factors:
+        x = values[f.node]
+        x = x.reshape(x.shape[0], *f.atomic_shape)
+        terms.append(x if f.power == 1 else x.to(_float(x.dtype)) ** f.power)
     if terms:
         dtype = _promote([*(t.dtype for t in terms), torch.float32])   # at least fp32: gates, coefficients
-        if len(terms) == 1 and sorted(subs[0]) == sorted(out) and len(set(out)) == len(out):
-            res = terms[0].to(dtype).permute([subs[0].index(c) for c in out])  # a view, not an einsum
+        if plan.permutation is not None:
+            res = terms[0].to(dtype).permute(plan.permutation)  # a view, not an einsum
         else:
-            res = torch.einsum(",".join(subs) + "->" + out, *[t.to(dtype) for t in terms])
+            res = torch.einsum(plan.equation, *[t.to(dtype) for t in terms])
         if op.coef != 1.0:
             res = res * op.coef
     else:
@@ -322,12 +354,9 @@ def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence
         t = first.shape[0] if first is not None else 1
         dtype = torch.promote_types(first.dtype, torch.float32) if first is not None else torch.float32
         res = torch.full((t,), float(op.coef), dtype=dtype if dtype.is_floating_point else torch.float32)
-    steps = res.shape[before]
-    shape = [sizes[a] if a in carried else 1 for a in order]
-    full = [sizes[a] for a in order]
-    shape.insert(time_at, steps)
-    full.insert(time_at, steps)
-    return res.reshape(shape).expand(full)
+    steps = res.shape[plan.time_dim]
+    res = res.reshape([steps if n == -1 else n for n in plan.shape])
+    return res if plan.shape == plan.full else res.expand([steps if n == -1 else n for n in plan.full])
 
 
 def _promote(dtypes) -> torch.dtype:
