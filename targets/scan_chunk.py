@@ -77,6 +77,13 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     return out.view(*lead, *out.shape[-2:])
 
 
+def _baddbmm(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x + a @ b`` over the leading dims of chunk-major tensors (one op: no separate add)."""
+    lead = a.shape[:-2]
+    flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
+    return torch.baddbmm(flat(x), flat(a), flat(b)).view(*lead, *x.shape[-2:])
+
+
 def _grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records through any of these (then out= buffers are avoided)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
@@ -186,8 +193,8 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
     transition.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay_last is None else decay_last.squeeze(-1))
     intra = None
     if q_in is not None:
-        scores_uw = _bmm(scores, u_negw)  # [scores U | -scores W]
-        intra, q_in = scores_uw[..., :dv], q_in + scores_uw[..., dv:]
+        intra = _bmm(scores, u_negw[..., :dv])  # scores U
+        q_in = _baddbmm(q_in, scores, u_negw[..., dv:])  # Q_in - scores W
     return ChunkPlan(transition, None, add, q_in, intra, states)
 
 
@@ -206,13 +213,16 @@ def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> Tensor:
         return torch.stack(out)
     states = plan.states  # slots 1.. hold the additions: each step adds its map of the state before
     states[0] = initial_state
-    for i in range(nc):
-        if m is not None:
-            states[i + 1].baddbmm_(m[i], states[i])
-        elif dl is not None:
-            states[i + 1].addcmul_(dl[i], states[i])
-        else:
-            states[i + 1].add_(states[i])
+    slot = states.unbind(0)  # every slot's view in one call (indexing each step costs more than the step)
+    if m is not None:
+        for i, m_i in enumerate(m.unbind(0)):
+            slot[i + 1].baddbmm_(m_i, slot[i])
+    elif dl is not None:
+        for i, dl_i in enumerate(dl.unbind(0)):
+            slot[i + 1].addcmul_(dl_i, slot[i])
+    else:
+        for i in range(nc):
+            slot[i + 1].add_(slot[i])
     return states
 
 
