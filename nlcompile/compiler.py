@@ -11,6 +11,8 @@ Nothing here traces at the caller's T, so compile time does not grow with T.
 """
 from __future__ import annotations
 
+import functools
+
 import sys
 import time
 import warnings
@@ -54,9 +56,10 @@ class Compiled:
     source_lines: list[str | None] = field(default_factory=list)   # per loop: where it was blocked
     output: Any = None                        # capture.OutputLayout of this signature's outputs
 
-    @property
+    @functools.cached_property
     def written_inputs(self) -> frozenset[int]:
-        """Positions of the program's inputs that it writes into (``copy_`` at the end)."""
+        """Positions of the program's inputs that it writes into (``copy_`` at the end);
+        read on every call, so worked out once."""
         if self.program is None:
             return frozenset()
         phs = [n for n in self.program.graph.nodes if n.op == "placeholder"]

@@ -283,13 +283,14 @@ def choose_chunk_size(
 
     The best chunk depends on the machine and the kind (per-chunk Python
     steps against C^2 matmul work; on a 2-core CPU DeltaNet at T=4096 took
-    about 50 ms with C=16 and 28 ms with C=32 or 64), so after one warm-up
-    call the candidates run in ``_ROUNDS`` interleaved rounds (a busy spell of
-    this shared machine slows every candidate alike), best time of each, on a
-    prefix of at most ``_PROBE_T`` tokens of the actual inputs (one pass of the
-    segmented scan); the winner is cached per (kind, N, dk, dv, T bucket,
-    dtype, device).  Short sequences (< 2 chunks of 64) skip timing: one
-    chunk, the next power of two >= T.
+    about 50 ms with C=16 and 28 ms with C=32 or 64), so after a warm-up call
+    of each (a shape's first matmuls are slower) the candidates run in
+    ``_ROUNDS`` interleaved rounds (a busy spell of this shared machine slows
+    every candidate alike), best time of each, on a prefix of at most
+    ``_PROBE_T`` tokens of the actual inputs (one pass of the segmented scan);
+    the winner is cached per (kind, N, dk, dv, T bucket, dtype, device), one
+    bucket for every T of a pass or more (they time the same probe).  Short
+    sequences (< 2 chunks of 64) skip timing: one chunk, the next power of two >= T.
     """
     n, t, dk = k.shape
     if t < 2 * _CANDIDATES[-1]:
@@ -299,7 +300,7 @@ def choose_chunk_size(
     if per_channel and beta is not None and not gate_first:
         return _CANDIDATES[-1]  # unsupported by chunkwise_scan; nothing to time
     kind = (beta is not None, g is None, per_channel, log_gate is not None, q is not None)
-    key = (kind, n, dk, v.shape[-1], _next_pow2(t), k.dtype, k.device)
+    key = (kind, n, dk, v.shape[-1], min(_next_pow2(t), _PROBE_T), k.dtype, k.device)
     if key in _CHUNK_CACHE:
         return _CHUNK_CACHE[key]
     tp = min(t, _PROBE_T)
@@ -312,7 +313,8 @@ def choose_chunk_size(
         sync()
 
     with torch.no_grad():
-        run(_CANDIDATES[0])  # warm-up
+        for c in _CANDIDATES:
+            run(c)  # warm-up
         best = interleaved_best({c: functools.partial(run, c) for c in _CANDIDATES},
                                 dict.fromkeys(_CANDIDATES, _ROUNDS))
     _CHUNK_CACHE[key] = min(_CANDIDATES, key=best.__getitem__)

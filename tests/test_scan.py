@@ -205,7 +205,7 @@ def test_inputs_are_not_modified_and_errors_are_clear():
 
 
 def test_choose_chunk_size_is_a_cached_power_of_two(monkeypatch):
-    """A bounded measurement (a warm-up and a few rounds of the 3 candidates, on at most one
+    """A bounded measurement (a warm-up and a few rounds of each of the 3 candidates, on at most one
     segment of tokens), then a cache hit that runs nothing."""
     gen = torch.Generator().manual_seed(5)
     for t, expected in ((1, 1), (5, 8), (100, 64)):
@@ -224,9 +224,11 @@ def test_choose_chunk_size_is_a_cached_power_of_two(monkeypatch):
     assert len(scan_mod._CHUNK_CACHE) == 1
     probe = scan_mod._PROBE_T
     assert probe < 3000
-    assert sorted(scanned) == sorted([(probe, 16)] + [(probe, c) for c in (16, 32, 64)] * scan_mod._ROUNDS)
+    assert sorted(scanned) == sorted([(probe, c) for c in (16, 32, 64)] * (1 + scan_mod._ROUNDS))
     scanned.clear()
     assert choose_chunk_size(k, v, beta=beta, q=k) == c
+    longer = torch.cat([k, k], 1)  # times the same one-pass probe: shares the entry
+    assert choose_chunk_size(longer, torch.cat([v, v], 1), beta=torch.cat([beta, beta], 1), q=longer) == c
     assert scanned == []
 
 
