@@ -253,13 +253,13 @@ def _chunkwise_pass(x: _Scan, c: int, state: Tensor, out: Optional[Tensor]) -> t
         gate_first=x.gate_first,
     )
     plan = prepare_chunks(inputs)
-    states = chunk_states(plan, state)
+    states, values = chunk_states(plan, state)
     if x.q is None:
         return None, states[nc]
     if out is not None:  # [N, nc*c, dv] seen chunk-major, as chunk_outputs lays out its result
-        chunk_outputs(plan, states, out=out.view(n, nc, c, -1).transpose(0, 1))
+        chunk_outputs(plan, states, values, out=out.view(n, nc, c, -1).transpose(0, 1))
         return None, states[nc]
-    o = chunk_outputs(plan, states)  # [nc, N, c, dv]
+    o = chunk_outputs(plan, states, values)  # [nc, N, c, dv]
     return o.transpose(0, 1).reshape(n, nc * c, -1)[:, :t], states[nc]
 
 

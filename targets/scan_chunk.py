@@ -7,9 +7,9 @@ Before (per token, T steps of a Python loop)::
 
 After (C-token chunks, all tensors chunk-major ``[nc, N, C, ...]``)::
 
-    plan   = prepare_chunks(x)            # parallel over all chunks
-    states = chunk_states(plan, S0)       # nc small matmul steps
-    o      = chunk_outputs(plan, states)  # parallel over all chunks
+    plan           = prepare_chunks(x)                    # parallel over all chunks
+    states, values = chunk_states(plan, S0)               # nc small matmul steps
+    o              = chunk_outputs(plan, states, values)  # parallel over all chunks
 
 Phases 1 and 3 are pure batched tensor programs with static shapes (given
 nc and C), the part a compiler can take; phase 2 is the short recurrence
@@ -51,23 +51,23 @@ class ChunkInputs:
 class ChunkPlan:
     """What the recurrence and the readout need, per chunk (chunk-major).
 
-    The state entering chunk i+1 is ``transition_i S_i + state_add_i``, where
-    the transition is a full matrix [nc,N,dk,dk] for the delta family
-    (``decay_last * I - K_end^T W``) and otherwise a decay ``decay_last``
-    ([nc,N,1,1] or [nc,N,dk,1], None when there is no gate).
-    The readout of chunk i is ``intra_i + q_in_i S_i`` (intra: the intra-chunk
-    part, [nc,N,C,dv]; both None without queries).  Tensors may be views with
-    strided rows (slices of one wider matmul result).  Outside autograd,
-    ``state_add`` is slots 1.. of ``states`` ([nc+1,N,dk,dv]), the buffer the
-    recurrence then fills in place (no copy of the additions).
+    Chunk i's values enter the state corrected by the state before it:
+    ``V'_i = U_i - W_i S_i`` for the delta family (WY form), ``V'_i = U_i``
+    otherwise (``w`` None).  Then ``S_{i+1} = decay_last_i S_i + K_end_i^T V'_i``
+    and the readout is ``O_i = Q_in,i S_i + scores_i V'_i``.
+
+    u [nc,N,C,dv], w and k_end [nc,N,C,dk], decay_last [nc,N,1,1] or
+    [nc,N,dk,1] (None without a gate), q_in [nc,N,C,dk] and scores [nc,N,C,C]
+    (None without queries).  u and w may be views with strided rows (slices of
+    one wider matmul result).
     """
 
-    transition: Optional[Tensor]
+    u: Tensor
+    w: Optional[Tensor]
+    k_end: Tensor
     decay_last: Optional[Tensor]
-    state_add: Tensor
     q_in: Optional[Tensor]
-    intra: Optional[Tensor]
-    states: Optional[Tensor] = None
+    scores: Optional[Tensor]
 
 
 def _bmm(a: Tensor, b: Tensor) -> Tensor:
@@ -77,33 +77,14 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     return out.view(*lead, *out.shape[-2:])
 
 
-def _baddbmm(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``x + a @ b`` over the leading dims of chunk-major tensors (one op: no separate add)."""
-    lead = a.shape[:-2]
-    flat = lambda t: t.reshape(-1, *t.shape[-2:])  # noqa: E731
-    return torch.baddbmm(flat(x), flat(a), flat(b)).view(*lead, *x.shape[-2:])
-
-
 def _grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records through any of these (then out= buffers are avoided)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _state_adds(k_end_t: Tensor, values: Tensor, grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """``K_end^T values`` per chunk [nc,N,dk,dv]; outside autograd written into slots 1.. of
-    a fresh states buffer [nc+1,N,dk,dv], which is returned too (else None)."""
-    if grad:
-        return _bmm(k_end_t, values), None
-    nc, n, dk = k_end_t.shape[:3]
-    states = values.new_empty(nc + 1, n, dk, values.shape[-1])
-    torch.bmm(k_end_t.reshape(nc * n, dk, -1), values.reshape(nc * n, *values.shape[2:]),
-              out=states[1:].view(nc * n, dk, -1))
-    return states[1:], states
-
-
-def _scale(x: Tensor, factor: Tensor, per_channel: bool) -> Tensor:
-    """x [..., C, d] times a per-position factor [..., C] or [..., C, d]."""
-    return x * (factor if per_channel else factor.unsqueeze(-1))
+def _scale(x: Tensor, factor: Tensor, per_channel: bool, out: Optional[Tensor] = None) -> Tensor:
+    """x [..., C, d] times a per-position factor [..., C] or [..., C, d] (into ``out`` if given)."""
+    return torch.mul(x, factor if per_channel else factor.unsqueeze(-1), out=out)
 
 
 def _channel_scores(q: Tensor, k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool,
@@ -135,11 +116,11 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
     """Phase 1: everything that does not depend on the state, for all chunks at once.
 
     Delta family (WY/UT form): A = tril(diag(b) K K^T * Gamma, -1),
-    T = (I + A)^{-1}, W = T (b * K * exp(G)), U = T (w * V).  The corrected
-    values U - W S never need forming: the chunk's state map is
-    S -> (exp(G_last) I - K_end^T W) S + K_end^T U and its readout is
-    scores U + (Q_in - scores W) S.  With a per-channel gate applied first
-    (``gate_first``) the same holds with A_rs = b_r sum_c k_rc k_sc
+    T = (I + A)^{-1}, W = T (b * K * exp(G)), U = T (w * V); the recurrence
+    then corrects U by the state, V' = U - W S (fla's order: on this CPU ~10%
+    faster than folding W into a [dk, dk] transition per chunk, which costs
+    d^3 per chunk instead of 2 C d^2 and more batched work).  With a per-channel gate
+    applied first (``gate_first``) the same holds with A_rs = b_r sum_c k_rc k_sc
     exp(G_rc - G_sc) (the channel scores of b K against K) and exp(G) per channel.
     """
     k, v = x.k, x.v
@@ -159,17 +140,19 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
         d_last = decay(last)  # [nc,N,1] or [nc,N,1,dk]
         decay_last = d_last.transpose(-1, -2) if x.per_channel else d_last.unsqueeze(-1)
         row_cum = x.cum.minus(x.steps) if x.before else x.cum
-    k_end_t = k_end.transpose(-1, -2)
     q_in = scores = None
     if x.q is not None:
         q_in = x.q if row_cum is None else _scale(x.q, decay(row_cum, floor=x.floor), x.per_channel)
         scores = _scores(x, row_cum, c)
-    grad = _grad(k, v, x.q, x.beta, x.write, *(x.cum or ()))
     if x.beta is None:
-        intra = None if scores is None else _bmm(scores, v)
-        add, states = _state_adds(k_end_t, v, grad)
-        return ChunkPlan(None, decay_last, add, q_in, intra, states)
-    kb = k * x.beta.unsqueeze(-1)
+        return ChunkPlan(v, None, k_end, decay_last, q_in, scores)
+    write = x.beta if x.write is None else x.write
+    dv = v.shape[-1]
+    grad = _grad(k, v, x.beta, write, *(x.cum or ()))
+    # outside autograd the right-hand sides [w V | b K exp(G)] are written in place (no cat)
+    rhs = None if grad else v.new_empty(*v.shape[:-1], dv + k.shape[-1])
+    into_rhs = None if grad or x.cum is not None else rhs[..., dv:]
+    kb = torch.mul(k, x.beta.unsqueeze(-1), out=into_rhs)
     if x.per_channel:  # gate first: A_rs = b_r sum_c k_rc k_sc exp(G_rc - G_sc), s < r
         gram = _channel_scores(kb, k, x.cum, x.cum, False, x.floor)
     else:
@@ -177,61 +160,63 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
     if x.cum is not None:
         if not x.per_channel:
             gram = gram * _gamma(x.cum, x.cum, c, -1, x.floor)
-        kb = _scale(kb, decay(x.cum, floor=x.floor), x.per_channel)
+        kb = _scale(kb, decay(x.cum, floor=x.floor), x.per_channel, out=None if grad else rhs[..., dv:])
     t_inv = unit_lower_inverse(gram)  # reads only the strictly lower part
-    write = x.beta if x.write is None else x.write
-    dv = v.shape[-1]
     if grad:
-        rhs = torch.cat([v * write.unsqueeze(-1), -kb], -1)
-    else:  # same values, without the cat's extra copy
-        rhs = v.new_empty(*v.shape[:-1], dv + k.shape[-1])
+        rhs = torch.cat([v * write.unsqueeze(-1), kb], -1)
+    else:
         torch.mul(v, write.unsqueeze(-1), out=rhs[..., :dv])
-        torch.neg(kb, out=rhs[..., dv:])
-    u_negw = _bmm(t_inv, rhs)  # [U | -W]
-    add, states = _state_adds(k_end_t, u_negw[..., :dv], grad)  # K_end^T U
-    transition = _bmm(k_end_t, u_negw[..., dv:])  # -K_end^T W, contiguous for the recurrence
-    transition.diagonal(dim1=-2, dim2=-1).add_(1.0 if decay_last is None else decay_last.squeeze(-1))
-    intra = None
-    if q_in is not None:
-        intra = _bmm(scores, u_negw[..., :dv])  # scores U
-        q_in = _baddbmm(q_in, scores, u_negw[..., dv:])  # Q_in - scores W
-    return ChunkPlan(transition, None, add, q_in, intra, states)
+    uw = _bmm(t_inv, rhs)  # [U | W]
+    return ChunkPlan(uw[..., :dv], uw[..., dv:], k_end, decay_last, q_in, scores)
 
 
-def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> Tensor:
-    """Phase 2: the inter-chunk recurrence, one small step per chunk.
+def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> tuple[Tensor, Tensor]:
+    """Phase 2: the inter-chunk recurrence, one or two small matmuls per chunk.
 
-    Returns states [nc+1, N, dk, dv]: states[i] enters chunk i, states[nc] is final.
+    Returns (states [nc+1, N, dk, dv], values V' [nc, N, C, dv]): states[i]
+    enters chunk i, states[nc] is final.
     """
-    nc = plan.state_add.shape[0]
-    add, dl, m = plan.state_add, plan.decay_last, plan.transition
-    if plan.states is None or _grad(initial_state):  # autograd: no in-place updates
-        s, out = initial_state, [initial_state]
+    u, w, dl = plan.u, plan.w, plan.decay_last
+    nc = u.shape[0]
+    k_end_t = plan.k_end.transpose(-1, -2)
+    if _grad(initial_state, u, w, dl, k_end_t):  # autograd: no out= buffers
+        s, states, values = initial_state, [initial_state], []
         for i in range(nc):
-            s = (m[i] @ s if m is not None else s if dl is None else dl[i] * s) + add[i]
-            out.append(s)
-        return torch.stack(out)
-    states = plan.states  # slots 1.. hold the additions: each step adds its map of the state before
+            val = u[i] if w is None else u[i] - w[i] @ s
+            s = (s if dl is None else dl[i] * s) + k_end_t[i] @ val
+            states.append(s)
+            values.append(val)
+        return torch.stack(states), (u if w is None else torch.stack(values))
+    states = initial_state.new_empty(nc + 1, *initial_state.shape)
     states[0] = initial_state
     slot = states.unbind(0)  # every slot's view in one call (indexing each step costs more than the step)
-    if m is not None:
-        for i, m_i in enumerate(m.unbind(0)):
-            slot[i + 1].baddbmm_(m_i, slot[i])
-    elif dl is not None:
-        for i, dl_i in enumerate(dl.unbind(0)):
-            slot[i + 1].addcmul_(dl_i, slot[i])
-    else:
+    decays = dl.unbind(0) if dl is not None else None
+    if w is None:  # the additions do not depend on the state: all at once, then a decay and an add per chunk
+        n, dk, dv = initial_state.shape
+        torch.bmm(k_end_t.reshape(nc * n, dk, -1), u.reshape(nc * n, -1, dv), out=states[1:].view(nc * n, dk, dv))
         for i in range(nc):
-            slot[i + 1].add_(slot[i])
-    return states
+            if decays is not None:
+                slot[i + 1].addcmul_(decays[i], slot[i])
+            else:
+                slot[i + 1].add_(slot[i])
+        return states, u
+    values = u.new_empty(u.shape)
+    for i, (u_i, w_i, kt_i, val) in enumerate(zip(u.unbind(0), w.unbind(0), k_end_t.unbind(0), values.unbind(0))):
+        torch.baddbmm(u_i, w_i, slot[i], alpha=-1, out=val)  # V' = U - W S
+        if decays is None:
+            torch.baddbmm(slot[i], kt_i, val, out=slot[i + 1])
+        else:
+            torch.mul(slot[i], decays[i], out=slot[i + 1])
+            slot[i + 1].baddbmm_(kt_i, val)
+    return states, values
 
 
-def chunk_outputs(plan: ChunkPlan, states: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """Phase 3: O_i = intra_i + Q_in,i S_i for all chunks at once -> [nc,N,C,dv].
+def chunk_outputs(plan: ChunkPlan, states: Tensor, values: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """Phase 3: O_i = Q_in,i S_i + scores_i V'_i for all chunks at once -> [nc,N,C,dv].
 
     ``out`` (outside autograd; any strides, e.g. a transposed view of the caller's
     [N, T, dv] output) receives the result directly.
     """
-    nc = plan.state_add.shape[0]
-    o = _bmm(plan.q_in, states[:nc])
-    return o.add_(plan.intra) if out is None else torch.add(o, plan.intra, out=out)
+    nc = values.shape[0]
+    o, intra = _bmm(plan.q_in, states[:nc]), _bmm(plan.scores, values)
+    return o.add_(intra) if out is None else torch.add(o, intra, out=out)
