@@ -200,11 +200,11 @@ def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> tuple[Tensor, Tensor
             else:
                 slot[i + 1].add_(slot[i])
         return states, u
-    values = u.new_empty(u.shape)
-    for i, (u_i, w_i, kt_i, val) in enumerate(zip(u.unbind(0), w.unbind(0), k_end_t.unbind(0), values.unbind(0))):
-        torch.baddbmm(u_i, w_i, slot[i], alpha=-1, out=val)  # V' = U - W S
+    values = u.clone(memory_format=torch.contiguous_format)  # U of every chunk; each step subtracts W S in place
+    for i, (w_i, kt_i, val) in enumerate(zip(w.unbind(0), k_end_t.unbind(0), values.unbind(0))):
+        val.baddbmm_(w_i, slot[i], alpha=-1)  # V' = U - W S
         if decays is None:
-            torch.baddbmm(slot[i], kt_i, val, out=slot[i + 1])
+            torch.bmm(kt_i, val, out=slot[i + 1]).add_(slot[i])
         else:
             torch.mul(slot[i], decays[i], out=slot[i + 1])
             slot[i + 1].baddbmm_(kt_i, val)
