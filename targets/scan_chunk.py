@@ -87,23 +87,24 @@ def _scale(x: Tensor, factor: Tensor, per_channel: bool, out: Optional[Tensor] =
     return torch.mul(x, factor if per_channel else factor.unsqueeze(-1), out=out)
 
 
-def _channel_scores(q: Tensor, k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool,
-                    floor: Optional[float]) -> Tensor:
-    """``channel_scores`` over chunk-major tensors [nc, N, C, dk] -> [nc, N, C, C]."""
-    nc, n, c = q.shape[:3]
+def _channel_scores(qs: list[Tensor], k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool,
+                    floor: Optional[float]) -> list[Tensor]:
+    """``channel_scores`` over chunk-major tensors [nc, N, C, dk] -> [nc, N, C, C] per q."""
+    nc, n, c = k.shape[:3]
     flat = lambda t: t.reshape(nc * n, c, -1)  # noqa: E731
-    return channel_scores(flat(q), flat(k), q_cum.map(flat), k_cum.map(flat), diagonal, floor).view(nc, n, c, c)
+    out = channel_scores([flat(q) for q in qs], flat(k), q_cum.map(flat), k_cum.map(flat), diagonal, floor)
+    return [p.view(nc, n, c, c) for p in out]
 
 
-def _scores(x: ChunkInputs, row_cum: Optional[GateCum], c: int) -> Tensor:
-    """Intra-chunk readout scores, masked (and decayed) as the readout requires."""
+def _scores(x: ChunkInputs, row_cum: Optional[GateCum], gamma: Optional[Tensor]) -> Tensor:
+    """Intra-chunk readout scores, masked (and decayed: ``gamma`` for a scalar gate) as the
+    readout requires."""
     q, k = x.q, x.k
-    diag = 0 if not x.before else -1
     if x.cum is None:
-        return _bmm(q, k.transpose(-1, -2)).tril_(diag)
+        return _bmm(q, k.transpose(-1, -2)).tril_(0 if not x.before else -1)
     if x.per_channel:
-        return _channel_scores(q, k, row_cum, x.cum, not x.before, x.floor)
-    return _bmm(q, k.transpose(-1, -2)) * _gamma(row_cum, x.cum, c, diag, x.floor)
+        return _channel_scores([q], k, row_cum, x.cum, not x.before, x.floor)[0]
+    return _bmm(q, k.transpose(-1, -2)).mul_(gamma)
 
 
 def _gamma(row_cum: GateCum, cum: GateCum, c: int, diag: int, floor: Optional[float]) -> Tensor:
@@ -140,26 +141,35 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
         d_last = decay(last)  # [nc,N,1] or [nc,N,1,dk]
         decay_last = d_last.transpose(-1, -2) if x.per_channel else d_last.unsqueeze(-1)
         row_cum = x.cum.minus(x.steps) if x.before else x.cum
-    q_in = scores = None
+    dv = v.shape[-1]
+    write = x.beta if x.write is None else x.write
+    grad = _grad(k, v, x.q, x.beta, write, *(x.cum or ()))
+    # outside autograd the delta family's right-hand sides [w V | b K exp(G)] are written in place (no cat)
+    rhs = None if grad or x.beta is None else v.new_empty(*v.shape[:-1], dv + k.shape[-1])
+    kb = None
+    if x.beta is not None:
+        kb = torch.mul(k, x.beta.unsqueeze(-1), out=None if grad or x.cum is not None else rhs[..., dv:])
+    # a scalar gate's window products D(r, s), s <= r: the readout's (strictly lower: readout
+    # before), and below the diagonal the delta family's too (its solve never reads the diagonal)
+    gamma = None
+    if x.cum is not None and not x.per_channel and (x.q is not None or kb is not None):
+        gamma = _gamma(row_cum if x.q is not None else x.cum, x.cum, c, -1 if x.before else 0, x.floor)
+    q_in = scores = gram = None
     if x.q is not None:
         q_in = x.q if row_cum is None else _scale(x.q, decay(row_cum, floor=x.floor), x.per_channel)
-        scores = _scores(x, row_cum, c)
-    if x.beta is None:
+        if x.per_channel and kb is not None and not x.before:  # gate first: one pass over the gate factors
+            scores, gram = _channel_scores([x.q, kb], k, x.cum, x.cum, True, x.floor)
+        else:
+            scores = _scores(x, row_cum, gamma)
+    if kb is None:
         return ChunkPlan(v, None, k_end, decay_last, q_in, scores)
-    write = x.beta if x.write is None else x.write
-    dv = v.shape[-1]
-    grad = _grad(k, v, x.beta, write, *(x.cum or ()))
-    # outside autograd the right-hand sides [w V | b K exp(G)] are written in place (no cat)
-    rhs = None if grad else v.new_empty(*v.shape[:-1], dv + k.shape[-1])
-    into_rhs = None if grad or x.cum is not None else rhs[..., dv:]
-    kb = torch.mul(k, x.beta.unsqueeze(-1), out=into_rhs)
-    if x.per_channel:  # gate first: A_rs = b_r sum_c k_rc k_sc exp(G_rc - G_sc), s < r
-        gram = _channel_scores(kb, k, x.cum, x.cum, False, x.floor)
-    else:
+    if gram is None and x.per_channel:  # gate first: A_rs = b_r sum_c k_rc k_sc exp(G_rc - G_sc), s < r
+        gram = _channel_scores([kb], k, x.cum, x.cum, False, x.floor)[0]
+    elif gram is None:
         gram = _bmm(kb, k.transpose(-1, -2))
+        if gamma is not None:  # the readout's gamma unless its rows were the exclusive sums
+            gram = gram.mul_(gamma if x.q is None or not x.before else _gamma(x.cum, x.cum, c, -1, x.floor))
     if x.cum is not None:
-        if not x.per_channel:
-            gram = gram * _gamma(x.cum, x.cum, c, -1, x.floor)
         kb = _scale(kb, decay(x.cum, floor=x.floor), x.per_channel, out=None if grad else rhs[..., dv:])
     t_inv = unit_lower_inverse(gram)  # reads only the strictly lower part
     if grad:

@@ -17,7 +17,7 @@ A per-key-channel gate simply carries a trailing ``dk`` axis in every field.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +117,12 @@ def triangle_mask(c: int, diagonal: int, like: Tensor) -> Tensor:
 
 
 def channel_scores(
-    q: Tensor, k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool, floor: Optional[float] = None
-) -> Tensor:
-    """Intra-chunk scores ``P_rs = sum_c q_rc k_sc D^c(r, s)`` for s <= r (s < r without ``diagonal``).
+    qs: Sequence[Tensor], k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool, floor: Optional[float] = None
+) -> list[Tensor]:
+    """Intra-chunk scores ``P_rs = sum_c q_rc k_sc D^c(r, s)`` for s <= r (s < r without ``diagonal``),
+    for each q of ``qs`` (left operands sharing ``q_cum``: their gate factors are worked out once).
 
-    Shapes: q, k, cum fields [B, C, dk] with C a power of two; returns [B, C, C].
+    Shapes: each q, k, cum fields [B, C, dk] with C a power of two; returns [B, C, C] per q.
     ``q_cum`` is the row-side sum (inclusive for readout after, exclusive for
     readout before); ``k_cum`` is the inclusive sum.
 
@@ -133,10 +134,11 @@ def channel_scores(
     |a| <= 1 (no exp(+G) is ever formed).  Cost: log2(C) batched matmuls.
     Each factor is flushed at ``floor / 2``, so that their products stay normal.
     """
-    bsz, C, dk = q.shape
-    scores = q.new_zeros(bsz, C, C)
+    bsz, C, dk = k.shape
+    scores = [k.new_zeros(bsz, C, C) for _ in qs]
     if diagonal:
-        scores.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))
+        for q, out in zip(qs, scores):
+            out.diagonal(dim1=-2, dim2=-1).copy_((q * k).sum(-1))
     half_floor = None if floor is None else floor / 2
     h = 1
     while h < C:
@@ -146,11 +148,12 @@ def channel_scores(
             return t.view(bsz, nb, 2, h, dk)[:, :, side]
 
         mid = k_cum.map(lambda t: t.view(bsz, nb, 2, h, dk)[:, :, 0, h - 1 : h])
-        q_fold = half(q, 1) * decay(q_cum.map(lambda t: half(t, 1)), mid, floor=half_floor)
-        k_fold = half(k, 0) * decay(mid, k_cum.map(lambda t: half(t, 0)), floor=half_floor)
-        blocks = q_fold @ k_fold.transpose(-1, -2)  # [B, nb, h, h]
-        target = scores.view(bsz, nb, 2, h, nb, 2, h)[:, :, 1, :, :, 0, :]
-        target.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
+        q_decay = decay(q_cum.map(lambda t: half(t, 1)), mid, floor=half_floor)
+        k_fold = (half(k, 0) * decay(mid, k_cum.map(lambda t: half(t, 0)), floor=half_floor)).transpose(-1, -2)
+        for q, out in zip(qs, scores):
+            blocks = (half(q, 1) * q_decay) @ k_fold  # [B, nb, h, h]
+            target = out.view(bsz, nb, 2, h, nb, 2, h)[:, :, 1, :, :, 0, :]
+            target.diagonal(dim1=1, dim2=3).copy_(blocks.permute(0, 2, 3, 1))
         h *= 2
     return scores
 
