@@ -145,10 +145,13 @@ def sequential_scan(
     return o, s
 
 
-def _to_chunks(x: Tensor, c: int, nc: int) -> Tensor:
-    """[N, T, ...] -> chunk-major [nc, N, c, ...], the tail padded with zeros (one copy)."""
+def _to_chunks(x: Tensor, c: int, nc: int, view: bool = False) -> Tensor:
+    """[N, T, ...] -> chunk-major [nc, N, c, ...], the tail padded with zeros (one copy; with
+    ``view`` and no tail, a strided view instead, for operands only read elementwise)."""
     n, t = x.shape[:2]
     rest = x.shape[2:]
+    if view and t == nc * c:
+        return x.reshape(n, nc, c, *rest).transpose(0, 1)
     out = x.new_empty(nc, n, c, *rest)
     full = t // c
     if full:
@@ -241,7 +244,7 @@ def _chunkwise_pass(x: _Scan, c: int, state: Tensor, out: Optional[Tensor]) -> t
         cum = steps.cumsum(2)
     inputs = ChunkInputs(
         k=chunk(x.k),
-        v=chunk(v_in),
+        v=_to_chunks(v_in, c, nc, view=x.beta is not None),  # the delta family only scales v
         q=chunk(x.q),
         beta=chunk(x.beta),
         write=chunk(x.write) if x.beta is not None else None,

@@ -58,8 +58,8 @@ class ChunkPlan:
 
     u [nc,N,C,dv], w and k_end [nc,N,C,dk], decay_last [nc,N,1,1] or
     [nc,N,dk,1] (None without a gate), q_in [nc,N,C,dk] and scores [nc,N,C,C]
-    (None without queries).  u and w may be views with strided rows (slices of
-    one wider matmul result).
+    (None without queries).  For the delta family, u is the plan's own memory
+    and ``chunk_states`` turns it into V' in place (outside autograd).
     """
 
     u: Tensor
@@ -141,14 +141,8 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
         d_last = decay(last)  # [nc,N,1] or [nc,N,1,dk]
         decay_last = d_last.transpose(-1, -2) if x.per_channel else d_last.unsqueeze(-1)
         row_cum = x.cum.minus(x.steps) if x.before else x.cum
-    dv = v.shape[-1]
     write = x.beta if x.write is None else x.write
-    grad = _grad(k, v, x.q, x.beta, write, *(x.cum or ()))
-    # outside autograd the delta family's right-hand sides [w V | b K exp(G)] are written in place (no cat)
-    rhs = None if grad or x.beta is None else v.new_empty(*v.shape[:-1], dv + k.shape[-1])
-    kb = None
-    if x.beta is not None:
-        kb = torch.mul(k, x.beta.unsqueeze(-1), out=None if grad or x.cum is not None else rhs[..., dv:])
+    kb = None if x.beta is None else k * x.beta.unsqueeze(-1)
     # a scalar gate's window products D(r, s), s <= r: the readout's (strictly lower: readout
     # before), and below the diagonal the delta family's too (its solve never reads the diagonal)
     gamma = None
@@ -170,14 +164,10 @@ def prepare_chunks(x: ChunkInputs) -> ChunkPlan:
         if gamma is not None:  # the readout's gamma unless its rows were the exclusive sums
             gram = gram.mul_(gamma if x.q is None or not x.before else _gamma(x.cum, x.cum, c, -1, x.floor))
     if x.cum is not None:
-        kb = _scale(kb, decay(x.cum, floor=x.floor), x.per_channel, out=None if grad else rhs[..., dv:])
+        kb = _scale(kb, decay(x.cum, floor=x.floor), x.per_channel)
     t_inv = unit_lower_inverse(gram)  # reads only the strictly lower part
-    if grad:
-        rhs = torch.cat([v * write.unsqueeze(-1), kb], -1)
-    else:
-        torch.mul(v, write.unsqueeze(-1), out=rhs[..., :dv])
-    uw = _bmm(t_inv, rhs)  # [U | W]
-    return ChunkPlan(uw[..., :dv], uw[..., dv:], k_end, decay_last, q_in, scores)
+    # two products, not one over [w V | b K exp(G)]: U comes out contiguous, ready to be corrected in place
+    return ChunkPlan(_bmm(t_inv, v * write.unsqueeze(-1)), _bmm(t_inv, kb), k_end, decay_last, q_in, scores)
 
 
 def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> tuple[Tensor, Tensor]:
@@ -210,7 +200,7 @@ def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> tuple[Tensor, Tensor
             else:
                 slot[i + 1].add_(slot[i])
         return states, u
-    values = u.clone(memory_format=torch.contiguous_format)  # U of every chunk; each step subtracts W S in place
+    values = u  # the plan's own U (consumed): each step subtracts W S in place
     for i, (w_i, kt_i, val) in enumerate(zip(w.unbind(0), k_end_t.unbind(0), values.unbind(0))):
         val.baddbmm_(w_i, slot[i], alpha=-1)  # V' = U - W S
         if decays is None:
