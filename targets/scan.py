@@ -268,8 +268,8 @@ def _chunkwise_pass(x: _Scan, c: int, state: Tensor, out: Optional[Tensor]) -> t
 
 _CHUNK_CACHE: dict[tuple, int] = {}
 _CANDIDATES = (16, 32, 64)
-_PROBE_T = SEGMENT_TOKENS  # one pass of the scan: what every longer sequence runs, pass after pass
-_ROUNDS = 5
+_PROBE_T = 2 * SEGMENT_TOKENS  # two passes of the scan: what every longer sequence runs, state carried between
+_ROUNDS = 12
 
 
 def choose_chunk_size(
@@ -286,13 +286,13 @@ def choose_chunk_size(
 
     The best chunk depends on the machine and the kind (per-chunk Python
     steps against C^2 matmul work; on a 2-core CPU DeltaNet at T=4096 took
-    about 50 ms with C=16 and 28 ms with C=32 or 64), so after a warm-up call
+    about 50 ms with C=16 and 28 ms with C=32 or 64), so after two warm-up calls
     of each (a shape's first matmuls are slower) the candidates run in
     ``_ROUNDS`` interleaved rounds (a busy spell of this shared machine slows
     every candidate alike), best time of each, on a prefix of at most
-    ``_PROBE_T`` tokens of the actual inputs (one pass of the segmented scan);
+    ``_PROBE_T`` tokens of the actual inputs (two passes of the segmented scan);
     the winner is cached per (kind, N, dk, dv, T bucket, dtype, device), one
-    bucket for every T of a pass or more (they time the same probe).  Short
+    bucket for every T of the probe length or more (they time the same probe).  Short
     sequences (< 2 chunks of 64) skip timing: one chunk, the next power of two >= T.
     """
     n, t, dk = k.shape
@@ -316,7 +316,7 @@ def choose_chunk_size(
         sync()
 
     with torch.no_grad():
-        for c in _CANDIDATES:
+        for c in _CANDIDATES * 2:
             run(c)  # warm-up
         best = interleaved_best({c: functools.partial(run, c) for c in _CANDIDATES},
                                 dict.fromkeys(_CANDIDATES, _ROUNDS))

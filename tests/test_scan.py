@@ -224,10 +224,10 @@ def test_choose_chunk_size_is_a_cached_power_of_two(monkeypatch):
     assert len(scan_mod._CHUNK_CACHE) == 1
     probe = scan_mod._PROBE_T
     assert probe < 3000
-    assert sorted(scanned) == sorted([(probe, c) for c in (16, 32, 64)] * (1 + scan_mod._ROUNDS))
+    assert sorted(scanned) == sorted([(probe, c) for c in (16, 32, 64)] * (2 + scan_mod._ROUNDS))
     scanned.clear()
     assert choose_chunk_size(k, v, beta=beta, q=k) == c
-    longer = torch.cat([k, k], 1)  # times the same one-pass probe: shares the entry
+    longer = torch.cat([k, k], 1)  # times the same probe: shares the entry
     assert choose_chunk_size(longer, torch.cat([v, v], 1), beta=torch.cat([beta, beta], 1), q=longer) == c
     assert scanned == []
 
