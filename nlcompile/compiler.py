@@ -12,7 +12,6 @@ Nothing here traces at the caller's T, so compile time does not grow with T.
 from __future__ import annotations
 
 import functools
-
 import sys
 import time
 import warnings

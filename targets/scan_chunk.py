@@ -82,9 +82,9 @@ def _grad(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _scale(x: Tensor, factor: Tensor, per_channel: bool, out: Optional[Tensor] = None) -> Tensor:
-    """x [..., C, d] times a per-position factor [..., C] or [..., C, d] (into ``out`` if given)."""
-    return torch.mul(x, factor if per_channel else factor.unsqueeze(-1), out=out)
+def _scale(x: Tensor, factor: Tensor, per_channel: bool) -> Tensor:
+    """x [..., C, d] times a per-position factor [..., C] or [..., C, d]."""
+    return x * (factor if per_channel else factor.unsqueeze(-1))
 
 
 def _channel_scores(qs: list[Tensor], k: Tensor, q_cum: GateCum, k_cum: GateCum, diagonal: bool,
