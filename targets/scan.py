@@ -36,7 +36,7 @@ from torch import Tensor
 from nlcompile.timing import interleaved_best
 
 from .scan_chunk import ChunkInputs, chunk_outputs, chunk_states, prepare_chunks
-from .scan_decay import gate_steps, underflow_floor
+from .scan_decay import GateCum, gate_steps, underflow_floor
 
 Readout = Literal["after", "before"]
 
@@ -215,9 +215,14 @@ def chunkwise_scan(
         y is not None and y.requires_grad for y in (x.k, x.v, x.q, x.beta, x.write, x.gate, x.log_gate, x.state))
     # outside autograd every pass writes its readout straight into one [N, T (padded), dv] buffer
     out = None if x.q is None or grad else x.v.new_empty(n, -(-t // c) * c, x.v.shape[-1])
+    steps = floor = None
+    if x.gate is not None or x.log_gate is not None:  # once: their checks read the whole sequence
+        steps = gate_steps(x.gate, x.log_gate)
+        floor = underflow_floor(steps)
     state, outs = x.state, []
     for start in range(0, t, segment):
-        o, state = _chunkwise_pass(x.cut(start, start + segment), c, state,
+        cut = None if steps is None else steps.map(lambda y: y[:, start:start + segment])  # noqa: B023
+        o, state = _chunkwise_pass(x.cut(start, start + segment), c, state, cut, floor,
                                    None if out is None else out[:, start:start + segment])
         outs.append(o)
     if x.q is None:
@@ -229,17 +234,17 @@ def chunkwise_scan(
     return o, state.clone()
 
 
-def _chunkwise_pass(x: _Scan, c: int, state: Tensor, out: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor]:
-    """One pass of the chunkwise scan over all of ``x`` from ``state``.  With ``out`` ([N, nc*c, dv]
+def _chunkwise_pass(x: _Scan, c: int, state: Tensor, steps: Optional[GateCum], floor: Optional[float],
+                    out: Optional[Tensor]) -> tuple[Optional[Tensor], Tensor]:
+    """One pass of the chunkwise scan over all of ``x`` from ``state`` (``steps``: the gate's
+    per-step values over these steps, ``floor`` its flush floor).  With ``out`` ([N, nc*c, dv]
     of the caller's buffer) the readout is written there and None returned."""
     n, t, _ = x.k.shape
     nc = -(-t // c)
     chunk = lambda y: None if y is None else _to_chunks(y, c, nc)  # noqa: E731
     v_in = x.v if x.beta is not None or x.write is None else x.v * x.write.unsqueeze(-1)
-    cum = steps = floor = None
-    if x.gate is not None or x.log_gate is not None:
-        steps = gate_steps(x.gate, x.log_gate)
-        floor = underflow_floor(steps)
+    cum = None
+    if steps is not None:
         steps = steps.map(chunk)
         cum = steps.cumsum(2)
     inputs = ChunkInputs(
