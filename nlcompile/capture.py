@@ -192,7 +192,33 @@ def trace(fn: Callable, tensors: Sequence[torch.Tensor], budget: int = OP_BUDGET
     except Exception as exc:  # make_fx raises many kinds on value-dependent code
         raise CaptureError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                            f"(at {user_line(exc)})") from exc
-    return normalize(gm)
+    traced = list(gm.graph.output_node().args[0])
+    return _keep_outputs_apart(normalize(gm), traced)
+
+
+def _keep_outputs_apart(gm: torch.fx.GraphModule, traced: Sequence) -> torch.fx.GraphModule:
+    """``normalize`` merges common subexpressions and drops copies: where that made an output
+    the same tensor as an earlier output, or an input, that it was not in the trace (two stacks
+    of one list, ``x.clone()``), the output gets a copy of its own again, as eager returned
+    separate memory (a write into one must not reach the other)."""
+    out = gm.graph.output_node()
+    outputs = list(out.args[0])
+    chosen: dict = {}  # traced output node -> the node that now serves it (one tensor returned twice stays one)
+    for i, (was, now) in enumerate(zip(traced, outputs)):
+        if not isinstance(now, torch.fx.Node):
+            continue
+        if was in chosen:
+            outputs[i] = chosen[was]
+            continue
+        merged = any(node is now for node in chosen.values())
+        if merged or (now.op == "placeholder" and was.op != "placeholder"):
+            with gm.graph.inserting_before(out):
+                outputs[i] = gm.graph.call_function(torch.ops.aten.clone.default, (now,))
+        chosen[was] = outputs[i]
+    if outputs != list(out.args[0]):
+        out.args = (tuple(outputs),)
+        gm.recompile()
+    return gm
 
 
 def resize_time(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:

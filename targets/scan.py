@@ -221,7 +221,7 @@ def chunkwise_scan(
         floor = underflow_floor(steps)
     state, outs = x.state, []
     for start in range(0, t, segment):
-        cut = None if steps is None else steps.map(lambda y: y[:, start:start + segment])  # noqa: B023
+        cut = None if steps is None else steps.map(lambda y: y[:, start:start + segment])
         o, state = _chunkwise_pass(x.cut(start, start + segment), c, state, cut, floor,
                                    None if out is None else out[:, start:start + segment])
         outs.append(o)

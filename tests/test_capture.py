@@ -391,6 +391,28 @@ def test_outputs_own_their_memory():
     assert calls.count("contiguous") == 1 and calls.count(torch.ops.aten.clone.default) == 1
 
 
+def test_outputs_merged_by_normalisation_stay_apart():
+    """Two stacks of one list and a copy of an input are separate tensors in eager, so they are
+    in the compiled program too (CSE merged the stacks, copy removal left the input itself);
+    one tensor returned twice stays one tensor."""
+    def twice(q, k, v):
+        S = torch.zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+        outs = []
+        for t in range(q.shape[1]):
+            S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+            outs.append((S * q[:, t, :, :, None]).sum(-2))
+        o = torch.stack(outs, 1)
+        return torch.stack(outs, 1), o, o, q.clone()
+
+    compiled = nlcompile.compile(twice)
+    args = [torch.randn(2, 40, 3, 4) for _ in range(3)]
+    got = compiled(*args)
+    assert_close_outputs(got, twice(*args))
+    assert got[1] is got[2]
+    storages = [x.untyped_storage().data_ptr() for x in (got[0], got[1], got[3], *args)]
+    assert len(set(storages)) == len(storages)
+
+
 def test_non_tensor_output_that_depends_on_T_is_not_frozen():
     def with_length(q, k, v):
         return la_stack_time1(q, k, v), q.shape[1]
