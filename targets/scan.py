@@ -35,7 +35,7 @@ from torch import Tensor
 
 from nlcompile.timing import interleaved_best
 
-from .scan_chunk import ChunkInputs, chunk_outputs, chunk_states, prepare_chunks
+from .scan_chunk import ChunkInputs, chunk_outputs, chunk_states, prepare_chunks, records_grad
 from .scan_decay import GateCum, gate_steps, underflow_floor
 
 Readout = Literal["after", "before"]
@@ -211,8 +211,7 @@ def chunkwise_scan(
     if x.per_channel:
         c = 1 << (c.bit_length() - 1)
     segment = max(c, SEGMENT_TOKENS // c * c)
-    grad = torch.is_grad_enabled() and any(
-        y is not None and y.requires_grad for y in (x.k, x.v, x.q, x.beta, x.write, x.gate, x.log_gate, x.state))
+    grad = records_grad(x.k, x.v, x.q, x.beta, x.write, x.gate, x.log_gate, x.state)
     # outside autograd every pass writes its readout straight into one [N, T (padded), dv] buffer
     out = None if x.q is None or grad else x.v.new_empty(n, -(-t // c) * c, x.v.shape[-1])
     steps = floor = None

@@ -77,7 +77,7 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     return out.view(*lead, *out.shape[-2:])
 
 
-def _grad(*tensors: Optional[Tensor]) -> bool:
+def records_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd records through any of these (then out= buffers are avoided)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -179,7 +179,7 @@ def chunk_states(plan: ChunkPlan, initial_state: Tensor) -> tuple[Tensor, Tensor
     u, w, dl = plan.u, plan.w, plan.decay_last
     nc = u.shape[0]
     k_end_t = plan.k_end.transpose(-1, -2)
-    if _grad(initial_state, u, w, dl, k_end_t):  # autograd: no out= buffers
+    if records_grad(initial_state, u, w, dl, k_end_t):  # autograd: no out= buffers
         s, states, values = initial_state, [initial_state], []
         for i in range(nc):
             val = u[i] if w is None else u[i] - w[i] @ s
