@@ -6,6 +6,7 @@
   the choice by input dtype (``targets/triton/common.dot_precision``); for measuring.
 * ``NLCOMPILE_TRITON_WARPS=1|2|4|8|16``: warps per program of the Triton kernels on CUDA,
   overriding ``targets/triton/common.kernel_blocks``; for measuring.
+* ``NLCOMPILE_TUNE_HEAP=0``: leave glibc's malloc thresholds alone (see ``nlcompile/heap.py``).
 """
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def dump_dir() -> Path | None:
 
 def verbose() -> bool:
     return os.environ.get("NLCOMPILE_VERBOSE", "") not in ("", "0")
+
+
+def tune_heap() -> bool:
+    return os.environ.get("NLCOMPILE_TUNE_HEAP", "1") != "0"
 
 
 TRITON_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")

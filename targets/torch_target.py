@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 from torch import fx
 
+from nlcompile.heap import tune_heap
 from nlcompile.ir import RuleKind
 from nlcompile.loop_ops import ChunkwiseLoop
 from nlcompile.targets.registry import LoopPlan
@@ -25,6 +26,7 @@ class TorchTarget:
         return True, ""
 
     def loop_module(self, plan: LoopPlan) -> torch.nn.Module:
+        tune_heap()  # before the chunk chooser times anything
         loop = plan.loop
         dims = loop.step_dims
         return ChunkwiseLoop(loop.body, plan.analysis, dims, chunkwise_scan, plan.chunk_size, choose_chunk_size)
