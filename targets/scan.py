@@ -35,8 +35,8 @@ from torch import Tensor
 
 from nlcompile.timing import interleaved_best
 
-from .scan_chunk import ChunkInputs, chunk_outputs, chunk_states, prepare_chunks, records_grad
-from .scan_decay import GateCum, gate_steps, underflow_floor
+from .scan_chunk import ChunkInputs, chunk_outputs, chunk_states, prepare_chunks
+from .scan_decay import GateCum, gate_steps, records_grad, underflow_floor
 
 Readout = Literal["after", "before"]
 

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .scan_decay import GateCum, channel_scores, decay, triangle_mask, unit_lower_inverse
+from .scan_decay import GateCum, channel_scores, decay, records_grad, triangle_mask, unit_lower_inverse
 
 
 @dataclass(frozen=True)
@@ -75,11 +75,6 @@ def _bmm(a: Tensor, b: Tensor) -> Tensor:
     lead = a.shape[:-2]
     out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
     return out.view(*lead, *out.shape[-2:])
-
-
-def records_grad(*tensors: Optional[Tensor]) -> bool:
-    """Whether autograd records through any of these (then out= buffers are avoided)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _scale(x: Tensor, factor: Tensor, per_channel: bool) -> Tensor:

@@ -49,6 +49,11 @@ class GateCum(NamedTuple):
         return GateCum(*(None if a is None else a - b for a, b in zip(self, other)))
 
 
+def records_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd records through any of these (then out= buffers and in-place ops are avoided)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def gate_steps(gate: Optional[Tensor], log_gate: Optional[Tensor]) -> GateCum:
     """Per-step (log|a|, [a == 0], [a < 0], ghost) with absent fields dropped.
 
@@ -90,7 +95,8 @@ def decay(
 
     ``mask`` (additive: 0 to keep, -inf to drop) forces entries to exact 0 and
     ``floor`` (a log value) flushes smaller factors to 0; both act before the
-    exp.  (Additive masks and F.threshold cost a third of masked_fill here.)
+    exp.  (Additive masks and F.threshold cost a third of masked_fill here.)  Outside
+    autograd the steps after the first write into its result (GLA and KDA ~4-5% faster).
     """
     diff = (lambda a, b: a) if earlier is None else (lambda a, b: a - b)
     earlier = earlier or GateCum(*(None for _ in later))
@@ -99,9 +105,10 @@ def decay(
     dz = None if later.zeros is None else diff(later.zeros, earlier.zeros)
     if dz is not None:
         e = torch.where(dz == 0, e, float("-inf"))
+    grad = records_grad(*later, *earlier)  # (the ghost term, which reads d, exists only then)
     if floor is not None:
-        e = F.threshold(e, floor, float("-inf"))
-    out = e.exp()
+        e = F.threshold(e, floor, float("-inf"), inplace=not grad and e is not later.log)
+    out = e.exp() if grad or e is later.log else e.exp_()
     if later.ghost is not None:  # zero in value; the derivative at a lone zero
         lone = torch.where(dz == 1, d if mask is None else d + mask, float("-inf"))
         out = out + lone.exp() * diff(later.ghost, earlier.ghost)
