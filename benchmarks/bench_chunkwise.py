@@ -78,7 +78,7 @@ def run(lengths, torch_compile_lengths) -> list[dict]:
             with torch.no_grad():
                 fns = {"eager": lambda: entry.fn(*args), "ours": lambda: compiled(*args),
                        "ref": lambda: entry.reference(*args, chunk_size=chunk)}
-                t = interleaved_best(fns, {"eager": 3, "ours": 8, "ref": 8})
+                t = interleaved_best(fns, {"eager": 3, "ours": 8, "ref": 8}, warm=True)
                 eager, ours, ref = t["eager"], t["ours"], t["ref"]
             kind = compiled.explain(*args).loops[0].kind
             cold = in_fresh_process(COLD_COMPILE, name, str(T))

@@ -25,6 +25,7 @@ from nlcompile.capture import (CallLayout, CaptureError, Traceable, ambiguous_si
                                resize_time, source_line, time_axis_candidates, trace)
 from nlcompile.dump import dump_graph
 from nlcompile.numerics import relative_error
+from nlcompile.passes.fx.fold_scales import fold_query_scales
 from nlcompile.passes.fx.generic import Probe, build_program
 from nlcompile.passes.fx.lift_scan import lift_scan, scan_nodes
 from nlcompile.passes.fx.loop_record import NotALoop
@@ -189,6 +190,8 @@ def _try_axis(traceable, fn, params, tensors, group, target: Target, options: Co
 
         program = build_program(Probe(gm1, t1, loops1), Probe(gm2, t2, loops2), time_inputs, make_loop)
         dump_graph("program", program, f"target {target.name}")
+        program = fold_query_scales(program)
+        dump_graph("fold_scales", program, f"target {target.name}")
         run = target.finalize(program)
         veto = _check(run, fn, traceable, inputs_by_length, consts)
         if veto is None:

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from nlcompile.ir import LoopBody
+from nlcompile.ir import LoopBody, Operand
 from nlcompile.passes.fx import layout as L
 from nlcompile.passes.fx.subgraph import extract_subgraph
 
@@ -126,7 +126,7 @@ class ChunkwiseLoop(torch.nn.Module):
                                    for i, (kind, ref) in enumerate(self.sources))
         # readouts that also hold state-free terms: their value at zero state (old and new)
         self.const_names = sorted(r.node for r in analysis.readouts if r.constant)
-        self.const_gm = None
+        self.const_gm, zero_at = None, []
         if self.const_names:
             news = [n for n in gm.graph.nodes if n.name in analysis.after_nodes] + out_nodes[:ns]
             zero_at = list(dict.fromkeys(phs[:ns] + news))
@@ -136,6 +136,31 @@ class ChunkwiseLoop(torch.nn.Module):
         self.post_gm = None
         if post_outs:
             self.post_gm = extract_subgraph(gm, [nodes[n] for n in self.post_inputs] + inv_ph, post_outs)
+        subs = [(self.leaf_gm, step_ph + inv_ph), (self.const_gm, zero_at + step_ph + inv_ph),
+                (self.post_gm, [nodes[n] for n in self.post_inputs] + inv_ph)]
+        read = {node.name for sub, ins in subs if sub is not None
+                for ph, node in zip(_placeholders(sub), ins) if ph.users}
+        self.query_sources = self._query_only_sources(step_ph, read)
+        self.source_scales: dict[int, float] = {}  # set by passes/fx/fold_scales: source i is x * scale
+
+    def _query_only_sources(self, step_ph, read: set[str]) -> frozenset[int]:
+        """Step sources that the loop reads only as readout queries, in float32/64 (``read``:
+        the body values the loop's batched sub-programs read): a constant factor on one (``q * scale``
+        before the loop) can be folded into the scan, which copies the queries once anyway
+        (passes/fx/fold_scales)."""
+        queries = {r.q.factors[0].node for r in self.analysis.readouts
+                   if len(r.q.factors) == 1 and r.q.factors[0].power == 1}
+        other = {name for rule in self.analysis.rules
+                 for op in (rule.k, rule.v, rule.beta, rule.write, rule.gate, rule.log_gate) if op is not None
+                 for name in op.nodes}
+        other |= {name for r in self.analysis.readouts if len(r.q.factors) != 1 for name in r.q.nodes}
+        other |= {ref for kind, ref in self.sources if kind == "leaf"} | read
+        found = set()
+        for name, i in self.step_leaves.items():
+            dtype = step_ph[i].meta["val"].dtype
+            if name in queries and name not in other and dtype in (torch.float32, torch.float64):
+                found.add(i)
+        return frozenset(found)
 
     def _leaves(self, sources, invariants) -> dict[str, torch.Tensor]:
         """Every leaf's values at all steps, stacked on a leading T dim."""
@@ -183,8 +208,13 @@ class ChunkwiseLoop(torch.nn.Module):
             mine = [r for r in self.analysis.readouts if r.state == rule.state]
             final = None
             for r in mine:
-                q = L.operand_for_kernel(r.q, lay, "key", values)
-                o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, **kw)
+                # the queries' constant factor (and their source's, folded by passes/fx/fold_scales)
+                # is applied by the scan in its copy of them, not by a pass of its own here
+                q = L.operand_for_kernel(Operand(1.0, r.q.factors), lay, "key", values)
+                scale = r.q.coef
+                if len(r.q.factors) == 1 and r.q.factors[0].node in self.step_leaves:
+                    scale *= self.source_scales.get(self.step_leaves[r.q.factors[0].node], 1.0)
+                o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, q_scale=scale, **kw)
                 val = self.readout_vals[r.node]
                 readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape)).to(val.dtype)
             if not mine:

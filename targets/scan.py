@@ -57,6 +57,7 @@ class _Scan:
     state: Tensor
     before: bool
     gate_first: bool = False
+    q_scale: float = 1.0  # the queries are q * q_scale (folded into their one copy by the chunkwise scan)
 
     def cut(self, start: int, stop: int) -> "_Scan":
         """Steps [start, stop) (the same object when that is all of them)."""
@@ -72,9 +73,12 @@ class _Scan:
         return g is not None and g.dim() == 3
 
 
-def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first=False) -> _Scan:
+def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first=False,
+               q_scale=1.0) -> _Scan:
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
+    if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)):
+        raise TypeError(f"q_scale must be a Python number, got {type(q_scale).__name__}")
     if gate is not None and log_gate is not None:
         raise ValueError("give at most one of gate and log_gate")
     if k.dim() != 3 or v.dim() != 3 or k.shape[:2] != v.shape[:2]:
@@ -98,7 +102,7 @@ def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gat
     state = cast(initial_state) if initial_state is not None else k.new_zeros(n, dk, dv, dtype=dtype)
     return _Scan(
         cast(k), cast(v), cast(q), cast(beta), cast(write), cast(gate), cast(log_gate), state, readout == "before",
-        gate_first,
+        gate_first, float(q_scale),
     )
 
 
@@ -114,20 +118,22 @@ def sequential_scan(
     initial_state: Optional[Tensor] = None,
     readout: Readout = "after",
     gate_first: bool = False,
+    q_scale: float = 1.0,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Run the update rule one token at a time (the reference the chunkwise form must match).
 
     Returns (o [N,T,dv] or None when q is None, final state [N,dk,dv]).
     """
-    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first)
+    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first, q_scale)
     s = x.state.clone()
+    q = x.q if x.q_scale == 1.0 else x.q * x.q_scale
     factor = x.gate if x.log_gate is None else x.log_gate.exp()
     coef = x.write if x.write is not None else x.beta
     outs = []
     for t in range(x.k.shape[1]):
         kt = x.k[:, t]
-        if x.q is not None and x.before:
-            outs.append((x.q[:, t, None, :] @ s).squeeze(1))
+        if q is not None and x.before:
+            outs.append((q[:, t, None, :] @ s).squeeze(1))
         a_t = None if factor is None else factor[:, t, :, None] if x.per_channel else factor[:, t, None, None]
         if a_t is not None and x.gate_first:
             s = s * a_t
@@ -137,17 +143,18 @@ def sequential_scan(
             s = s * a_t
         vt = x.v[:, t] if coef is None else x.v[:, t] * coef[:, t, None]
         s = s + kt[:, :, None] * vt[:, None, :]
-        if x.q is not None and not x.before:
-            outs.append((x.q[:, t, None, :] @ s).squeeze(1))
+        if q is not None and not x.before:
+            outs.append((q[:, t, None, :] @ s).squeeze(1))
     o = None
     if x.q is not None:
         o = torch.stack(outs, 1) if outs else x.v.new_zeros(x.v.shape)
     return o, s
 
 
-def _to_chunks(x: Tensor, c: int, nc: int, view: bool = False) -> Tensor:
-    """[N, T, ...] -> chunk-major [nc, N, c, ...], the tail padded with zeros (one copy; with
-    ``view`` and no tail, a strided view instead, for operands only read elementwise)."""
+def _to_chunks(x: Tensor, c: int, nc: int, view: bool = False, scale: float = 1.0) -> Tensor:
+    """[N, T, ...] -> chunk-major [nc, N, c, ...] (times ``scale``), the tail padded with zeros
+    (one copy; with ``view`` and no tail, a strided view instead, for operands only read
+    elementwise)."""
     n, t = x.shape[:2]
     rest = x.shape[2:]
     if view and t == nc * c:
@@ -155,10 +162,16 @@ def _to_chunks(x: Tensor, c: int, nc: int, view: bool = False) -> Tensor:
     out = x.new_empty(nc, n, c, *rest)
     full = t // c
     if full:
-        out[:full].copy_(x[:, : full * c].reshape(n, full, c, *rest).transpose(0, 1))
+        src = x[:, : full * c].reshape(n, full, c, *rest).transpose(0, 1)
+        if scale == 1.0:
+            out[:full].copy_(src)
+        elif records_grad(x):  # out= does not record
+            out[:full] = src * scale
+        else:
+            torch.mul(src, scale, out=out[:full])
     rem = t - full * c
     if rem:
-        out[full, :, :rem] = x[:, full * c :]
+        out[full, :, :rem] = x[:, full * c :] if scale == 1.0 else x[:, full * c :] * scale
         out[full, :, rem:] = 0
     return out
 
@@ -188,6 +201,7 @@ def chunkwise_scan(
     readout: Readout = "after",
     chunk_size: int = 64,
     gate_first: bool = False,
+    q_scale: float = 1.0,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Same function as ``sequential_scan``, computed chunk by chunk (exact, any T >= 1).
 
@@ -199,9 +213,10 @@ def chunkwise_scan(
     delta step, the gate makes each step rank two).  Differentiable: under autograd the
     recurrence avoids its out= buffers, and gradients at exact-zero gates are
     exact (see ``scan_decay.GateCum``).  Sequences longer than ``SEGMENT_TOKENS``
-    run in passes of that many tokens, the state carried.
+    run in passes of that many tokens, the state carried.  The queries are ``q * q_scale``,
+    scaled in their one copy into chunk order (no pass of their own).
     """
-    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first)
+    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first, q_scale)
     n, t, _ = x.k.shape
     if t == 0:
         return (x.v.clone() if x.q is not None else None), x.state.clone()
@@ -249,7 +264,7 @@ def _chunkwise_pass(x: _Scan, c: int, state: Tensor, steps: Optional[GateCum], f
     inputs = ChunkInputs(
         k=chunk(x.k),
         v=_to_chunks(v_in, c, nc, view=x.beta is not None),  # the delta family only scales v
-        q=chunk(x.q),
+        q=None if x.q is None else _to_chunks(x.q, c, nc, scale=x.q_scale),
         beta=chunk(x.beta),
         write=chunk(x.write) if x.beta is not None else None,
         cum=cum,

@@ -28,3 +28,9 @@ def test_interleaved_best_alternates_the_calls_and_keeps_each_minimum():
     best = interleaved_best({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, {"a": 2, "b": 3})
     assert calls == ["a", "b", "a", "b", "b"]
     assert set(best) == {"a", "b"} and all(0 <= t < 1 for t in best.values())
+
+
+def test_interleaved_best_warm_times_the_second_of_two_calls():
+    calls = []
+    interleaved_best({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, {"a": 1, "b": 2}, warm=True)
+    assert calls == ["a", "a", "b", "b", "b", "b"]

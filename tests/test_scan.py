@@ -267,3 +267,22 @@ def test_long_sequences_run_in_passes_exactly(kind, readout, monkeypatch):
         assert _rel(o, ref_o) <= 1e-10 and _rel(s, ref_s) <= 1e-10, (c, _rel(o, ref_o), _rel(s, ref_s))
     _, s = chunkwise_scan(k, v, initial_state=s0, readout=readout, chunk_size=8, **kw)
     assert _rel(s, ref_s) <= 1e-10
+
+
+@pytest.mark.parametrize("kind", ["delta", "gated_delta_log", "kda_log"])
+@pytest.mark.parametrize("t", [5, 37])
+def test_query_scale_is_applied_by_the_scan(kind, t):
+    """``q_scale`` gives the results (and gradients) of scaling q first, in its chunk copy
+    (tails included); the sequential reference takes it too."""
+    k, v, q, s0, kw = _problem(kind, t, seed=8)
+    q.requires_grad_(True)
+    for readout in ("after", "before"):
+        want_o, want_s = sequential_scan(k, v, q=q * 0.3, initial_state=s0, readout=readout, **kw)
+        for scan, extra in ((chunkwise_scan, {"chunk_size": 16}), (sequential_scan, {})):
+            o, s = scan(k, v, q=q, initial_state=s0, readout=readout, q_scale=0.3, **extra, **kw)
+            assert _rel(o, want_o) <= 1e-10 and _rel(s, want_s) <= 1e-10
+    (grad,) = torch.autograd.grad(chunkwise_scan(k, v, q=q, q_scale=0.3, chunk_size=16, **kw)[0].sum(), [q])
+    (want,) = torch.autograd.grad(sequential_scan(k, v, q=q * 0.3, **kw)[0].sum(), [q])
+    assert _rel(grad, want) <= 1e-10
+    with pytest.raises(TypeError, match="q_scale must be a Python number"):
+        chunkwise_scan(k, v, q=q, q_scale=torch.tensor(0.3), **kw)

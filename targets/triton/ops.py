@@ -142,11 +142,14 @@ def triton_chunkwise_scan(
     readout: Readout = "after",
     chunk_size: int = 64,
     gate_first: bool = False,
+    q_scale: float = 1.0,
 ) -> tuple[Optional[Tensor], Tensor]:
     """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results).
 
     ``gate_first`` only matters for a per-key-channel gate with beta (a scalar gate commutes
     with the delta step): the kernels run the gate-first order; the other falls back."""
+    if q is not None and q_scale != 1.0:
+        q = q * q_scale
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
     why = _unsupported(k, v, beta, gate, log_gate, given, gate_first)
     if why is not None:
