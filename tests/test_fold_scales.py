@@ -33,15 +33,20 @@ def test_the_query_scale_moves_into_the_loop_and_results_and_gradients_match_eag
     assert rel_err(grad, grad_ref) <= 1e-5
 
 
-def scaled_queries_also_returned(q, k, v):
-    """The scaled queries are an output too: the product must stay."""
-    q = q * 0.5
+def linear_attention(q, k, v):
+    """The loop, read in fp32 whatever the inputs' dtype."""
     S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
     outs = []
     for t in range(q.shape[1]):
-        S = S + k[:, t, :, None] * v[:, t, None, :]
-        outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
-    return torch.stack(outs, 1), q
+        S = S + k[:, t, :, None].float() * v[:, t, None, :].float()
+        outs.append(torch.einsum("bk,bkv->bv", q[:, t].float(), S))
+    return torch.stack(outs, 1)
+
+
+def scaled_queries_also_returned(q, k, v):
+    """The scaled queries are an output too: the product must stay."""
+    q = q * 0.5
+    return linear_attention(q, k, v), q
 
 
 def test_a_scaled_query_used_elsewhere_is_not_folded():
@@ -56,13 +61,7 @@ def test_a_scaled_query_used_elsewhere_is_not_folded():
 
 def scaled_in_bf16(q, k, v):
     """Queries scaled in their own (bf16) precision, then read in fp32 by the loop."""
-    q = q * 0.3
-    S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
-    outs = []
-    for t in range(q.shape[1]):
-        S = S + k[:, t, :, None].float() * v[:, t, None, :].float()
-        outs.append(torch.einsum("bk,bkv->bv", q[:, t].float(), S))
-    return torch.stack(outs, 1)
+    return linear_attention(q * 0.3, k, v)
 
 
 def test_queries_scaled_in_bf16_are_not_folded():
