@@ -5,8 +5,9 @@
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_triton.py --smoke   # tiny shapes on the CPU
 
 DeltaNet and Gated DeltaNet at B=8, H=16, D=128, T in {2048, 8192}, bf16:
-forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels; ``--dots``
-and ``--warps`` time them at several tl.dot precisions and warps per program),
+forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels, autotuned on first
+use; ``--dots`` and ``--warps`` time them at several tl.dot precisions and fixed warps per program,
+or untuned with ``--warps fixed``), the seconds of each variant's first call (compiles, tuning),
 of the ``fla`` package's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``
 (when installed: ``pip install flash-linear-attention``) and of the torch
 target's ``chunkwise_scan``, as ratios measured in one run, with the device
@@ -20,18 +21,26 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 
+def first_call(fn, device: torch.device) -> float:
+    """Wall-clock seconds of a first call (kernel compiles and autotuning included)."""
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def timed(fn, device: torch.device, repeats: int) -> float:
     """Median seconds of ``fn()`` (CUDA events on a GPU, wall clock otherwise)."""
-    import statistics
-    import time
-
-    fn()  # warm-up (and kernel compilation)
+    fn()  # warm-up
     times = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -82,9 +91,12 @@ def fla_kernel(model: str):
 
 @contextlib.contextmanager
 def kernel_knobs(prec: str, warps: str):
-    """Force the kernels' tl.dot precision and warps ("auto": the launchers' choice) while
-    timing, the backward included (it launches later, from autograd)."""
-    wanted = {"NLCOMPILE_TRITON_DOT": prec, "NLCOMPILE_TRITON_WARPS": warps}
+    """Force the kernels' tl.dot precision and warps ("auto": the launchers' choice, autotuned;
+    "fixed": their untuned configuration) while timing, the backward included (it launches later,
+    from autograd)."""
+    wanted = {"NLCOMPILE_TRITON_DOT": prec,
+              "NLCOMPILE_TRITON_WARPS": "auto" if warps == "fixed" else warps,
+              "NLCOMPILE_TRITON_TUNE": "0" if warps == "fixed" else "auto"}
     old = {name: os.environ.pop(name, None) for name in wanted}
     os.environ.update({name: value for name, value in wanted.items() if value != "auto"})
     try:
@@ -107,6 +119,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
     from nlcompile.targets.scan import chunkwise_scan
     from nlcompile.targets.triton.common import dot_precision as auto_precision
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
+    from nlcompile.targets.triton.tuning import tuning_enabled
 
     rows = []
     for model in models:
@@ -116,7 +129,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         for prec in dots:
             for w in warps:
                 label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
-                label += ")" if w == "auto" else f", {w} warps)"
+                auto = ", tuned)" if tuning_enabled(device) else ")"
+                label += {"auto": auto, "fixed": ", untuned)"}.get(w, f", {w} warps)")
                 impls[label] = (prec, w, lambda x: ours(x, triton_chunkwise_scan))
         impls["torch target"] = ("auto", "auto", lambda x: ours(x, chunkwise_scan))
         fla = fla_kernel(model)
@@ -131,6 +145,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                 row = dict(model=model, T=T, kernel=name)
                 with kernel_knobs(prec, w):
                     with torch.no_grad():
+                        row["first_s"] = first_call(lambda: fn(x), device)
                         row["err"] = rel_err(fn(x), want)
                         row["fwd"] = timed(lambda: fn(x), device, repeats)
                     step = lambda: fn(grads).float().square().sum().backward()  # noqa: E731
@@ -146,8 +161,21 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                 rows.append(row)
                 both = "-" if row["fwd_bwd"] is None else f"{row['fwd_bwd'] * 1e3:.2f} ms"
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
-                      f"error {row['err']:.1e}", file=sys.stderr, flush=True)
+                      f"error {row['err']:.1e}, first fwd call {row['first_s']:.1f} s", file=sys.stderr, flush=True)
     return rows
+
+
+def tuned_launches() -> list[str]:
+    """What the autotuner chose for each of our kernels and keys in this run."""
+    from nlcompile.targets.triton import backward, forward
+
+    lines = []
+    for kernel in forward.KERNELS + backward.KERNELS:
+        names = kernel.tuned.keys
+        for key, choice in kernel.chosen().items():
+            shown = ", ".join(f"{n}={v}" for n, v in zip(names, key) if n in ("N", "dk", "dv", "C", "GATE", "PREC"))
+            lines.append(f"tuned {kernel.name} ({shown}): {choice}")
+    return lines
 
 
 def kernel_profile(step, top: int = 10) -> list[tuple[str, float]]:
@@ -169,8 +197,9 @@ def profile_text(row: dict) -> str:
 def table(rows: list[dict], device_name: str) -> str:
     fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
     lines = [f"device: {device_name}", "",
-             "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 "
+             "| first fwd call (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -178,14 +207,14 @@ def table(rows: list[dict], device_name: str) -> str:
         ref = fla.get((r["model"], r["T"]), {})
         ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {ratio(r['fwd_bwd'], ref.get('fwd_bwd'))}"
         lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
-                     f"{r['err']:.1e} |")
+                     f"{r['err']:.1e} | {r['first_s']:.1f} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
         if "profile" in r:
             profiles.append(profile_text(r))
     if not fla:
         notes.append("fla not installed: no ratios")
-    return "\n".join(lines + [""] + notes + profiles)
+    return "\n".join(lines + [""] + notes + profiles + tuned_launches())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dots", default="auto", help="comma-separated tl.dot precisions to time our kernels with: "
                     "auto (by input dtype), ieee, tf32x3, tf32")
     ap.add_argument("--warps", default="auto", help="comma-separated warps per program to time our kernels with "
-                    "(auto: the launchers' choice), crossed with --dots")
+                    "(auto: autotuned on CUDA; fixed: the untuned launch), crossed with --dots")
     ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
     args = ap.parse_args(argv)
     if args.smoke:

@@ -7,8 +7,9 @@
 # Wheels in .whl/ (e.g. fla_core, for the benchmark's flash-linear-attention columns) are installed
 # first, without their dependencies.  BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
-# program (auto = the launchers' choice; crossed with DOTS); PROFILE=T adds each
-# kernel's device time at that T.  Seen on an H100 (2026-11-26): the benchmark with two precisions
+# program (auto = autotuned, fixed = the untuned launch; crossed with DOTS); PROFILE=T adds each
+# kernel's device time at that T.  The tests run the untuned launch (NLCOMPILE_TRITON_TUNE=0: tuning
+# every test shape would take minutes) and test_triton_tuning.py the tuned one, every candidate.  Seen on an H100 (2026-11-26): the benchmark with two precisions
 # and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about 110 s
 # with 12 workers.
 set -u
@@ -29,7 +30,8 @@ timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ie
     ${PROFILE:+--profile "$PROFILE"} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"
 echo "bench rc=${PIPESTATUS[0]}"; tail -5 "$OUT/bench.err"
-timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
-    tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py >"$OUT/tests.log" 2>&1
+NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
+    tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
+    tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
 echo "pytest rc=$?"
 grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40

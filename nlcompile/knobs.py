@@ -5,7 +5,9 @@
 * ``NLCOMPILE_TRITON_DOT=ieee|tf32x3|tf32``: the Triton kernels' matmul precision, overriding
   the choice by input dtype (``targets/triton/common.dot_precision``); for measuring.
 * ``NLCOMPILE_TRITON_WARPS=1|2|4|8|16``: warps per program of the Triton kernels on CUDA,
-  overriding ``targets/triton/common.kernel_blocks``; for measuring.
+  overriding ``targets/triton/common.kernel_blocks`` (and the autotuning); for measuring.
+* ``NLCOMPILE_TRITON_TUNE=0``: launch the Triton kernels on CUDA with the fixed configuration of
+  ``targets/triton/common.kernel_blocks`` instead of autotuning them (``targets/triton/tuning.py``).
 * ``NLCOMPILE_TUNE_HEAP=0``: leave glibc's malloc thresholds alone (see ``nlcompile/heap.py``).
 """
 from __future__ import annotations
@@ -43,3 +45,10 @@ def triton_warps() -> int | None:
     if value and value not in ("1", "2", "4", "8", "16"):
         raise ValueError(f"NLCOMPILE_TRITON_WARPS={value!r}: expected 1, 2, 4, 8 or 16 (or unset)")
     return int(value) if value else None
+
+
+def triton_tune() -> bool:
+    value = os.environ.get("NLCOMPILE_TRITON_TUNE", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"NLCOMPILE_TRITON_TUNE={value!r}: expected 0 or 1 (or unset: 1)")
+    return value == "1"

@@ -16,7 +16,9 @@ precisions the launchers pick for bf16 inputs (tf32 forward, ieee backward); and
 kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256.
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
 per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs)
-at dk = dv in {64, 128, 256}.
+at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
+(``targets/triton/tuning.py``) for DeltaNet and Gated DeltaNet at d = 128, with the programs each
+leaves resident per SM (blocks/SM: what bounds the sequential kernels).
 Pointers and integer arguments are compiled as 16-divisible, as a launch at the benchmark
 shape specialises them; that gives the larger shared memory (unaligned builds need less).
 
@@ -43,11 +45,13 @@ ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2),
 
 
 def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, before: bool = False,
-                 with_q: bool = True, prec: str = "tf32") -> list[dict]:
+                 with_q: bool = True, prec: str = "tf32", space: bool = False) -> list[dict]:
     """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
     of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
     chunk_size 64, with bf16 k, v, q (``common.dot_precision``: "tf32" forward, "ieee" backward)
-    or fp32 ones (``prec="ieee"``: "ieee" everywhere)."""
+    or fp32 ones (``prec="ieee"``: "ieee" everywhere): the untuned launch (``common.kernel_blocks``),
+    or with ``space`` every candidate the autotuner tries (``tuning.Space``)."""
+    from nlcompile.targets.triton import backward, forward
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
 
@@ -55,24 +59,33 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     dv = dk if dv is None else dv
     chunk = kernel_chunk(64, gate == 2, "cuda", dk, dv)
     b = kernel_blocks("cuda", dk, dv, chunk)
-    base = dict(C=chunk, BK=b.BK, BV=b.BV, BKD=b.BKD)
     specs = []
 
     def add(module, kernel, **constexprs):
         dot = prec if module == "forward" else "ieee"
-        specs.append(dict(kind=name, d=dk if dk == dv else f"{dk}x{dv}", before=before, with_q=with_q,
-                          inputs="fp32" if prec == "ieee" else "bf16",
-                          module=module, kernel=kernel, constexprs=dict(constexprs, PREC=dot),
-                          num_warps=b.num_warps, maxnreg=b.grads_maxnreg if kernel == "_grads_kernel" else None))
+        launches = [dict(BV=b.BV, num_warps=b.num_warps, num_stages=None)]
+        if space:
+            configs = kernel.space.configs()
+            launches = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
+        for launch in launches:
+            consts = dict(constexprs, PREC=dot)
+            if kernel.space.value_blocks:
+                consts["BV"] = min(launch["BV"], b.BV_prepare)
+            specs.append(dict(kind=name, d=dk if dk == dv else f"{dk}x{dv}", before=before, with_q=with_q,
+                              inputs="fp32" if prec == "ieee" else "bf16", module=module, kernel=kernel.name,
+                              constexprs=consts, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+                              maxnreg=kernel.space.maxnreg))
 
+    base = dict(C=chunk, BK=b.BK, GATE=gate)
     if delta:
-        add("forward", "_prepare_kernel", **dict(base, BV=b.BV_prepare), BKC=b.BKC, GATE=gate)
-    add("forward", "_states_kernel", C=chunk, BK=b.BK, BV=b.BV, GATE=gate, HAS_BETA=delta)
+        add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, BKD=b.BKD)
+    add("forward", forward.STATES, **base, HAS_BETA=delta)
     if with_q:
-        add("forward", "_output_kernel", **base, BKC=b.BKC, GATE=gate, BEFORE=before)
-    flags = dict(base, BKC=b.BKC, HAS_Q=with_q, DELTA=delta, GATE=gate, BEFORE=before)
-    add("backward", "_states_bwd_kernel", **flags)
-    add("backward", "_grads_kernel", **flags)
+        add("forward", forward.OUTPUT, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before)
+        add("backward", backward.READOUT_DV, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before)
+    flags = dict(base, HAS_Q=with_q, DELTA=delta, BEFORE=before)
+    add("backward", backward.STATES_BWD, **flags)
+    add("backward", backward.GRADS, **flags, BKC=b.BKC, BKD=b.BKD)
     return specs
 
 
@@ -99,7 +112,8 @@ def compile_sm90(spec: dict) -> dict:
     start = time.time()
     ck = triton.compile(triton.compiler.ASTSource(fn, signature, constexprs=consts, attrs=attrs),
                         target=GPUTarget("cuda", 90, 32),
-                        options=dict(num_warps=spec["num_warps"], maxnreg=spec["maxnreg"]))
+                        options={key: spec[key] for key in ("num_warps", "num_stages", "maxnreg")
+                                 if spec.get(key) is not None})
     seconds = time.time() - start
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -132,15 +146,24 @@ def compile_all(specs: list[dict], workers: int = 2) -> list[dict]:
     return ordered
 
 
+def blocks_per_sm(reg: int, shared: int, warps: int) -> int:
+    """Programs of one kernel resident at once on an H100 SM: 64K registers (allocated per warp in
+    units of 256), 228 KB of shared memory (1 KB reserved per block), 64 warps, 32 blocks."""
+    per_warp = -(-max(reg, 1) * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 233472 // (shared + 1024), 64 // warps, 32)
+
+
 def table(results: list[dict]) -> str:
-    head = "| kernel | kind | d | dot | C | BV | BKC | warps | flags | shared B | REG | STACK B | compile s |"
-    rows = [head, "|" + " --- |" * 13]
+    head = ("| kernel | kind | d | dot | C | BV | BKC | warps | stages | flags | shared B | REG | STACK B | "
+            "blocks/SM | compile s |")
+    rows = [head, "|" + " --- |" * 15]
     for r in results:
         c = r["constexprs"]
         flags = ",".join(f"{k}={int(v)}" for k, v in c.items() if k in ("HAS_Q", "BEFORE", "HAS_BETA"))
         rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['PREC']} | {c['C']} | {c['BV']} | "
-                    f"{c.get('BKC', '-')} | "
-                    f"{r['num_warps']} | {flags} | {r['shared']} | {r['reg']} | {r['stack']} | {r['seconds']} |")
+                    f"{c.get('BKC', '-')} | {r['num_warps']} | {r.get('num_stages') or 'default'} | {flags} | "
+                    f"{r['shared']} | {r['reg']} | {r['stack']} | "
+                    f"{blocks_per_sm(r['reg'], r['shared'], r['num_warps'])} | {r['seconds']} |")
     return "\n".join(rows)
 
 
@@ -227,6 +250,10 @@ def main(argv: list[str]) -> int:
         results = compile_all(specs, workers=max(1, os.cpu_count() or 1))
         print(table(results))
         print("max shared:", max(r["shared"] for r in results), "limit:", SM90_SHARED_BYTES)
+        return 0
+    if argv[:1] == ["--space"]:  # every autotuning candidate at the benchmark shape
+        specs = [s for kind in (DELTANET, GATED_DELTANET) for s in kernel_specs(kind, 128, space=True)]
+        print(table(compile_all(specs, workers=max(1, os.cpu_count() or 1))))
         return 0
     print(__doc__)
     return 2

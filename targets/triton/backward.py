@@ -9,7 +9,11 @@ Akk_rs = b_r sum_c k_rc k_sc e^{G_rc-G_sc} and e^G is per channel in W::
 
     H_{i+1} = D H_i + Kt^T V'        O_i = Qt H_i + A V'
 
-Backward, in two kernels:
+Backward, in three kernels:
+
+``_readout_dv_kernel`` (grid (chunks, N, dv blocks), with q only) computes the part of dV'
+that needs no state, A^T dO_i, for all chunks in parallel, into the dV' buffer (for the delta
+family a scratch buffer, else dv itself, since then V' = V).
 
 ``_states_bwd_kernel`` (grid (N, dv blocks), sequential from the last chunk to the first)
 carries dHn = dL/dH_{i+1}, starting at dH_final::
@@ -17,8 +21,8 @@ carries dHn = dL/dH_{i+1}, starting at dH_final::
     dV'_i = A^T dO_i + Kt dHn
     dH_i  = D dHn + Qt^T dO_i - [delta] W^T dV'_i        (the next dHn; dh0 = dH_0)
 
-storing dHn for every chunk and dV' (for the delta family into a scratch buffer, else
-straight into dv, since then V' = V).
+adding Kt dHn to the dV' buffer in place and storing dHn for every chunk.  The scores A stay
+out of this sequential loop (they are the largest part of a chunk's work for a per-channel gate).
 
 ``_grads_kernel`` (grid (chunks, N), all chunks in parallel) gets the rest from
 H_i, dHn_i, V', dV': sums over dv (in blocks) of dQt = dO H^T, dA = dO V'^T,
@@ -45,6 +49,7 @@ from .common import (
     MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
     load_steps, load_tile, mm, pair_decay, readout_mask, reverse_cumsum, scores, store_tile, wy_factors,
 )
+from .tuning import ChunkKernel, Space
 
 __all__ = ["chunk_backward"]
 
@@ -65,20 +70,48 @@ def _per_gate(x, GATE: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
+def _readout_dv_kernel(
+    k_ptr, q_ptr, g_ptr, do_ptr,                      # inputs
+    dvp_ptr,                                          # output
+    T, N, dk, dv, dvp_rows,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
+):
+    """A^T dO of one chunk for one block of dv columns (grid (chunks, N, dv blocks)): the
+    readout's intra-chunk part of dV', into rows of ``dvp_ptr`` ([N,dvp_rows,dv]).  A per-channel
+    gate builds the scores A BKC channels at a time."""
+    i = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    rows = i * C + tl.arange(0, C)
+    q_seq = q_ptr + n * T * dk
+    k_seq = k_ptr + n * T * dk
+    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    mask = readout_mask(C, BEFORE)
+    if GATE == 2:
+        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
+    else:
+        _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
+        A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
+    do = load_tile(do_ptr + n * T * dv, rows, cols_v, T, dv, dv)
+    store_tile(dvp_ptr + n * dvp_rows * dv, mm(tl.trans(A), do, PREC), rows, cols_v, T, dv, dv)
+
+
+@triton.jit(do_not_specialize=["N"])
 def _states_bwd_kernel(
     k_ptr, q_ptr, g_ptr, w_ptr, do_ptr, dhf_ptr,      # inputs
-    dhn_ptr, dvp_ptr, dh0_ptr,                        # outputs
-    T, NC, dk, dv, dvp_rows,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    dhn_ptr, dvp_ptr, dh0_ptr,                        # outputs (dvp: A^T dO in, dV' out)
+    T, N, NC, dk, dv, dvp_rows,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Reverse inter-chunk recurrence for one sequence and one block of dv columns.
 
     Carries dHn = dL/dH_{i+1} from dH_final back to dh0 = dL/dH_0 and stores, per chunk,
     dHn_i [N,NC,dk,dv] and dV'_i (rows of ``dvp_ptr``: [N,dvp_rows,dv], dvp_rows = NC*C
-    for the delta scratch buffer or T when it is dv itself).  A per-channel gate builds the
-    scores A BKC channels at a time.
+    for the delta scratch buffer or T when it is dv itself), which with q holds A^T dO
+    (``_readout_dv_kernel``) on entry.
     """
     n = tl.program_id(0).to(tl.int64)
     cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
@@ -90,7 +123,6 @@ def _states_bwd_kernel(
     w_seq = w_ptr + n * NC * C * dk
     do_seq = do_ptr + n * T * dv
     dvp_seq = dvp_ptr + n * dvp_rows * dv
-    mask = readout_mask(C, BEFORE)
     dh = load_tile(dhf_ptr + n * dk * dv, cols_k, cols_v, dk, dv, dv)   # dL/dH_NC
     for j in range(0, NC):
         i = NC - 1 - j
@@ -102,11 +134,7 @@ def _states_bwd_kernel(
         if HAS_Q:
             q = load_tile(q_seq, rows, cols_k, T, dk, dk)
             do = load_tile(do_seq, rows, cols_v, T, dv, dv)
-            if GATE == 2:
-                A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
-            else:
-                A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
-            dvp += mm(tl.trans(A), do, PREC)                              # A^T dO
+            dvp += load_tile(dvp_seq, rows, cols_v, T, dv, dv)            # A^T dO
             dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC)            # Qt^T dO
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
@@ -117,11 +145,11 @@ def _states_bwd_kernel(
     store_tile(dh0_ptr + n * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _grads_kernel(
     k_ptr, v_ptr, q_ptr, b_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
     dk_ptr, dv_ptr, dq_ptr, db_ptr, dg_ptr,                                       # outputs
-    T, NC, dk, dv,
+    T, N, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -253,6 +281,19 @@ def _grads_kernel(
             tl.store(dg_ptr + n * T + rows, dg, mask=rows < T)
 
 
+# The tuning spaces (``tuning``).  grads and states_bwd are capped at 255 registers on CUDA: left
+# to itself at 8 warps, ptxas gave grads 32 registers and 6 KB of spills per thread (DeltaNet,
+# d = 128, sm_90; 255 and 1.9 KB with the cap), and states_bwd 32 registers and 1.6-2.8 KB of
+# spills (Gated DeltaNet d = 256, KDA d = 128).  The grads kernel keeps 8 warps: at 4 every
+# candidate spilled 2-3x more and took 2-3x longer to compile (up to 26 s on our CPU; compiling is
+# most of a first call's tuning time).  states_bwd adds to the dV' buffer in place.
+READOUT_DV = ChunkKernel(_readout_dv_kernel, Space(value_blocks=(32, 64, 128), stages=(2,)))
+STATES_BWD = ChunkKernel(_states_bwd_kernel, Space(value_blocks=(32, 64), stages=(1, 2), maxnreg=255),
+                         restore=("dvp_ptr",))
+GRADS = ChunkKernel(_grads_kernel, Space(value_blocks=(32, 64), warps=(8,), maxnreg=255))
+KERNELS = (READOUT_DV, STATES_BWD, GRADS)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -312,13 +353,19 @@ def chunk_backward(
     W_ = c(W.float()) if delta else dummy
     dhn = torch.empty(n, nc, key_dim, value_dim, **f32)
     dvp = torch.empty(n, nc * chunk, value_dim, **f32) if delta else dv
-    flags = dict(C=chunk, BK=blocks.BK, BV=blocks.BV, BKC=blocks.BKC, BKD=blocks.BKD, HAS_Q=q is not None, DELTA=delta,
-                 GATE=gate, BEFORE=bool(before), PREC=dot_precision(k, q, backward=True), num_warps=blocks.num_warps)
-    _states_bwd_kernel[(n, triton.cdiv(value_dim, blocks.BV))](
-        k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0,
-        t, nc, key_dim, value_dim, dvp.shape[1], **flags)
-    _grads_kernel[(nc, n)](
-        k, v, q_, beta_, g_, H, Vp_, dvp, do_, dhn,
-        dk, dv, dq if q is not None else dummy, dbeta if delta else dummy, dg if g is not None else dummy,
-        t, nc, key_dim, value_dim, **flags, maxnreg=blocks.grads_maxnreg)
+    flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=dot_precision(k, q, backward=True))
+    dev = k.device
+    if q is not None:
+        READOUT_DV.launch(lambda m: (nc, n, triton.cdiv(value_dim, m["BV"])),
+                          (k, q_, g_, do_, dvp, t, n, key_dim, value_dim, dvp.shape[1]),
+                          dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
+    flags.update(HAS_Q=q is not None, DELTA=delta)
+    STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
+                      (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, nc, key_dim, value_dim, dvp.shape[1]),
+                      flags, blocks, dev)
+    GRADS.launch(lambda m: (nc, n),
+                 (k, v, q_, beta_, g_, H, Vp_, dvp, do_, dhn,
+                  dk, dv, dq if q is not None else dummy, dbeta if delta else dummy, dg if g is not None else dummy,
+                  t, n, nc, key_dim, value_dim),
+                 dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)

@@ -8,8 +8,6 @@ the one place where block sizes and warps are chosen per device.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -233,7 +231,6 @@ class Blocks:
     BKC: int         # key channels per step of the per-channel-gate scores ([C, C, BKC] products)
     BKD: int         # key channels per step of the [C, C] Gram products Q K^T, K K^T (``gram``)
     num_warps: int
-    grads_maxnreg: Optional[int] = None  # register cap of the backward's grads kernel (CUDA: 255)
 
 
 # CUDA (sized on the H100, sm_90: 232448 bytes of shared memory per block).  The fp32 "ieee" dots
@@ -247,7 +244,8 @@ _CUDA_BKD = 32
 
 
 def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shrink: bool = False) -> Blocks:
-    """The blocks all chunk kernels (forward and backward) are launched with, per device type.
+    """The blocks all chunk kernels (forward and backward) are launched with, per device type
+    (on CUDA the value blocks and warps are those of the untuned launch: ``tuning``).
 
     ``chunk`` is the chunk length asked.  Where the device needs a shorter one, ``shrink`` gives
     it in ``Blocks.chunk`` (``ops.kernel_chunk`` picks the chunk that way); without ``shrink``
@@ -257,9 +255,7 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
     that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
     CUDA: 8 warps (``NLCOMPILE_TRITON_WARPS`` overrides, for measuring); the chunk halved until
     [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), BV <= 32
-    with [BK, BV] <= 4096 elements, BKC as on the CPU, BKD = 32, and the grads kernel capped at
-    255 registers: left to itself at 8 warps, ptxas gave it 32 registers and 6 KB of spills per
-    thread (DeltaNet, d = 128, sm_90; 255 and 1.9 KB with the cap).  Every kernel then fits the
+    with [BK, BV] <= 4096 elements, BKC as on the CPU, BKD = 32.  Every kernel then fits the
     H100's 232448 B of shared memory per block (tests/test_triton_sm90.py; ``python
     tests/test_triton_sm90.py --all`` prints every kind).
     """
@@ -270,7 +266,6 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
         warps = knobs.triton_warps() or _CUDA_WARPS
-        maxnreg = 255
         bkd = min(bk, _CUDA_BKD)
         if c != chunk and not shrink:
             raise ValueError(f"chunk {chunk} is too long for dk={dk} on {device}: at most {c} fits the "
@@ -279,7 +274,6 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
         c = chunk
         bv = min(block(dv), 64 if bk <= 128 else 32)
         warps = 4
-        maxnreg = None
         bkd = bk
     return Blocks(chunk=c, BK=bk, BV=bv, BV_prepare=block(dv), BKC=min(bk, max(1, 8192 // (c * c))),
-                  BKD=bkd, num_warps=warps, grads_maxnreg=maxnreg)
+                  BKD=bkd, num_warps=warps)

@@ -34,6 +34,7 @@ from .common import (
     MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks, load_steps,
     load_tile, mm, readout_mask, scores, store_tile, wy_factors,
 )
+from .tuning import ChunkKernel, Space
 
 __all__ = ["chunk_forward"]
 
@@ -44,10 +45,10 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 # --------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr,
-    T, L, dk, dv,
+    T, N, L, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -82,10 +83,10 @@ def _prepare_kernel(
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _states_kernel(
     k_ptr, src_ptr, g_ptr, w_ptr, vp_ptr, h0_ptr, H_ptr, hT_ptr,
-    T, src_rows, nc, dk, dv,
+    T, N, src_rows, nc, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_BETA: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -120,10 +121,10 @@ def _states_kernel(
     store_tile(hT_ptr + n * dk * dv, h, cols_k, cols_v, dk, dv, dv)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])
 def _output_kernel(
     q_ptr, k_ptr, vals_ptr, g_ptr, H_ptr, o_ptr,
-    T, vals_rows, nc, dk, dv,
+    T, N, vals_rows, nc, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -157,6 +158,14 @@ def _output_kernel(
         Qt = Q * tl.exp(Gq)
     O = mm(Qt, h, PREC) + mm(A, vals, PREC)
     store_tile(o_ptr + n * T * dv, O, rows, cols_v, T, dv, dv)
+
+
+# The tuning spaces (``tuning``): the sequential states kernel also tries one pipeline stage (half
+# the shared memory, so more programs resident); it overwrites U with V' in place.
+PREPARE = ChunkKernel(_prepare_kernel, Space())
+STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2, 3)), restore=("src_ptr",))
+OUTPUT = ChunkKernel(_output_kernel, Space(value_blocks=(32, 64, 128)))
+KERNELS = (PREPARE, STATES, OUTPUT)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -239,20 +248,17 @@ def chunk_forward(
         h_final.copy_(h0)
         return o, h_final, H, Vp, W
 
-    bv = blocks.BV
-    launch = dict(C=c, BK=blocks.BK, GATE=gate, PREC=dot_precision(k, q), num_warps=blocks.num_warps)
+    meta = dict(C=c, BK=blocks.BK, GATE=gate, PREC=dot_precision(k, q))
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     if delta:
-        _prepare_kernel[(nc, n)](k, v, beta, g_arg, W, Vp, t, L, dk, dv, BV=blocks.BV_prepare, BKC=blocks.BKC,
-                                 BKD=blocks.BKD, **launch)
+        PREPARE.launch(lambda m: (nc, n), (k, v, beta, g_arg, W, Vp, t, n, L, dk, dv),
+                       dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     src, src_rows = (Vp, L) if delta else (v, t)
-    _states_kernel[(n, triton.cdiv(dv, bv))](
-        k, src, g_arg, W if delta else k, Vp if delta else k, h0, H, h_final,
-        t, src_rows, nc, dk, dv, BV=bv, HAS_BETA=delta, **launch,
-    )
+    STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),
+                  (k, src, g_arg, W if delta else k, Vp if delta else k, h0, H, h_final, t, n, src_rows, nc, dk, dv),
+                  dict(meta, HAS_BETA=delta), blocks, dev)
     if q is not None:
-        _output_kernel[(nc, n, triton.cdiv(dv, bv))](
-            q, k, src, g_arg, H, o, t, src_rows, nc, dk, dv,
-            BV=bv, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before), **launch,
-        )
+        OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),
+                      (q, k, src, g_arg, H, o, t, n, src_rows, nc, dk, dv),
+                      dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)
     return o, h_final, H, Vp, W

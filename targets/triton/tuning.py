@@ -1,0 +1,119 @@
+"""How the chunk kernels are launched: autotuned on CUDA, one fixed configuration otherwise.
+
+The best value block BV, warps and pipeline stages of a kernel depend on the device, the Triton
+version and the problem: the sequential kernels (states, states_bwd) run one program per
+sequence and value block for the whole sequence, so their time is set by how many of those
+programs are resident at once (registers and shared memory per program against N * dv / BV
+programs), which static analysis can bound but not rank.  So on CUDA every kernel is wrapped in
+``triton.autotune`` over a small space (``Space``), keyed on (N, dk, dv), the kernel's other
+constexprs (chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch with a new key compiles and times each candidate (seconds; candidates
+that do not fit the device are dropped by Triton), later launches reuse the choice.  The chunk
+length is not tuned here: it fixes the layout of the buffers the kernels pass each other.
+
+The fixed configuration (``common.kernel_blocks``) is used on the CPU interpreter, and on CUDA
+when ``NLCOMPILE_TRITON_TUNE=0`` or a forced ``NLCOMPILE_TRITON_WARPS`` asks for it (measuring).
+``NLCOMPILE_VERBOSE=1`` prints each tuning result to stderr.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from nlcompile import knobs
+
+from .common import Blocks, block
+
+TUNING_KEY = ["N", "dk", "dv"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """Candidate launch parameters of one kernel on CUDA (the cross product of the three)."""
+
+    value_blocks: tuple[int, ...] = ()   # BV candidates; () when the caller passes BV itself
+    warps: tuple[int, ...] = (4, 8)
+    stages: tuple[int, ...] = (2, 3)
+    maxnreg: Optional[int] = None        # register cap on CUDA, tuned or not
+
+    def configs(self) -> list[triton.Config]:
+        return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=s, maxnreg=self.maxnreg)
+                for bv in (self.value_blocks or (None,)) for w in self.warps for s in self.stages]
+
+
+def _clip_value_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Candidates with BV at most the value dim's block (wider ones would only compute padding), deduplicated."""
+    limit = block({**named_args, **kwargs}["dv"])
+    kept: dict[tuple, triton.Config] = {}
+    for c in configs:
+        kw = {name: (min(x, limit) if name == "BV" else x) for name, x in c.kwargs.items()}
+        kept.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages),
+                        triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages, maxnreg=c.maxnreg))
+    return list(kept.values())
+
+
+def _constexpr_args(fn: triton.JITFunction) -> list[str]:
+    """The kernel's tl.constexpr parameters (the kind of scan: gate, readout, precision...), which
+    belong in the tuning key: one kernel, specialised differently, can want another launch."""
+    params = inspect.signature(fn.fn).parameters.values()
+    return [p.name for p in params
+            if p.annotation is tl.constexpr or str(p.annotation).split(".")[-1] == "constexpr"]
+
+
+def tuning_enabled(device: torch.device) -> bool:
+    """Autotune on CUDA (compiled kernels), unless switched off or a measuring knob fixes the warps."""
+    return (device.type == "cuda" and not os.environ.get("TRITON_INTERPRET")
+            and knobs.triton_tune() and knobs.triton_warps() is None)
+
+
+def describe(config: triton.Config) -> str:
+    tuned = "".join(f"{name}={x} " for name, x in config.kwargs.items())
+    return f"{tuned}warps={config.num_warps} stages={config.num_stages}"
+
+
+class ChunkKernel:
+    """A chunk kernel with its CUDA tuning space; ``launch`` picks the tuned or the fixed path.
+
+    ``restore`` names the arguments the kernel updates in place (read, then overwritten): the
+    autotuner restores them between its timed runs.  ``do_bench`` replaces Triton's timing (tests).
+    """
+
+    def __init__(self, fn: triton.JITFunction, space: Space, restore: tuple[str, ...] = (),
+                 do_bench: Optional[Callable] = None):
+        self.fn, self.space, self.restore = fn, space, restore
+        tuned_here = {"BV"} if space.value_blocks else set()
+        key = TUNING_KEY + [name for name in _constexpr_args(fn) if name not in tuned_here]
+        self.tuned = triton.autotune(space.configs(), key=key, restore_value=list(restore),
+                                     prune_configs_by={"early_config_prune": _clip_value_blocks},
+                                     do_bench=do_bench)(fn)
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def launch(self, grid: Callable[[dict], tuple], args: tuple, meta: dict, blocks: Blocks,
+               device: torch.device) -> None:
+        """Run on ``grid`` (a function of the meta-parameters, BV among them): ``args`` positional,
+        ``meta`` the constexprs the caller fixes (BV too when the space does not tune it)."""
+        if tuning_enabled(device):
+            before = len(self.tuned.cache)
+            self.tuned[grid](*args, **meta)
+            if len(self.tuned.cache) > before and knobs.verbose():
+                print(f"nlcompile: tuned {self.name} in {getattr(self.tuned, 'bench_time', 0.0):.1f} s: "
+                      f"{describe(self.tuned.best_config)}", file=sys.stderr)
+            return
+        fixed = dict(num_warps=blocks.num_warps, maxnreg=self.space.maxnreg if device.type == "cuda" else None)
+        if self.space.value_blocks:
+            fixed["BV"] = blocks.BV
+        self.fn[grid({**meta, **fixed})](*args, **meta, **fixed)
+
+    def chosen(self) -> dict[tuple, str]:
+        """The configuration tuned for each key so far (for the benchmark's record)."""
+        return {key: describe(config) for key, config in self.tuned.cache.items()}
+

@@ -1,0 +1,96 @@
+"""The CUDA launch path of the chunk kernels: autotuning (``targets/triton/tuning.py``).
+
+Without a GPU the tuned path runs in Triton's interpreter with a CPU stand-in for the timing
+(``do_bench``), so what it can get wrong is checked here: the grids as functions of the tuned
+value block, and the kernels that update a buffer in place (the autotuner runs each candidate on
+the real arguments, so those must be restored between runs, or the answer is computed from the
+previous candidate's output).  The fake timings let a different candidate win in each run.
+"""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from nlcompile.targets.triton import backward, forward, tuning
+from nlcompile.targets.triton.backward import chunk_backward
+from nlcompile.targets.triton.forward import chunk_forward
+from test_triton_backward import (
+    KINDS, assert_grads_close, chunk_intermediates, make_inputs, reference_grads,
+)
+
+
+def _cpu_tuned(kernel: tuning.ChunkKernel, winner: int) -> tuning.ChunkKernel:
+    """``kernel`` with an autotuner that times on the CPU and makes its ``winner``-th timed
+    candidate the fastest (the first one where there are fewer)."""
+    counter = itertools.count()
+
+    def fake_bench(call, quantiles=None):
+        call()
+        i = next(counter)
+        t = 1.0 if i == winner else 2.0 + i
+        return [t, t, t]
+
+    return tuning.ChunkKernel(kernel.fn, kernel.space, restore=kernel.restore, do_bench=fake_bench)
+
+
+@pytest.fixture(params=[0, 1, 5])
+def tuned_on_cpu(request, monkeypatch):
+    """Force the tuned path; the candidate that wins is the fixture's parameter."""
+    monkeypatch.setattr(tuning, "tuning_enabled", lambda device: True)
+    for module, names in ((forward, ("PREPARE", "STATES", "OUTPUT")),
+                          (backward, ("READOUT_DV", "STATES_BWD", "GRADS"))):
+        for name in names:
+            monkeypatch.setattr(module, name, _cpu_tuned(getattr(module, name), request.param))
+    return request.param
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_tuned_launches_match_the_reference(kind, tuned_on_cpu):
+    """Forward outputs and backward gradients through the tuned launch path equal the float64
+    chunk formulas, whichever candidate won (dv = 40: every BV candidate leaves a partial block)."""
+    T, C, dk, dv = 37, 16, 16, 40
+    x = make_inputs(kind, T, dk, dv)
+    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
+    ref_o, ref_final, ref_H, _, _ = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
+    for got, ref in ((o, ref_o), (h_final, ref_final), (H, ref_H)):
+        assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
+    do, dh_final = torch.randn(2, T, dv, generator=gen), torch.randn(2, dk, dv, generator=gen)
+    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, do, dh_final, C, False)
+    assert_grads_close(got, reference_grads(x, do, dh_final, False), tol=1e-4)
+    assert forward.STATES.chosen() and backward.GRADS.chosen()  # the tuned path ran
+
+
+def test_space_and_clipping():
+    space = tuning.Space(value_blocks=(32, 64), warps=(4, 8), stages=(1, 2, 3), maxnreg=255)
+    configs = space.configs()
+    assert len(configs) == 12 and {c.maxnreg for c in configs} == {255}
+    assert {(c.kwargs["BV"], c.num_warps, c.num_stages) for c in configs} == set(
+        itertools.product((32, 64), (4, 8), (1, 2, 3)))
+    clipped = tuning._clip_value_blocks(configs, {"dv": 20})   # block(20) = 32: BV 64 -> 32, deduplicated
+    assert len(clipped) == 6 and {c.kwargs["BV"] for c in clipped} == {32}
+    assert len(tuning._clip_value_blocks(configs, {}, dv=128)) == 12
+    assert tuning.Space().configs()[0].kwargs == {}               # BV passed by the caller
+    # the kind of scan (gate, readout, precision...) is in the key: a launch tuned for one kind is
+    # not reused for another; the tuned BV is not
+    assert {"N", "dk", "dv", "C", "GATE", "HAS_BETA", "PREC"} <= set(forward.STATES.tuned.keys)
+    assert "BV" not in forward.STATES.tuned.keys and "BV" in forward.PREPARE.tuned.keys
+
+
+def test_when_tuning_applies(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert tuning.tuning_enabled(cuda) and not tuning.tuning_enabled(cpu)
+    monkeypatch.setenv("NLCOMPILE_TRITON_TUNE", "0")
+    assert not tuning.tuning_enabled(cuda)
+    monkeypatch.setenv("NLCOMPILE_TRITON_TUNE", "2")
+    with pytest.raises(ValueError, match="NLCOMPILE_TRITON_TUNE"):
+        tuning.tuning_enabled(cuda)
+    monkeypatch.delenv("NLCOMPILE_TRITON_TUNE")
+    monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "4")     # a measuring knob fixes the launch
+    assert not tuning.tuning_enabled(cuda)
+    monkeypatch.delenv("NLCOMPILE_TRITON_WARPS")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not tuning.tuning_enabled(cuda)
