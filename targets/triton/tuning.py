@@ -6,9 +6,11 @@ sequence and value block for the whole sequence, so their time is set by how man
 programs are resident at once (registers and shared memory per program against N * dv / BV
 programs), which static analysis can bound but not rank.  So on CUDA every kernel is wrapped in
 ``triton.autotune`` over a small space (``Space``), keyed on (N, dk, dv), the kernel's other
-constexprs (chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch with a new key compiles and times each candidate (seconds; candidates
-that do not fit the device are dropped by Triton), later launches reuse the choice.  The chunk
-length is not tuned here: it fixes the layout of the buffers the kernels pass each other.
+constexprs (chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch
+with a new key compiles and times each candidate (seconds; candidates that do not fit the device
+are dropped by Triton), later launches reuse the choice, and so do later processes (Triton's disk
+cache).  The chunk length is not tuned here: it fixes the layout of the buffers the kernels pass
+each other.
 
 The fixed configuration (``common.kernel_blocks``) is used on the CPU interpreter, and on CUDA
 when ``NLCOMPILE_TRITON_TUNE=0`` or a forced ``NLCOMPILE_TRITON_WARPS`` asks for it (measuring).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import inspect
 import os
 import sys
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,6 +34,10 @@ from nlcompile import knobs
 from .common import Blocks, block
 
 TUNING_KEY = ["N", "dk", "dv"]
+# Tuning results kept in Triton's cache directory, so a new process does not time the candidates
+# again (keyed there on the kernel's source, the GPU architecture and the tuning key); Triton
+# versions without the option tune once per process.
+_DISK_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,8 @@ class ChunkKernel:
     """A chunk kernel with its CUDA tuning space; ``launch`` picks the tuned or the fixed path.
 
     ``restore`` names the arguments the kernel updates in place (read, then overwritten): the
-    autotuner restores them between its timed runs.  ``do_bench`` replaces Triton's timing (tests).
+    autotuner restores them between its timed runs.  ``do_bench`` replaces Triton's timing (tests;
+    its results are not written to the disk cache).
     """
 
     def __init__(self, fn: triton.JITFunction, space: Space, restore: tuple[str, ...] = (),
@@ -91,7 +99,7 @@ class ChunkKernel:
         key = TUNING_KEY + [name for name in _constexpr_args(fn) if name not in tuned_here]
         self.tuned = triton.autotune(space.configs(), key=key, restore_value=list(restore),
                                      prune_configs_by={"early_config_prune": _clip_value_blocks},
-                                     do_bench=do_bench)(fn)
+                                     do_bench=do_bench, **({} if do_bench else _DISK_CACHE))(fn)
 
     @property
     def name(self) -> str:
@@ -102,10 +110,10 @@ class ChunkKernel:
         """Run on ``grid`` (a function of the meta-parameters, BV among them): ``args`` positional,
         ``meta`` the constexprs the caller fixes (BV too when the space does not tune it)."""
         if tuning_enabled(device):
-            before = len(self.tuned.cache)
+            before, start = len(self.tuned.cache), time.perf_counter()
             self.tuned[grid](*args, **meta)
             if len(self.tuned.cache) > before and knobs.verbose():
-                print(f"nlcompile: tuned {self.name} in {getattr(self.tuned, 'bench_time', 0.0):.1f} s: "
+                print(f"nlcompile: tuned {self.name} ({time.perf_counter() - start:.1f} s with its compiles): "
                       f"{describe(self.tuned.best_config)}", file=sys.stderr)
             return
         fixed = dict(num_warps=blocks.num_warps, maxnreg=self.space.maxnreg if device.type == "cuda" else None)
