@@ -6,9 +6,9 @@
 
 DeltaNet and Gated DeltaNet at B=8, H=16, D=128, T in {2048, 8192}, bf16:
 forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels, autotuned on first
-use; ``--dots`` and ``--warps`` time them at several tl.dot precisions and fixed warps per program,
-or untuned with ``--warps fixed``), the seconds of each variant's first call (compiles, tuning),
-of the ``fla`` package's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``
+use; ``--dots``, ``--warps`` and ``--chunks`` time them at several tl.dot precisions, fixed warps
+per program (or untuned: ``--warps fixed``) and chunk lengths), with the seconds of each
+variant's first call (compiles, tuning), of the ``fla`` package's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``
 (when installed: ``pip install flash-linear-attention``) and of the torch
 target's ``chunkwise_scan``, as ratios measured in one run, with the device
 named, and each output's max error relative to the torch target's fp32 scan on the same
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -89,14 +90,19 @@ def fla_kernel(model: str):
     return lambda x: fn(**x, scale=1.0)[0]
 
 
+def variant_knobs(prec: str, warps: str, chunk: str) -> dict[str, str]:
+    """The environment knobs of one variant of our kernels: tl.dot precision, warps ("auto": the
+    launchers' choice, autotuned on CUDA; "fixed": their untuned configuration) and chunk length
+    ("auto": ``ops.kernel_chunk``'s choice)."""
+    return {"NLCOMPILE_TRITON_DOT": prec,
+            "NLCOMPILE_TRITON_WARPS": "auto" if warps == "fixed" else warps,
+            "NLCOMPILE_TRITON_TUNE": "0" if warps == "fixed" else "auto",
+            "NLCOMPILE_TRITON_CHUNK": chunk}
+
+
 @contextlib.contextmanager
-def kernel_knobs(prec: str, warps: str):
-    """Force the kernels' tl.dot precision and warps ("auto": the launchers' choice, autotuned;
-    "fixed": their untuned configuration) while timing, the backward included (it launches later,
-    from autograd)."""
-    wanted = {"NLCOMPILE_TRITON_DOT": prec,
-              "NLCOMPILE_TRITON_WARPS": "auto" if warps == "fixed" else warps,
-              "NLCOMPILE_TRITON_TUNE": "0" if warps == "fixed" else "auto"}
+def kernel_knobs(wanted: dict[str, str]):
+    """Set the knobs ("auto": unset) while timing, the backward included (it launches later, from autograd)."""
     old = {name: os.environ.pop(name, None) for name in wanted}
     os.environ.update({name: value for name, value in wanted.items() if value != "auto"})
     try:
@@ -112,7 +118,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).abs().max() / want.abs().max()).item()
 
 
-def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",),
+def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
             profile_T=None) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
     relative to the torch target's fp32 scan on the same (bf16-rounded) inputs."""
@@ -126,24 +132,23 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         impls = {}
         probe = torch.empty(0, dtype=dtype)
         chosen = "/".join((auto_precision(probe, None), auto_precision(probe, None, backward=True)))
-        for prec in dots:
-            for w in warps:
-                label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
-                auto = ", tuned)" if tuning_enabled(device) else ")"
-                label += {"auto": auto, "fixed": ", untuned)"}.get(w, f", {w} warps)")
-                impls[label] = (prec, w, lambda x: ours(x, triton_chunkwise_scan))
-        impls["torch target"] = ("auto", "auto", lambda x: ours(x, chunkwise_scan))
+        for prec, w, chunk in itertools.product(dots, warps, chunks):
+            label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
+            label += {"auto": ", tuned" if tuning_enabled(device) else "", "fixed": ", untuned"}.get(w, f", {w} warps")
+            label += ")" if chunk == "auto" else f", C={chunk})"
+            impls[label] = (variant_knobs(prec, w, chunk), lambda x: ours(x, triton_chunkwise_scan))
+        impls["torch target"] = ({}, lambda x: ours(x, chunkwise_scan))
         fla = fla_kernel(model)
         if fla is not None:
-            impls["fla"] = ("auto", "auto", fla)
+            impls["fla"] = ({}, fla)
         for T in lengths:
             x = make_inputs(model, B, H, T, D, device, dtype)
             with torch.no_grad():
                 want = ours({n: t.float() for n, t in x.items()}, chunkwise_scan)
             grads = {n: t.requires_grad_(n in ("q", "k", "v")) for n, t in x.items()}
-            for name, (prec, w, fn) in impls.items():
+            for name, (wanted, fn) in impls.items():
                 row = dict(model=model, T=T, kernel=name)
-                with kernel_knobs(prec, w):
+                with kernel_knobs(wanted):
                     with torch.no_grad():
                         row["first_s"] = first_call(lambda: fn(x), device)
                         row["err"] = rel_err(fn(x), want)
@@ -222,9 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU interpreter ok)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--dots", default="auto", help="comma-separated tl.dot precisions to time our kernels with: "
-                    "auto (by input dtype), ieee, tf32x3, tf32")
+                    "auto (by input dtype), ieee, tf32x3, tf32, bf16")
     ap.add_argument("--warps", default="auto", help="comma-separated warps per program to time our kernels with "
                     "(auto: autotuned on CUDA; fixed: the untuned launch), crossed with --dots")
+    ap.add_argument("--models", default="DeltaNet,GatedDeltaNet", help="comma-separated: DeltaNet, GatedDeltaNet")
+    ap.add_argument("--lengths", default="2048,8192", help="comma-separated sequence lengths (not with --smoke)")
+    ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
+                    "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
     ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -236,11 +245,16 @@ def main(argv: list[str] | None = None) -> int:
                   "use --smoke under TRITON_INTERPRET=1 to check the script)", file=sys.stderr)
             return 2
         device = torch.device("cuda")
-        shape, lengths, repeats = dict(B=8, H=16, D=128), [2048, 8192], 10
+        shape, lengths, repeats = dict(B=8, H=16, D=128), [int(t) for t in args.lengths.split(",")], 10
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU (Triton interpreter: {os.environ.get('TRITON_INTERPRET', '0')})"
-    rows = measure(["DeltaNet", "GatedDeltaNet"], lengths, shape["B"], shape["H"], shape["D"], device,
-                   torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.profile)
+    models = args.models.split(",")
+    unknown = set(models) - {"DeltaNet", "GatedDeltaNet"}
+    if unknown:
+        ap.error(f"--models: unknown {sorted(unknown)}; choose from DeltaNet, GatedDeltaNet")
+    rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
+                   torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
+                   args.profile)
     print(table(rows, device_name))
     if args.json:
         with open(args.json, "w") as f:

@@ -7,11 +7,14 @@
 # Wheels in .whl/ (e.g. fla_core, for the benchmark's flash-linear-attention columns) are installed
 # first, without their dependencies.  BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
-# program (auto = autotuned, fixed = the untuned launch; crossed with DOTS); PROFILE=T adds each
-# kernel's device time at that T.  The tests run the untuned launch (NLCOMPILE_TRITON_TUNE=0: tuning
-# every test shape would take minutes) and test_triton_tuning.py the tuned one, every candidate.  Seen on an H100 (2026-11-26): the benchmark with two precisions
-# and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about 110 s
-# with 12 workers.
+# program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
+# launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows; PROFILE=T adds each
+# kernel's device time at that T.  The
+# tests run the untuned launch (NLCOMPILE_TRITON_TUNE=0: tuning every test shape would take minutes)
+# and test_triton_tuning.py the tuned one, every candidate.  Seen on an H100 (2026-11-26, before
+# the autotuning, which adds each variant's candidates to its first call): the benchmark with two
+# precisions and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about
+# 110 s with 12 workers.
 set -u
 OUT=${OUT:-gpu-logs}
 PY=${PY:-python3}
@@ -26,6 +29,7 @@ nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
                                    torch.cuda.get_device_name())"
 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
+    --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
     --json "$OUT/bench.json" \
     ${PROFILE:+--profile "$PROFILE"} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"

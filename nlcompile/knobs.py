@@ -2,10 +2,12 @@
 
 * ``NLCOMPILE_DUMP=dir``: write the graph after every pass to ``dir``.
 * ``NLCOMPILE_VERBOSE=1``: print progress of long work (probing, verifying).
-* ``NLCOMPILE_TRITON_DOT=ieee|tf32x3|tf32``: the Triton kernels' matmul precision, overriding
+* ``NLCOMPILE_TRITON_DOT=ieee|tf32x3|tf32|bf16``: the Triton kernels' matmul precision, overriding
   the choice by input dtype (``targets/triton/common.dot_precision``); for measuring.
 * ``NLCOMPILE_TRITON_WARPS=1|2|4|8|16``: warps per program of the Triton kernels on CUDA,
   overriding ``targets/triton/common.kernel_blocks`` (and the autotuning); for measuring.
+* ``NLCOMPILE_TRITON_CHUNK=16|32|64``: the Triton kernels' chunk length, overriding
+  ``targets/triton/ops.kernel_chunk`` and the CUDA tile cap of ``common.kernel_blocks``; for measuring.
 * ``NLCOMPILE_TRITON_TUNE=0``: launch the Triton kernels on CUDA with the fixed configuration of
   ``targets/triton/common.kernel_blocks`` instead of autotuning them (``targets/triton/tuning.py``).
 * ``NLCOMPILE_TUNE_HEAP=0``: leave glibc's malloc thresholds alone (see ``nlcompile/heap.py``).
@@ -29,7 +31,7 @@ def tune_heap() -> bool:
     return os.environ.get("NLCOMPILE_TUNE_HEAP", "1") != "0"
 
 
-TRITON_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+TRITON_DOT_PRECISIONS = ("ieee", "tf32x3", "tf32", "bf16")
 
 
 def triton_dot_precision() -> str | None:
@@ -52,3 +54,10 @@ def triton_tune() -> bool:
     if value not in ("0", "1"):
         raise ValueError(f"NLCOMPILE_TRITON_TUNE={value!r}: expected 0 or 1 (or unset: 1)")
     return value == "1"
+
+
+def triton_chunk() -> int | None:
+    value = os.environ.get("NLCOMPILE_TRITON_CHUNK", "")
+    if value and value not in ("16", "32", "64"):
+        raise ValueError(f"NLCOMPILE_TRITON_CHUNK={value!r}: expected 16, 32 or 64 (or unset)")
+    return int(value) if value else None

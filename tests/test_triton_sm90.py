@@ -11,9 +11,11 @@ for the record.
 Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rule, no
 gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-channel gate,
 gate first; chunk 16), forward (prepare, states, output with the readout after) and
-backward (states_bwd, grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256, with the dot
-precisions the launchers pick for bf16 inputs (tf32 forward, ieee backward); and the forward
-kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256.
+backward (readout_dv, states_bwd, grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256,
+with the dot precisions the launchers pick for bf16 inputs (tf32 forward, ieee backward); the
+forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; and Gated
+DeltaNet and KDA at 128 with bf16 dots (``NLCOMPILE_TRITON_DOT=bf16``), Gated DeltaNet also
+at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
 per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs)
 at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
@@ -48,8 +50,9 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
                  with_q: bool = True, prec: str = "tf32", space: bool = False) -> list[dict]:
     """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
     of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
-    chunk_size 64, with bf16 k, v, q (``common.dot_precision``: "tf32" forward, "ieee" backward)
-    or fp32 ones (``prec="ieee"``: "ieee" everywhere): the untuned launch (``common.kernel_blocks``),
+    chunk_size 64, with bf16 k, v, q (``common.dot_precision``: "tf32" forward, "ieee" backward;
+    ``prec="bf16"``: bf16 dots everywhere, as ``NLCOMPILE_TRITON_DOT=bf16`` asks) or fp32 ones
+    (``prec="ieee"``: "ieee" everywhere): the untuned launch (``common.kernel_blocks``),
     or with ``space`` every candidate the autotuner tries (``tuning.Space``)."""
     from nlcompile.targets.triton import backward, forward
     from nlcompile.targets.triton.common import kernel_blocks
@@ -62,7 +65,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     specs = []
 
     def add(module, kernel, **constexprs):
-        dot = prec if module == "forward" else "ieee"
+        dot = prec if module == "forward" or prec == "bf16" else "ieee"
         launches = [dict(BV=b.BV, num_warps=b.num_warps, num_stages=None)]
         if space:
             configs = kernel.space.configs()
@@ -183,6 +186,10 @@ def test_kernels_fit_h100_shared_memory():
     specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256) + kernel_specs(KDA, 128)
     specs += [s for s in kernel_specs(DELTANET, 128, prec="ieee") + kernel_specs(GATED_DELTANET, 256, prec="ieee")
               if s["module"] == "forward"]  # the backward kernels run in ieee for bf16 inputs too
+    specs += kernel_specs(GATED_DELTANET, 128, prec="bf16") + kernel_specs(KDA, 128, prec="bf16")
+    with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128, as NLCOMPILE_TRITON_CHUNK asks (measuring)
+        mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")
+        specs += kernel_specs(GATED_DELTANET, 128, prec="bf16")
     results = compile_all(specs)
     print("\n" + table(results))
     over = [f"{r['kernel']} {r['kind']} d={r['d']}: {r['shared']} B" for r in results
@@ -207,6 +214,18 @@ def test_launch_blocks_on_cuda():
         kernel_blocks("cuda", 128, 128, 64)
 
 
+def test_forced_chunk(monkeypatch):
+    """NLCOMPILE_TRITON_CHUNK fixes the kernels' chunk (for measuring), above the CUDA tile cap too."""
+    from nlcompile.targets.triton.common import kernel_blocks
+    from nlcompile.targets.triton.ops import kernel_chunk
+
+    monkeypatch.setenv("NLCOMPILE_TRITON_CHUNK", "64")
+    assert kernel_chunk(32, True, "cuda", 128, 128) == kernel_blocks("cuda", 128, 128, 64).chunk == 64
+    monkeypatch.setenv("NLCOMPILE_TRITON_CHUNK", "48")
+    with pytest.raises(ValueError, match="NLCOMPILE_TRITON_CHUNK"):
+        kernel_chunk(32, False, "cuda", 128, 128)
+
+
 def test_dot_precision_and_warps_choices(monkeypatch):
     """fp32 inputs: ieee dots; bf16 / fp16: tf32 forward, ieee backward (measured on an H100, see
     ``common.dot_precision``); the two measuring knobs override and reject unknown values."""
@@ -218,6 +237,11 @@ def test_dot_precision_and_warps_choices(monkeypatch):
     assert [dot_precision(f32, f32), dot_precision(f32, None), dot_precision(bf16, bf16)] == ["ieee", "ieee", "tf32"]
     assert dot_precision(f16, None) == "tf32" and dot_precision(bf16, f32) == "ieee"
     assert dot_precision(bf16, bf16, backward=True) == "ieee"
+    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "bf16")   # the interpreter gets the same arithmetic, emulated
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert dot_precision(f32, f32) == "bf16"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dot_precision(f32, f32) == "bf16-interpreted"
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "tf32x3")
     assert dot_precision(f32, f32) == dot_precision(bf16, None, backward=True) == "tf32x3"
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "fp8")

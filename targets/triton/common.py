@@ -7,6 +7,7 @@ the one place where block sizes and warps are chosen per device.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 import torch
 import triton
@@ -42,9 +43,27 @@ def reverse_cumsum(x, axis: tl.constexpr):
 
 
 @triton.jit
+def round_to_bf16(x):
+    """fp32 ``x`` rounded to the nearest bfloat16 value (ties to even), kept in fp32: what a GPU's
+    conversion does; Triton's interpreter truncates instead, and its bf16 dots are wrong."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def mm(a, b, PREC: tl.constexpr):
-    """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``)."""
-    return tl.dot(a, b, input_precision=PREC)
+    """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
+
+    "bf16": both operands rounded to bfloat16 (tensor cores at their bf16 rate); "bf16-interpreted"
+    is the same arithmetic for Triton's CPU interpreter (rounded in fp32, exact fp32 products).
+    """
+    if PREC == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    elif PREC == "bf16-interpreted":
+        return tl.dot(round_to_bf16(a), round_to_bf16(b), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -205,12 +224,14 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     the inputs' own 8-bit rounding) and "ieee" in the backward.  Measured on an H100 (Triton 3.6,
     B=8 H=16 D=128 bf16, ``benchmarks/bench_triton.py``): tf32 made the DeltaNet forward 2.4x
     faster (T=2048: 7.11 -> 2.90 ms) but the backward kernels about 4x slower (fwd+bwd 20.0 ->
-    52.9 ms).  ``NLCOMPILE_TRITON_DOT`` overrides both.  The CPU interpreter computes every dot in
-    fp32 whatever is asked.
+    52.9 ms).  ``NLCOMPILE_TRITON_DOT`` overrides both; its "bf16" (operands rounded to bf16, fp32
+    accumulation: flash-linear-attention's precision) is not a default until timed on a GPU; its
+    error stays within that of the update loop run in bf16 (tests/test_triton_target.py).  The CPU
+    interpreter computes the other precisions' dots in fp32, and "bf16" as "bf16-interpreted".
     """
     forced = knobs.triton_dot_precision()
     if forced:
-        return forced
+        return "bf16-interpreted" if forced == "bf16" and os.environ.get("TRITON_INTERPRET") else forced
     low = all(x.dtype in _LOW_PRECISION for x in (k, q) if x is not None)
     return "tf32" if low and not backward else "ieee"
 
@@ -257,12 +278,15 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
     [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), BV <= 32
     with [BK, BV] <= 4096 elements, BKC as on the CPU, BKD = 32.  Every kernel then fits the
     H100's 232448 B of shared memory per block (tests/test_triton_sm90.py; ``python
-    tests/test_triton_sm90.py --all`` prints every kind).
+    tests/test_triton_sm90.py --all`` prints every kind).  A forced ``NLCOMPILE_TRITON_CHUNK`` lifts
+    the tile cap (for measuring: chunk 64 at dk = dv = 128 fits every kernel's shared memory on
+    sm_90, tests/test_triton_sm90.py; with fp32 "ieee" dots the backward kernels then spill 1.5-7 KB
+    per thread).
     """
     bk = block(dk)
     if torch.device(device).type == "cuda":
         c = chunk
-        while c > 16 and c * max(bk, block(dv)) > _CUDA_TILE:
+        while c > 16 and c * max(bk, block(dv)) > _CUDA_TILE and not knobs.triton_chunk():
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
         warps = knobs.triton_warps() or _CUDA_WARPS

@@ -23,6 +23,7 @@ import torch
 import triton
 from torch import Tensor
 
+from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
 from nlcompile.targets.triton.common import MAX_HEAD_DIM, block, kernel_blocks
@@ -94,7 +95,11 @@ chunk_scan.register_autograd(_backward, setup_context=_setup_context)
 def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str, dk: int, dv: int) -> int:
     """The kernel's chunk length: a power of two in [16, 64]; 16 with a per-channel gate
     (its intra-chunk scores are [C, C, channels] register blocks); on a GPU possibly smaller
-    for large head dims (``common.kernel_blocks``: what fits the device's shared memory)."""
+    for large head dims (``common.kernel_blocks``: what fits the device's shared memory), unless
+    ``NLCOMPILE_TRITON_CHUNK`` fixes it (for measuring)."""
+    forced = knobs.triton_chunk()
+    if forced:
+        return forced
     if per_channel:
         chunk = 16
     else:
