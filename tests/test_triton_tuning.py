@@ -40,7 +40,7 @@ def tuned_on_cpu(request, monkeypatch):
     """Force the tuned path; the candidate that wins is the fixture's parameter."""
     monkeypatch.setattr(tuning, "tuning_enabled", lambda device: True)
     for module, names in ((forward, ("PREPARE", "STATES", "OUTPUT")),
-                          (backward, ("READOUT_DV", "STATES_BWD", "GRADS"))):
+                          (backward, ("READOUT_DV", "STATES_BWD", "GRADS", "WY_GRADS"))):
         for name in names:
             monkeypatch.setattr(module, name, _cpu_tuned(getattr(module, name), request.param))
     return request.param

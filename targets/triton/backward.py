@@ -9,7 +9,7 @@ Akk_rs = b_r sum_c k_rc k_sc e^{G_rc-G_sc} and e^G is per channel in W::
 
     H_{i+1} = D H_i + Kt^T V'        O_i = Qt H_i + A V'
 
-Backward, in three kernels:
+Backward, in four kernels:
 
 ``_readout_dv_kernel`` (grid (chunks, N, dv blocks), with q only) computes the part of dV'
 that needs no state, A^T dO_i, for all chunks in parallel, into the dV' buffer (for the delta
@@ -24,14 +24,18 @@ carries dHn = dL/dH_{i+1}, starting at dH_final::
 adding Kt dHn to the dV' buffer in place and storing dHn for every chunk.  The scores A stay
 out of this sequential loop (they are the largest part of a chunk's work for a per-channel gate).
 
-``_grads_kernel`` (grid (chunks, N), all chunks in parallel) gets the rest from
-H_i, dHn_i, V', dV': sums over dv (in blocks) of dQt = dO H^T, dA = dO V'^T,
-dKt = V' dHn^T, dD = rowsum(dHn * H), dW = -dV' H^T and dTm's U-part dV' V^T;
-then, for the delta family, back through the WY form (Tm recomputed, not stored):
-dV = Tm^T dV', dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T, dAkk = -tril_{-1}(Tm^T dTm Tm^T),
-and finally through Kt, Qt, A, Akk, Kb into dk, dq, dbeta and the log-decays G, whose
-gradient becomes dg by a reverse cumsum within the chunk (G = cumsum(g)); the
-readout "before" adds -dGq to dg (Gq = G - g).
+``_grads_kernel`` (grid (chunks, N), all chunks in parallel) gets the gradients through
+the state and the readout from H_i, dHn_i, V', dV': sums over dv (in blocks) of dQt = dO H^T,
+dA = dO V'^T, dKt = V' dHn^T, dD = rowsum(dHn * H) and, for the delta family, dW = -dV' H^T
+(stored for the next kernel); then through Kt, Qt, A into dq, dk and the log-decays G, whose
+gradient becomes dg by a reverse cumsum within the chunk (G = cumsum(g)); the readout
+"before" adds -dGq to dg (Gq = G - g).
+
+``_wy_grads_kernel`` (delta family; grid (chunks, N)) goes back through the WY form (Tm
+recomputed, not stored): dV = Tm^T dV', dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T,
+dAkk = -tril_{-1}(Tm^T dTm Tm^T), then through Akk and Kb into dbeta and its parts of dk and
+dg, which it adds.  (One kernel for both held every accumulator at once and spilled 1.8-7 KB
+per thread on sm_90.)
 Every exponent is masked (to -inf) before exp and is <= 0 for gates in (0, 1], so
 nothing overflows. Positions t >= T load as zeros (neutral steps), give zero
 gradients and are never stored.
@@ -147,14 +151,16 @@ def _states_bwd_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def _grads_kernel(
-    k_ptr, v_ptr, q_ptr, b_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
-    dk_ptr, dv_ptr, dq_ptr, db_ptr, dg_ptr,                                       # outputs
+    k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
+    dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
     T, N, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Gradients of one chunk of one sequence w.r.t. k, q, beta, g (and v for the delta
-    family; otherwise dv = dV' was written by the states kernel)."""
+    """Gradients of one chunk of one sequence through the state and the readout: dq, and dk and
+    dg without the delta family's WY part (``_wy_grads_kernel`` adds it); for the delta family
+    also dW = -dV' H^T into the scratch ``dw_ptr`` ([N,NC*C,dk]).  Without beta, dv = dV' was
+    written by the states kernel."""
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, C)
@@ -162,7 +168,6 @@ def _grads_kernel(
     cols_k = tl.arange(0, BK)
     k_seq = k_ptr + n * T * dk
     q_seq = q_ptr + n * T * dk
-    v_seq = v_ptr + n * T * dv
     do_seq = do_ptr + n * T * dv
     g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
     vp_seq = vp_ptr + n * NC * C * dv
@@ -171,23 +176,12 @@ def _grads_kernel(
     k = load_tile(k_seq, rows, cols_k, T, dk, dk)
     g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
 
-    if DELTA:  # the WY form, needed inside the dv loop (dV = Tm^T dV')
-        b = load_steps(b_ptr + n * T, rows, T)
-        strict = r[:, None] > r[None, :]
-        if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
-            kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
-        else:
-            kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
-            E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
-        kb = k * eb
-
     # Sums over dv, one block of BV value columns at a time.
     dKt = tl.zeros([C, BK], dtype=tl.float32)
     dD = tl.zeros([BK], dtype=tl.float32)
     dQt = tl.zeros([C, BK], dtype=tl.float32)
     dA = tl.zeros([C, C], dtype=tl.float32)
     dW = tl.zeros([C, BK], dtype=tl.float32)
-    dTm = tl.zeros([C, C], dtype=tl.float32)
     for v0 in range(0, dv, BV):
         cols_v = v0 + tl.arange(0, BV)
         h = load_tile(h_ptr + state, cols_k, cols_v, dk, dv, dv)
@@ -195,7 +189,7 @@ def _grads_kernel(
         if DELTA:
             vp = load_tile(vp_seq, rows, cols_v, T, dv, dv)
         else:
-            vp = load_tile(v_seq, rows, cols_v, T, dv, dv)
+            vp = load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)
         dKt += mm(vp, tl.trans(dhn), PREC)
         dD += tl.sum(dhn * h, 1)
         if HAS_Q:
@@ -203,11 +197,7 @@ def _grads_kernel(
             dQt += mm(do, tl.trans(h), PREC)
             dA += mm(do, tl.trans(vp), PREC)
         if DELTA:
-            dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
-            v = load_tile(v_seq, rows, cols_v, T, dv, dv)
-            dW -= mm(dvp, tl.trans(h), PREC)
-            dTm += mm(dvp, tl.trans(v), PREC)                            # U = Tm V
-            store_tile(dv_ptr + n * T * dv, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, dv)
+            dW -= mm(load_tile(dvp_seq, rows, cols_v, T, dv, dv), tl.trans(h), PREC)
 
     # Kt = K e^{G_L - G} and D = e^{G_L}.
     eKt = tl.exp(GL - G)
@@ -240,30 +230,9 @@ def _grads_kernel(
         dG += dGq
         store_tile(dq_ptr + n * T * dk, dQ, rows, cols_k, T, dk, dk)
 
-    if DELTA:  # back through W = Tm Kb, U = Tm V, Tm = (I + Akk)^{-1}
-        dKb = mm(tl.trans(Tm), dW, PREC)
-        dTm += mm(dW, tl.trans(kb), PREC)
-        dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC)
-        if GATE == 2:  # Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r)
-            dAkk = tl.where(strict, dAkk, 0.0)
-            dAb = dAkk * b[:, None]
-            E3 = channel_decay(G, G, strict)
-            dKr = tl.sum(dAb[:, :, None] * k[None, :, :] * E3, 1)          # sum_s dAb_rs k_sc E_rsc
-            dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)          # sum_r dAb_rs k_rc E_rsc
-            dK += dKr + dKs + dKb * eb
-            dG += k * (dKr - dKs) + dKb * kb                              # Kb = b e^G K per channel
-            db = tl.sum(dAkk * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
-        else:
-            dAE = tl.where(strict, dAkk, 0.0) * E                         # dAkk_rs e^{G_r - G_s}
-            dK += b[:, None] * mm(dAE, k, PREC) + mm(tl.trans(dAE * b[:, None]), k, PREC) + dKb * eb
-            db = tl.sum(dAE * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
-            if GATE == 1:
-                M = dAE * b[:, None] * kk                                # dAkk * Akk
-                dG += tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
-                dG += tl.sum(dKb * kb, 1, keep_dims=True)
-        tl.store(db_ptr + n * T + rows, db, mask=rows < T)
-
     store_tile(dk_ptr + n * T * dk, dK, rows, cols_k, T, dk, dk)
+    if DELTA:
+        store_tile(dw_ptr + n * NC * C * dk, dW, rows, cols_k, T, dk, dk)
 
     if GATE > 0:  # G_L is G's last row; G = cumsum(g); before: Gq = G - g
         dG += tl.where(r[:, None] == C - 1, dGL, 0.0)
@@ -281,17 +250,88 @@ def _grads_kernel(
             tl.store(dg_ptr + n * T + rows, dg, mask=rows < T)
 
 
-# The tuning spaces (``tuning``).  grads and states_bwd are capped at 255 registers on CUDA: left
-# to itself at 8 warps, ptxas gave grads 32 registers and 6 KB of spills per thread (DeltaNet,
-# d = 128, sm_90; 255 and 1.9 KB with the cap), and states_bwd 32 registers and 1.6-2.8 KB of
-# spills (Gated DeltaNet d = 256, KDA d = 128).  The grads kernel keeps 8 warps: at 4 every
-# candidate spilled 2-3x more and took 2-3x longer to compile (up to 26 s on our CPU; compiling is
-# most of a first call's tuning time).  states_bwd adds to the dV' buffer in place.
+@triton.jit(do_not_specialize=["N"])
+def _wy_grads_kernel(
+    k_ptr, v_ptr, b_ptr, g_ptr, dvp_ptr, dw_ptr,      # inputs
+    dk_ptr, dv_ptr, db_ptr, dg_ptr,                   # outputs (dk, dg: added to)
+    T, N, NC, dk, dv,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    GATE: tl.constexpr, PREC: tl.constexpr,
+):
+    """The delta family's gradients of one chunk through its WY form (Tm recomputed, not stored),
+    from dV' and dW: dv = Tm^T dV' and dbeta, and their parts of dk and dg, added to what
+    ``_grads_kernel`` stored.  W = Tm Kb (Kb = diag(b e^G) K), U = Tm V, Tm = (I + Akk)^{-1}:
+    dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T, dAkk = -tril_{-1}(Tm^T dTm Tm^T)."""
+    i = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    r = tl.arange(0, C)
+    rows = i * C + r
+    cols_k = tl.arange(0, BK)
+    k_seq = k_ptr + n * T * dk
+    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    dvp_seq = dvp_ptr + n * NC * C * dv
+    k = load_tile(k_seq, rows, cols_k, T, dk, dk)
+    _, G, _, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
+    b = load_steps(b_ptr + n * T, rows, T)
+    strict = r[:, None] > r[None, :]
+    if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
+        kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
+    else:
+        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
+        E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
+    kb = k * eb
+
+    dTm = tl.zeros([C, C], dtype=tl.float32)
+    for v0 in range(0, dv, BV):                                       # U = Tm V
+        cols_v = v0 + tl.arange(0, BV)
+        dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
+        dTm += mm(dvp, tl.trans(load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)), PREC)
+        store_tile(dv_ptr + n * T * dv, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, dv)
+
+    dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
+    dKb = mm(tl.trans(Tm), dW, PREC)
+    dTm += mm(dW, tl.trans(kb), PREC)
+    dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC)
+    if GATE == 2:  # Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r)
+        dAkk = tl.where(strict, dAkk, 0.0)
+        dAb = dAkk * b[:, None]
+        E3 = channel_decay(G, G, strict)
+        dKr = tl.sum(dAb[:, :, None] * k[None, :, :] * E3, 1)          # sum_s dAb_rs k_sc E_rsc
+        dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)          # sum_r dAb_rs k_rc E_rsc
+        dK = dKr + dKs + dKb * eb
+        dG = k * (dKr - dKs) + dKb * kb                               # Kb = b e^G K per channel
+        db = tl.sum(dAkk * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
+    else:
+        dAE = tl.where(strict, dAkk, 0.0) * E                         # dAkk_rs e^{G_r - G_s}
+        dK = b[:, None] * mm(dAE, k, PREC) + mm(tl.trans(dAE * b[:, None]), k, PREC) + dKb * eb
+        db = tl.sum(dAE * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
+        if GATE == 1:
+            M = dAE * b[:, None] * kk                                # dAkk * Akk
+            dG = tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
+            dG += tl.sum(dKb * kb, 1, keep_dims=True)
+    tl.store(db_ptr + n * T + rows, db, mask=rows < T)
+    dk_seq = dk_ptr + n * T * dk
+    store_tile(dk_seq, load_tile(dk_seq, rows, cols_k, T, dk, dk) + dK, rows, cols_k, T, dk, dk)
+    if GATE == 2:  # G = cumsum(g) within the chunk
+        dg_seq = dg_ptr + n * T * dk
+        store_tile(dg_seq, load_tile(dg_seq, rows, cols_k, T, dk, dk) + reverse_cumsum(dG, 0), rows, cols_k, T, dk, dk)
+    elif GATE == 1:
+        dg = load_steps(dg_ptr + n * T, rows, T) + reverse_cumsum(tl.sum(dG, 1), 0)
+        tl.store(dg_ptr + n * T + rows, dg, mask=rows < T)
+
+
+# The tuning spaces (``tuning``).  The kernels that spill are capped at 255 registers on CUDA:
+# left to itself at 8 warps, ptxas gave the (then single) grads kernel 32 registers and 6 KB of
+# spills per thread (DeltaNet, d = 128, sm_90; 255 and 1.9 KB with the cap), and states_bwd 32
+# registers and 1.6-2.8 KB of spills (Gated DeltaNet d = 256, KDA d = 128).  states_bwd adds to the
+# dV' buffer in place, the WY kernel to dk and dg.
 READOUT_DV = ChunkKernel(_readout_dv_kernel, Space(value_blocks=(32, 64, 128), stages=(2,)))
 STATES_BWD = ChunkKernel(_states_bwd_kernel, Space(value_blocks=(32, 64), stages=(1, 2), maxnreg=255),
                          restore=("dvp_ptr",))
-GRADS = ChunkKernel(_grads_kernel, Space(value_blocks=(32, 64), warps=(8,), maxnreg=255))
-KERNELS = (READOUT_DV, STATES_BWD, GRADS)
+GRADS = ChunkKernel(_grads_kernel, Space(value_blocks=(32, 64), stages=(2,), maxnreg=255))
+WY_GRADS = ChunkKernel(_wy_grads_kernel, Space(value_blocks=(32, 64), stages=(2,), maxnreg=255),
+                       restore=("dk_ptr", "dg_ptr"))
+KERNELS = (READOUT_DV, STATES_BWD, GRADS, WY_GRADS)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -363,9 +403,15 @@ def chunk_backward(
     STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
                       (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, nc, key_dim, value_dim, dvp.shape[1]),
                       flags, blocks, dev)
+    dg_ = dg if g is not None else dummy
+    dw = torch.empty(n, nc * chunk, key_dim, **f32) if delta else dummy   # dL/dW, for the WY kernel
     GRADS.launch(lambda m: (nc, n),
-                 (k, v, q_, beta_, g_, H, Vp_, dvp, do_, dhn,
-                  dk, dv, dq if q is not None else dummy, dbeta if delta else dummy, dg if g is not None else dummy,
+                 (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else dummy, dg_, dw,
                   t, n, nc, key_dim, value_dim),
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
+    if delta:
+        WY_GRADS.launch(lambda m: (nc, n),
+                        (k, v, beta_, g_, dvp, dw, dk, dv, dbeta, dg_, t, n, nc, key_dim, value_dim),
+                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, PREC=flags["PREC"]),
+                        blocks, dev)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)
