@@ -41,6 +41,7 @@ import pytest
 
 SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block (opt-in maximum)
 BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr"}  # bf16 for the benchmark's inputs; beta, g, states... are fp32
+BF16_OPERANDS = {"H_ptr", "h_ptr", "w_ptr", "dhn_ptr"}  # bf16 too with bf16 dots (``common.operand_dtype``)
 # (name, delta, gate): gate 0 none, 1 scalar, 2 per key channel
 DELTANET, GATED_DELTANET, KDA = ("DeltaNet", True, 0), ("GatedDeltaNet", True, 1), ("KDA", True, 2)
 ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2), DELTANET, GATED_DELTANET, KDA]
@@ -105,8 +106,8 @@ def compile_sm90(spec: dict) -> dict:
 
     fn = getattr(importlib.import_module(f"nlcompile.targets.triton.{spec['module']}"), spec["kernel"])
     consts = spec["constexprs"]
-    signature = {a: "constexpr" if a in consts else
-                 ("*bf16" if a in BF16_POINTERS and spec["inputs"] == "bf16" else "*fp32") if a.endswith("_ptr")
+    bf16 = (BF16_POINTERS if spec["inputs"] == "bf16" else set()) | (BF16_OPERANDS if consts["PREC"] == "bf16" else set())
+    signature = {a: "constexpr" if a in consts else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr")
                  else "i32"
                  for a in fn.arg_names}
     # A launch specialises on 16-divisible pointers and integers (``tt.divisibility``), which

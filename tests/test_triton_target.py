@@ -72,8 +72,12 @@ def test_scan_forward_and_gradients_match_sequential(kind, readout):
         assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
 
 
-@pytest.mark.parametrize("kind", ["decay", "delta"])
-def test_custom_op_passes_opcheck(kind):
+@pytest.mark.parametrize("kind,dot", [("decay", "auto"), ("delta", "auto"), ("delta", "bf16")])
+def test_custom_op_passes_opcheck(kind, dot, monkeypatch):
+    """Fake implementation, autograd and schema agree with the kernels (with bf16 dots the states
+    and W are returned in bf16: the fake must say so)."""
+    if dot != "auto":
+        monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=21)
     g = kw.get("log_gate")
     args = (k, v, kw["q"], kw.get("beta"), g, kw["initial_state"], 16, False)
@@ -153,9 +157,9 @@ def eager_in_bf16(k, v, kw):
 @pytest.mark.parametrize("kind", ["additive", "delta", "gated_delta", "kda"])
 def test_bf16_dots_stay_within_eager_bf16_error(kind, monkeypatch):
     """``NLCOMPILE_TRITON_DOT=bf16`` (flash-linear-attention's precision: dot operands rounded to
-    bf16, fp32 accumulation, fp32 states): the output and the gradients wrt k, v, q are no further
-    from the float64 reference than the loop run in bf16 (slack 1.5; measured 0.3-0.7 of it).
-    On the CPU the interpreter runs the same arithmetic emulated (``common.round_to_bf16``)."""
+    bf16, fp32 accumulation and recurrence, per-chunk states stored in bf16): the output and the
+    gradients wrt k, v, q, beta and the log-gate are no further from the float64 reference than
+    the loop run in bf16 (slack 1.5).  On the CPU the interpreter runs the same arithmetic emulated (``common.round_to_bf16``)."""
     from nlcompile.targets.triton.common import dot_precision
 
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "bf16")
@@ -163,15 +167,20 @@ def test_bf16_dots_stay_within_eager_bf16_error(kind, monkeypatch):
     assert dot_precision(k, kw["q"]).startswith("bf16")
     do = torch.randn(k.shape[0], k.shape[1], v.shape[-1], generator=torch.Generator(k.device).manual_seed(1))
 
+    names = ["q"] + [n for n in ("beta", "log_gate") if n in kw]
+
     def out_and_grads(run, dtype):
-        leaves = [x.detach().to(dtype).requires_grad_() for x in (k, v, kw["q"])]
-        o = run(leaves[0], leaves[1], dict(kw, q=leaves[2]))
+        """Output and gradients wrt k, v, q, beta and the log-gate (fp32 in our run and in eager's)."""
+        leaves = [x.detach().to(dtype).requires_grad_() for x in (k, v)]
+        leaves += [kw[n].detach().to(dtype if n == "q" else torch.promote_types(dtype, torch.float32))
+                   .requires_grad_() for n in names]
+        o = run(leaves[0], leaves[1], dict(kw, **dict(zip(names, leaves[2:]))))
         return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))]
 
     want = out_and_grads(lambda k_, v_, kw_: reference(k_, v_, kw_)[0], torch.float64)
     ours = out_and_grads(lambda k_, v_, kw_: triton_chunkwise_scan(k_, v_, **kw_, chunk_size=16)[0], torch.bfloat16)
     eager = out_and_grads(eager_in_bf16, torch.bfloat16)
-    for name, got, ref, bound in zip(("o", "dk", "dv", "dq"), ours, want, eager):
+    for name, got, ref, bound in zip(["o", "dk", "dv"] + [f"d{n}" for n in names], ours, want, eager):
         assert rel_err(got, ref) <= 1.5 * rel_err(bound, ref), name
 
 

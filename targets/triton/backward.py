@@ -50,8 +50,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
-    load_steps, load_tile, mm, pair_decay, readout_mask, reverse_cumsum, scores, store_tile, wy_factors,
+    MAX_HEAD_DIM, as_stored, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram,
+    kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
+    store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -143,7 +144,7 @@ def _states_bwd_kernel(
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
             dh_prev -= mm(tl.trans(w), dvp, PREC)                        # W^T dV'
-        store_tile(dhn_ptr + (n * NC + i) * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
+        store_tile(dhn_ptr + (n * NC + i) * dk * dv, as_stored(dh, PREC), cols_k, cols_v, dk, dv, dv)
         store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dv)
         dh = dh_prev
     store_tile(dh0_ptr + n * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
@@ -383,17 +384,18 @@ def chunk_backward(
     nc = triton.cdiv(t, chunk)
 
     c = lambda x: x.contiguous()  # noqa: E731
-    k, v, H, dh_final = c(k), c(v), c(H.float()), c(dh_final.float())
+    k, v, H, dh_final = c(k), c(v), c(H), c(dh_final.float())  # H, W: fp32 or bf16 (``operand_dtype``)
     dummy = k
     q_ = c(q) if q is not None else dummy
     do_ = c(do) if q is not None else dummy
     beta_ = c(beta) if delta else dummy
     g_ = c(g.float()) if g is not None else dummy
     Vp_ = c(Vp.float()) if delta else dummy
-    W_ = c(W.float()) if delta else dummy
-    dhn = torch.empty(n, nc, key_dim, value_dim, **f32)
+    W_ = c(W) if delta else dummy
+    prec = dot_precision(k, q, backward=True)
+    dhn = torch.empty(n, nc, key_dim, value_dim, dtype=operand_dtype(prec), device=k.device)
     dvp = torch.empty(n, nc * chunk, value_dim, **f32) if delta else dv
-    flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=dot_precision(k, q, backward=True))
+    flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=prec)
     dev = k.device
     if q is not None:
         READOUT_DV.launch(lambda m: (nc, n, triton.cdiv(value_dim, m["BV"])),

@@ -52,6 +52,17 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def as_stored(x, PREC: tl.constexpr):
+    """``x`` as it is stored in a dot-operand buffer (``operand_dtype``): rounded to bf16 for
+    "bf16" dots (on a GPU the store converts; the interpreter's conversion truncates, so it gets
+    the rounded value), unchanged otherwise."""
+    if PREC == "bf16-interpreted":
+        return round_to_bf16(x)
+    else:
+        return x
+
+
+@triton.jit
 def mm(a, b, PREC: tl.constexpr):
     """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
 
@@ -234,6 +245,14 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
         return "bf16-interpreted" if forced == "bf16" and os.environ.get("TRITON_INTERPRET") else forced
     low = all(x.dtype in _LOW_PRECISION for x in (k, q) if x is not None)
     return "tf32" if low and not backward else "ieee"
+
+
+def operand_dtype(prec: str) -> torch.dtype:
+    """dtype of the buffers the kernels pass each other only as dot operands (the state entering
+    each chunk, W, dL/dH): bf16 with "bf16" dots, whose operands are rounded to bf16 anyway
+    (half the memory traffic, as flash-linear-attention stores them; the recurrence itself
+    carries fp32), fp32 otherwise."""
+    return torch.bfloat16 if prec.startswith("bf16") else torch.float32
 
 
 def block(d: int) -> int:

@@ -31,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks, load_steps,
-    load_tile, mm, readout_mask, scores, store_tile, wy_factors,
+    MAX_HEAD_DIM, as_stored, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
+    load_steps, load_tile, mm, operand_dtype, readout_mask, scores, store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -79,7 +79,7 @@ def _prepare_kernel(
         _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
         kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
         _, tm, eb = wy_factors(kk, b, G, C)
-    store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
+    store_tile(w_ptr + n * L * dk, as_stored(mm(tm, K * eb, PREC), PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
 
 
@@ -106,7 +106,7 @@ def _states_kernel(
     h = load_tile(h0_ptr + n * dk * dv, cols_k, cols_v, dk, dv, dv)
     for i in range(nc):
         rows = i * C + tl.arange(0, C)
-        store_tile(H_ptr + (n * nc + i) * dk * dv, h, cols_k, cols_v, dk, dv, dv)
+        store_tile(H_ptr + (n * nc + i) * dk * dv, as_stored(h, PREC), cols_k, cols_v, dk, dv, dv)
         K = load_tile(k_ptr + n * T * dk, rows, cols_k, T, dk, dk)
         vals = load_tile(src_ptr + n * src_rows * dv, rows, cols_v, src_rows, dv, dv)
         if HAS_BETA:
@@ -204,7 +204,8 @@ def chunk_forward(
 
     Returns (o [N,T,dv] fp32 or torch.empty(0) without q, h_final [N,dk,dv],
     H [N,nc,dk,dv] (the state entering each chunk), Vp [N,nc*C,dv] (V', delta
-    only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).
+    only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  All fp32,
+    except H and W with bf16 dots: bf16 (``common.operand_dtype``).
     """
     if not isinstance(k, Tensor) or k.dim() != 3:
         raise ValueError(f"k must be a [N,T,dk] tensor, got {getattr(k, 'shape', type(k).__name__)}")
@@ -240,15 +241,17 @@ def chunk_forward(
     delta = beta is not None
 
     o = torch.empty(n, t, dv, **f32) if q is not None else torch.empty(0, **f32)
-    H = torch.empty(n, nc, dk, dv, **f32)
+    prec = dot_precision(k, q)
+    operands = dict(device=dev, dtype=operand_dtype(prec))
+    H = torch.empty(n, nc, dk, dv, **operands)
     h_final = torch.empty(n, dk, dv, **f32)
     Vp = torch.empty(n, L, dv, **f32) if delta else torch.empty(0, **f32)
-    W = torch.empty(n, L, dk, **f32) if delta else torch.empty(0, **f32)
+    W = torch.empty(n, L, dk, **operands) if delta else torch.empty(0, **f32)
     if t == 0 or n == 0:
         h_final.copy_(h0)
         return o, h_final, H, Vp, W
 
-    meta = dict(C=c, BK=blocks.BK, GATE=gate, PREC=dot_precision(k, q))
+    meta = dict(C=c, BK=blocks.BK, GATE=gate, PREC=prec)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     if delta:
         PREPARE.launch(lambda m: (nc, n), (k, v, beta, g_arg, W, Vp, t, n, L, dk, dv),

@@ -26,7 +26,7 @@ from torch import Tensor
 from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
-from nlcompile.targets.triton.common import MAX_HEAD_DIM, block, kernel_blocks
+from nlcompile.targets.triton.common import MAX_HEAD_DIM, block, dot_precision, kernel_blocks, operand_dtype
 from nlcompile.targets.triton.forward import chunk_forward
 
 _EMPTY = (0,)
@@ -45,11 +45,12 @@ def _(k, v, q, beta, g, h0, chunk, before):
     dv = v.shape[-1]
     nc = triton.cdiv(t, chunk)
     f32 = dict(dtype=torch.float32, device=k.device)
+    operands = dict(dtype=operand_dtype(dot_precision(k, q)), device=k.device)
     o = k.new_empty((n, t, dv) if q is not None else _EMPTY, **f32)
     delta = beta is not None
-    return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **f32),
+    return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands),
             k.new_empty((n, nc * chunk, dv) if delta else _EMPTY, **f32),
-            k.new_empty((n, nc * chunk, dk) if delta else _EMPTY, **f32))
+            k.new_empty((n, nc * chunk, dk), **operands) if delta else k.new_empty(_EMPTY, **f32))
 
 
 @torch.library.custom_op("nlcompile::chunk_scan_backward", mutates_args=())
