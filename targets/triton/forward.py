@@ -160,11 +160,13 @@ def _output_kernel(
     store_tile(o_ptr + n * T * dv, O, rows, cols_v, T, dv, dv)
 
 
-# The tuning spaces (``tuning``): the sequential states kernel also tries one pipeline stage (half
-# the shared memory, so more programs resident); it overwrites U with V' in place.
+# The tuning spaces (``tuning``), kept small (compiling the candidates is most of a first call's
+# tuning time): the sequential states kernel tries one pipeline stage (half the shared memory, so
+# more programs resident) and two, not three (more shared memory, no fewer registers on sm_90);
+# it overwrites U with V' in place.
 PREPARE = ChunkKernel(_prepare_kernel, Space())
-STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2, 3)), restore=("src_ptr",))
-OUTPUT = ChunkKernel(_output_kernel, Space(value_blocks=(32, 64, 128)))
+STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2)), restore=("src_ptr",))
+OUTPUT = ChunkKernel(_output_kernel, Space(value_blocks=(32, 64, 128), stages=(2,)))
 KERNELS = (PREPARE, STATES, OUTPUT)
 
 
