@@ -63,6 +63,37 @@ def test_tuned_launches_match_the_reference(kind, tuned_on_cpu):
     assert forward.STATES.chosen() and backward.GRADS.chosen()  # the tuned path ran
 
 
+def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
+    """Before the autotuner times a new key, its candidates are handed to the parallel compile,
+    once: ``tuning_key`` is the autotuner's own key (a second identical call finds it cached)."""
+    calls = []
+
+    def record(self, args, meta, device):
+        calls.append((self.name, self.tuning_key(args, meta)))
+        return 0
+
+    monkeypatch.setattr(tuning.ChunkKernel, "_precompile", record)
+    x = make_inputs("gated_delta", 37, 16, 40)
+    for _ in range(2):
+        chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
+    assert [name for name, _ in calls] == ["_prepare_kernel", "_states_kernel", "_output_kernel"]
+    for kernel, (_, key) in zip((forward.PREPARE, forward.STATES, forward.OUTPUT), calls):
+        assert key in kernel.tuned.cache
+
+
+def test_compile_in_parallel_counts_and_survives_failures():
+    seen, configs = [], tuning.Space(value_blocks=(16, 32, 64), warps=(4, 8), stages=(2,)).configs()
+
+    def compile_one(config):
+        seen.append((config.kwargs["BV"], config.num_warps))
+        if config.kwargs["BV"] == 64:
+            raise RuntimeError("does not compile")
+
+    assert tuning.compile_in_parallel(compile_one, configs, workers=2) == 4   # 6 candidates, 2 fail
+    assert sorted(seen) == sorted((c.kwargs["BV"], c.num_warps) for c in configs)
+    assert tuning.compile_in_parallel(compile_one, []) == 0
+
+
 def test_space_and_clipping():
     space = tuning.Space(value_blocks=(32, 64), warps=(4, 8), stages=(1, 2, 3), maxnreg=255)
     configs = space.configs()
