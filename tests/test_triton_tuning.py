@@ -63,6 +63,22 @@ def test_tuned_launches_match_the_reference(kind, tuned_on_cpu):
     assert forward.STATES.chosen() and backward.GRADS.chosen()  # the tuned path ran
 
 
+@pytest.mark.parametrize("kind", ["additive", "delta"])
+def test_tuning_leaves_the_callers_tensors_alone(kind, tuned_on_cpu):
+    """The autotuner restores in-place buffers with copy_ between candidates: never a caller's
+    tensor (v is the states kernel's source without beta; k was the stand-in for an absent dg),
+    or its autograd version changes and backward through other users of it fails."""
+    T, C, dk, dv = 37, 16, 16, 40
+    x = make_inputs(kind, T, dk, dv)
+    given = {name: t for name, t in x.items() if t is not None}
+    versions = {name: t._version for name, t in given.items()}
+    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
+    do, dh_final = torch.ones_like(o), torch.ones_like(h_final)
+    chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, do, dh_final, C, False)
+    assert {name: t._version for name, t in given.items()} == versions
+    assert do._version == dh_final._version == 0
+
+
 def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
     """Before the autotuner times a new key, its candidates are handed to the parallel compile,
     once: ``tuning_key`` is the autotuner's own key (a second identical call finds it cached)."""
@@ -112,7 +128,8 @@ def test_space_and_clipping():
 
 def test_when_tuning_applies(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in ("TRITON_INTERPRET", "NLCOMPILE_TRITON_TUNE", "NLCOMPILE_TRITON_WARPS"):  # gpu_check.sh sets TUNE=0
+        monkeypatch.delenv(name, raising=False)
     assert tuning.tuning_enabled(cuda) and not tuning.tuning_enabled(cpu)
     monkeypatch.setenv("NLCOMPILE_TRITON_TUNE", "0")
     assert not tuning.tuning_enabled(cuda)

@@ -405,10 +405,12 @@ def chunk_backward(
     STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
                       (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, nc, key_dim, value_dim, dvp.shape[1]),
                       flags, blocks, dev)
-    dg_ = dg if g is not None else dummy
-    dw = torch.empty(n, nc * chunk, key_dim, **f32) if delta else dummy   # dL/dW, for the WY kernel
+    unused = torch.empty(1, **f32)   # for outputs a kernel does not write here (never the caller's
+    # tensors: the WY kernel's tuning restores dk and dg with copy_, which bumps autograd versions)
+    dg_ = dg if g is not None else unused
+    dw = torch.empty(n, nc * chunk, key_dim, **f32) if delta else unused   # dL/dW, for the WY kernel
     GRADS.launch(lambda m: (nc, n),
-                 (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else dummy, dg_, dw,
+                 (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
                   t, n, nc, key_dim, value_dim),
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     if delta:

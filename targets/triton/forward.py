@@ -163,9 +163,11 @@ def _output_kernel(
 # The tuning spaces (``tuning``), kept small (compiling the candidates is most of a first call's
 # tuning time): the sequential states kernel tries one pipeline stage (half the shared memory, so
 # more programs resident) and two, not three (more shared memory, no fewer registers on sm_90);
-# it overwrites U with V' in place.
+# it overwrites U with V' in place (``vp_ptr``, the same buffer as ``src_ptr`` for the delta family;
+# without beta ``src_ptr`` is the caller's v, which must not be restored: a copy_ would bump its
+# autograd version, so ``vp_ptr`` is then a scratch element).
 PREPARE = ChunkKernel(_prepare_kernel, Space())
-STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2)), restore=("src_ptr",))
+STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2)), restore=("vp_ptr",))
 OUTPUT = ChunkKernel(_output_kernel, Space(value_blocks=(32, 64, 128), stages=(2,)))
 KERNELS = (PREPARE, STATES, OUTPUT)
 
@@ -255,12 +257,14 @@ def chunk_forward(
 
     meta = dict(C=c, BK=blocks.BK, GATE=gate, PREC=prec)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
+    unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
     if delta:
         PREPARE.launch(lambda m: (nc, n), (k, v, beta, g_arg, W, Vp, t, n, L, dk, dv),
                        dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     src, src_rows = (Vp, L) if delta else (v, t)
     STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),
-                  (k, src, g_arg, W if delta else k, Vp if delta else k, h0, H, h_final, t, n, src_rows, nc, dk, dv),
+                  (k, src, g_arg, W if delta else unused, Vp if delta else unused, h0, H, h_final,
+                   t, n, src_rows, nc, dk, dv),
                   dict(meta, HAS_BETA=delta), blocks, dev)
     if q is not None:
         OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),

@@ -90,7 +90,8 @@ class ChunkKernel:
     """A chunk kernel with its CUDA tuning space; ``launch`` picks the tuned or the fixed path.
 
     ``restore`` names the arguments the kernel updates in place (read, then overwritten): the
-    autotuner restores them between its timed runs.  ``do_bench`` replaces Triton's timing (tests;
+    autotuner restores them between its timed runs with ``copy_``, so they must be the launcher's
+    own buffers, never a caller's tensor (its autograd version would change).  ``do_bench`` replaces Triton's timing (tests;
     its results are not written to the disk cache).
     """
 
@@ -136,15 +137,16 @@ class ChunkKernel:
 
     def _precompile(self, args: tuple, meta: dict, device: torch.device) -> int:
         """Compile this key's candidates on a thread pool before the autotuner times them (it
-        compiles them one after another); returns how many compiled.  Not in the interpreter."""
+        compiles them one after another); returns how many compiled.  Not in the interpreter.
+        When Triton's disk cache already holds this key's choice, the candidates' binaries are
+        in its kernel cache too, so this only loads them."""
         if os.environ.get("TRITON_INTERPRET"):
             return 0
         configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
 
         def compile_one(config: triton.Config) -> None:
-            if device.index is not None:
-                torch.cuda.set_device(device)   # the current device is per thread
-            self.fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
+            with torch.cuda.device(device):   # the current device is per thread
+                self.fn.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
 
         return compile_in_parallel(compile_one, configs)
 
