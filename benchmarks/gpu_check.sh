@@ -28,12 +28,13 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/inst
 nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
                                    torch.cuda.get_device_name())"
-timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
+NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
     --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
     --json "$OUT/bench.json" \
     ${PROFILE:+--profile "$PROFILE"} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"
-echo "bench rc=${PIPESTATUS[0]}"; tail -5 "$OUT/bench.err"
+echo "bench rc=${PIPESTATUS[0]}"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5
+grep "^nlcompile: tuned" "$OUT/bench.err" | head -40   # each kernel's tuning time and choice
 NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
     tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
     tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
