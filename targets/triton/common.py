@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
