@@ -119,9 +119,10 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
-            profile_T=None) -> list[dict]:
+            profile_T=None, on_row=None) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
-    relative to the torch target's fp32 scan on the same (bf16-rounded) inputs."""
+    relative to the torch target's fp32 scan on the same (bf16-rounded) inputs.  ``on_row(rows)``
+    is called after each row (so a run cut short by a time limit still leaves its rows)."""
     from nlcompile.targets.scan import chunkwise_scan
     from nlcompile.targets.triton.common import dot_precision as auto_precision
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
@@ -164,6 +165,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
                 rows.append(row)
+                if on_row is not None:
+                    on_row(rows)
                 both = "-" if row["fwd_bwd"] is None else f"{row['fwd_bwd'] * 1e3:.2f} ms"
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
                       f"error {row['err']:.1e}, first fwd call {row['first_s']:.1f} s", file=sys.stderr, flush=True)
@@ -235,7 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
                     "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
     ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
+    ap.add_argument("--render", metavar="JSON", help="only print the table of rows saved by --json (e.g. by a run "
+                    "cut short by a time limit)")
     args = ap.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            saved = json.load(f)
+        print(table(saved["rows"], saved["device"]))
+        return 0
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         shape, lengths, repeats = dict(B=1, H=2, D=16), [40], 1
@@ -252,13 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(models) - {"DeltaNet", "GatedDeltaNet"}
     if unknown:
         ap.error(f"--models: unknown {sorted(unknown)}; choose from DeltaNet, GatedDeltaNet")
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device_name, "rows": rows}, f, indent=1)
+
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
                    torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
-                   args.profile)
+                   args.profile, on_row=save)
     print(table(rows, device_name))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name, "rows": rows}, f, indent=1)
     return 0
 
 

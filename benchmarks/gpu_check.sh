@@ -33,7 +33,11 @@ NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --d
     --json "$OUT/bench.json" \
     ${PROFILE:+--profile "$PROFILE"} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"
-echo "bench rc=${PIPESTATUS[0]}"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5
+bench_rc=${PIPESTATUS[0]}
+echo "bench rc=$bench_rc"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5
+if [ "$bench_rc" != 0 ] && [ -s "$OUT/bench.json" ]; then   # cut short: the rows measured so far
+    $PY benchmarks/bench_triton.py --render "$OUT/bench.json" | tee "$OUT/bench.md"
+fi
 grep "^nlcompile: tuned" "$OUT/bench.err" | head -40   # each kernel's tuning time and choice
 NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
     tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \

@@ -246,8 +246,9 @@ def test_zoo_layers_train_through_the_kernels(name):
         assert rel_err(g, w) <= 1e-4
 
 
-def test_gpu_benchmark_script_runs_in_smoke_mode(capsys):
-    """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script)."""
+def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
+    """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script),
+    and its table rendered again from the rows it saved."""
     import importlib.util
     import pathlib
 
@@ -255,10 +256,15 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys):
     spec = importlib.util.spec_from_file_location("bench_triton", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--smoke", "--dots", "auto,ieee"]) == 0
+    saved = tmp_path / "rows.json"
+    assert bench.main(["--smoke", "--dots", "auto,ieee", "--json", str(saved)]) == 0
     out = capsys.readouterr().out
     for kernel in ("nlcompile-triton (tf32/ieee)", "nlcompile-triton (ieee)", "torch target"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
+    assert bench.main(["--render", str(saved)]) == 0
+    rendered = capsys.readouterr().out
+    assert [line for line in rendered.splitlines() if line.startswith("| ")] == \
+        [line for line in out.splitlines() if line.startswith("| ")]
 
 
 def test_per_channel_delta_gate_after_falls_back_and_is_refused():
