@@ -416,6 +416,6 @@ def chunk_backward(
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
                         (k, v, beta_, g_, dvp, dw, dk, dv, dbeta, dg_, t, n, nc, key_dim, value_dim),
-                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, PREC=flags["PREC"]),
+                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, PREC=prec),
                         blocks, dev)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)
