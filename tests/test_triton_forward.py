@@ -24,10 +24,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from _compare import low_precision_kernel_tol
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import forward as fwd
+from nlcompile.targets.triton.common import unit_lower_inverse
 from nlcompile.targets.triton.forward import chunk_forward
 
 N = 2
@@ -186,6 +189,29 @@ def test_delta_factors_match_their_definition():
         nxt = G_L.exp()[..., None] * Hi + Kt.transpose(1, 2) @ Vpi
         torch.testing.assert_close(nxt, states[:, i + 1], atol=1e-4, rtol=0)
     assert Vp[:, t:].abs().max() == 0 and W[:, t:].abs().max() == 0  # masked tail rows are neutral
+
+
+@triton.jit
+def _inverse_kernel(a_ptr, out_ptr, C: tl.constexpr, PREC: tl.constexpr):
+    r = tl.arange(0, C)
+    at = tl.program_id(0) * C * C + r[:, None] * C + r[None, :]
+    tl.store(out_ptr + at, unit_lower_inverse(tl.load(a_ptr + at), C, PREC))
+
+
+@pytest.mark.parametrize("prec", ["ieee", "tf32"])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_wy_inverse_matches_float64(chunk, prec):
+    """The blocked inverse (I + tril(a, -1))^{-1} of the WY form (16x16 diagonal blocks, then
+    Horner over the block levels) at fp32 rounding, also for ill-conditioned matrices (entries of
+    the inverse up to ~1e8 at C = 64); the diagonal and upper part of ``a`` are ignored."""
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(6, chunk, chunk, generator=gen, dtype=torch.float64)
+    a[:3] *= 0.3
+    expected = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + a.tril(-1))
+    out = torch.empty(6, chunk, chunk)
+    _inverse_kernel[(6,)](a.float().contiguous(), out, C=chunk, PREC=prec)
+    err = (out.double() - expected).abs().amax((1, 2)) / expected.abs().amax((1, 2))
+    assert err.max() < 2e-5, err
 
 
 def test_argument_errors():
