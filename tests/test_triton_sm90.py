@@ -237,11 +237,14 @@ def test_dot_precision_and_warps_choices(monkeypatch):
     from nlcompile.targets.triton.common import dot_precision, kernel_blocks
 
     f32, bf16, f16 = (torch.empty(0, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert [dot_precision(f32, f32), dot_precision(f32, None), dot_precision(bf16, bf16)] == ["ieee", "ieee", "tf32"]
     assert dot_precision(f16, None) == "tf32" and dot_precision(bf16, f32) == "ieee"
     assert dot_precision(bf16, bf16, backward=True) == "ieee"
-    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "bf16")   # the interpreter gets the same arithmetic, emulated
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")           # the interpreter gets the same arithmetic, emulated
+    assert dot_precision(bf16, bf16) == "tf32-interpreted" and dot_precision(bf16, None, backward=True) == "ieee"
+    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "bf16")
+    monkeypatch.delenv("TRITON_INTERPRET")
     assert dot_precision(f32, f32) == "bf16"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dot_precision(f32, f32) == "bf16-interpreted"

@@ -76,6 +76,14 @@ def round_to_bf16(x):
 
 
 @triton.jit
+def truncate_to_tf32(x):
+    """fp32 ``x`` with its 13 low mantissa bits cleared, kept in fp32: the operand a Hopper tensor
+    core's tf32 product uses (PTX: wgmma with .tf32 "will truncate lower 13 bits of the 32-bit
+    input data"); Triton's interpreter computes tf32 dots in fp32 instead."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def as_stored(x, PREC: tl.constexpr):
     """``x`` as it is stored in a dot-operand buffer (``operand_dtype``): rounded to bf16 for
     "bf16" dots (on a GPU the store converts; the interpreter's conversion truncates, so it gets
@@ -91,12 +99,15 @@ def mm(a, b, PREC: tl.constexpr):
     """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
 
     "bf16": both operands rounded to bfloat16 (tensor cores at their bf16 rate); "bf16-interpreted"
-    is the same arithmetic for Triton's CPU interpreter (rounded in fp32, exact fp32 products).
+    is the same arithmetic for Triton's CPU interpreter (rounded in fp32, exact fp32 products), and
+    "tf32-interpreted" that of "tf32" on an H100 (operands truncated to tf32).
     """
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif PREC == "bf16-interpreted":
         return tl.dot(round_to_bf16(a), round_to_bf16(b), input_precision="ieee")
+    elif PREC == "tf32-interpreted":
+        return tl.dot(truncate_to_tf32(a), truncate_to_tf32(b), input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision=PREC)
 
@@ -109,7 +120,7 @@ def exact_mm(a, b, PREC: tl.constexpr):
     products, fp32's rounding): at C = 64 fp32 FMA products spill (sm_90, 8 warps: 255 registers
     and 3 KB of stack in the prepare kernel), while at C = 32 they need fewer registers than
     tf32x3 (78 vs 104)."""
-    if PREC == "ieee" or PREC == "bf16-interpreted" or a.shape[0] <= 32:
+    if PREC == "ieee" or PREC == "bf16-interpreted" or PREC == "tf32-interpreted" or a.shape[0] <= 32:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32x3")
@@ -277,13 +288,14 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     52.9 ms).  ``NLCOMPILE_TRITON_DOT`` overrides both; its "bf16" (operands rounded to bf16, fp32
     accumulation: flash-linear-attention's precision) is not a default until timed on a GPU; its
     error stays within that of the update loop run in bf16 (tests/test_triton_target.py).  The CPU
-    interpreter computes the other precisions' dots in fp32, and "bf16" as "bf16-interpreted".
+    interpreter runs "bf16" and "tf32" emulated ("bf16-interpreted", "tf32-interpreted": operands
+    rounded as the GPU rounds them, products in fp32; ``mm``), the other precisions in fp32.
     """
-    forced = knobs.triton_dot_precision()
-    if forced:
-        return "bf16-interpreted" if forced == "bf16" and os.environ.get("TRITON_INTERPRET") else forced
     low = all(x.dtype in _LOW_PRECISION for x in (k, q) if x is not None)
-    return "tf32" if low and not backward else "ieee"
+    prec = knobs.triton_dot_precision() or ("tf32" if low and not backward else "ieee")
+    if prec in ("bf16", "tf32") and os.environ.get("TRITON_INTERPRET"):
+        return f"{prec}-interpreted"
+    return prec
 
 
 def operand_dtype(prec: str) -> torch.dtype:
