@@ -6,7 +6,9 @@ ptxas.  A kernel whose shared memory exceeds the H100's 232448 bytes per block c
 but fails to launch, so the test compiles the kernels with the blocks the launchers choose
 on CUDA (``common.kernel_blocks``, chunk from ``ops.kernel_chunk``) and checks
 ``metadata.shared``.  It prints REG and STACK (spill) bytes from ``cuobjdump -res-usage``
-for the record.
+for the record, and from the SASS each kernel's instructions and barriers and, per loop, the
+instructions, barriers and shuffles of one iteration (``sass_counts``: the sequential chain a
+program walks, which nothing here can time).
 
 Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rule, no
 gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-channel gate,
@@ -126,8 +128,23 @@ def compile_sm90(spec: dict) -> dict:
         f.write(ck.asm["cubin"])
         f.flush()
         usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
     reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    return dict(spec, shared=ck.metadata.shared, reg=reg, stack=stack, seconds=round(seconds, 1))
+    return dict(spec, shared=ck.metadata.shared, reg=reg, stack=stack, seconds=round(seconds, 1), **sass_counts(sass))
+
+
+def sass_counts(sass: str) -> dict:
+    """Instructions and barriers (BAR) of a kernel's SASS, and for each loop (a backward branch) its
+    body's instructions, barriers and warp shuffles (SHFL) per iteration: with the trip counts, what
+    a program's sequential chain costs (no GPU to time it here)."""
+    code = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for at, text in code:
+        target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < at:
+            body = [t for a, t in code if int(target.group(1), 16) <= a <= at]
+            loops.append((len(body), sum("BAR" in t for t in body), sum("SHFL" in t for t in body)))
+    return dict(instructions=len(code), barriers=sum("BAR" in t for _, t in code), loops=loops)
 
 
 def _worker(specs: list[dict]) -> list[dict]:
@@ -161,15 +178,16 @@ def blocks_per_sm(reg: int, shared: int, warps: int) -> int:
 
 def table(results: list[dict]) -> str:
     head = ("| kernel | kind | d | dot | C | BV | BKC | warps | stages | flags | shared B | REG | STACK B | "
-            "blocks/SM | compile s |")
-    rows = [head, "|" + " --- |" * 15]
+            "blocks/SM | instructions / BAR | loops: instructions / BAR / SHFL per iteration | compile s |")
+    rows = [head, "|" + " --- |" * 17]
     for r in results:
         c = r["constexprs"]
         flags = ",".join(f"{k}={int(v)}" for k, v in c.items() if k in ("HAS_Q", "BEFORE", "HAS_BETA"))
         rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['PREC']} | {c['C']} | {c['BV']} | "
                     f"{c.get('BKC', '-')} | {r['num_warps']} | {r.get('num_stages') or 'default'} | {flags} | "
                     f"{r['shared']} | {r['reg']} | {r['stack']} | "
-                    f"{blocks_per_sm(r['reg'], r['shared'], r['num_warps'])} | {r['seconds']} |")
+                    f"{blocks_per_sm(r['reg'], r['shared'], r['num_warps'])} | {r['instructions']} / {r['barriers']} | "
+                    f"{', '.join('/'.join(map(str, loop)) for loop in r['loops']) or '-'} | {r['seconds']} |")
     return "\n".join(rows)
 
 
@@ -202,6 +220,19 @@ def test_kernels_fit_h100_shared_memory():
     starved = [f"{r['kind']} d={r['d']}: {r['reg']} registers" for r in results
                if r["kernel"] in ("_grads_kernel", "_wy_grads_kernel", "_states_bwd_kernel") and r["reg"] <= 32]
     assert not starved, f"grads kernel starved of registers: {starved}"
+
+
+def test_sass_counts_reads_loops():
+    """Loops are backward branches; the self-branch that ends every kernel is not one."""
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;          /* 0x00000a0000017a02 */
+        /*0010*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;   /* 0x0000000000007b1d */
+        /*0020*/                   SHFL.BFLY PT, R3, R2, 0x1, 0x1f ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   EXIT ;
+        /*0050*/                   BRA 0x50;
+    """
+    assert sass_counts(sass) == dict(instructions=6, barriers=1, loops=[(3, 1, 1)])
 
 
 def test_launch_blocks_on_cuda():

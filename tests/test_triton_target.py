@@ -16,7 +16,7 @@ import triton.language as tl
 
 import nlcompile
 from nlcompile.targets.scan import sequential_scan
-from nlcompile.targets.triton.common import round_to_bf16
+from nlcompile.targets.triton.common import dot_precision, round_to_bf16
 from nlcompile.targets.triton.ops import chunk_scan, triton_chunkwise_scan
 from nlcompile.targets.triton_target import TritonTarget
 from nlcompile.zoo import LAYERS, MODELS
@@ -164,8 +164,6 @@ def test_low_precision_dots_stay_within_eager_bf16_error(kind, dot, monkeypatch)
     and backward): the output and the gradients wrt k, v, q, beta and the log-gate are no further
     from the float64 reference than the loop run in bf16 (slack 1.5).  On the CPU the interpreter
     runs the same arithmetic emulated (``common.round_to_bf16``, ``common.truncate_to_tf32``)."""
-    from nlcompile.targets.triton.common import dot_precision
-
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=48, dk=32, dv=32, dtype=torch.bfloat16)
     assert dot_precision(k, kw["q"]).startswith(dot)
@@ -263,7 +261,9 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     saved = tmp_path / "rows.json"
     assert bench.main(["--smoke", "--dots", "auto,ieee", "--json", str(saved)]) == 0
     out = capsys.readouterr().out
-    for kernel in ("nlcompile-triton (tf32-interpreted/ieee)", "nlcompile-triton (ieee)", "torch target"):
+    bf16 = torch.empty(0, dtype=torch.bfloat16)   # "auto": the precisions chosen for bf16 inputs, named as chosen
+    auto = f"{dot_precision(bf16, None)}/{dot_precision(bf16, None, backward=True)}"
+    for kernel in (f"nlcompile-triton ({auto})", "nlcompile-triton (ieee)", "torch target"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
     assert bench.main(["--render", str(saved)]) == 0
     rendered = capsys.readouterr().out

@@ -276,10 +276,10 @@ def _wy_grads_kernel(
     b = load_steps(b_ptr + n * T, rows, T)
     strict = r[:, None] > r[None, :]
     if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
-        kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC, PREC)
+        kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
     else:
         kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
-        E, Tm, eb = wy_factors(kk, b, G, C, PREC)                     # eb = b e^G [C,1]
+        E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
     kb = k * eb
 
     dTm = tl.zeros([C, C], dtype=tl.float32)

@@ -21,7 +21,7 @@ from nlcompile import knobs
 
 
 @triton.jit
-def unit_lower_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
+def unit_lower_inverse(a, C: tl.constexpr):
     """``(I + tril(a, -1))^{-1}`` of a [C, C] fp32 block; the diagonal and upper part of ``a`` are ignored.
 
     Blocked, as flash-linear-attention inverts its chunks: the 16x16 diagonal blocks first, all
@@ -29,15 +29,15 @@ def unit_lower_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
     of each block times row j of its inverse from the rows below: 15 steps), then the blocks
     below the diagonal by Horner's rule over the block levels, with D^{-1} the block-diagonal
     inverse and M = D^{-1} tril_block(a): (I + M)^{-1} D^{-1} = D^{-1} - M (D^{-1} - M (...)),
-    C/16 - 1 products, exact since M^{C/16} = 0.  Those products are fp32-accurate matmuls
-    (``exact_mm``).  Why: the sequential chain.  Compiled for sm_90 here (d = 128, 8 warps; dynamic
+    exact since M^{C/16} = 0: C/16 products with M's own, all fp32-accurate (``exact_mm``).  Why: the sequential chain.  Compiled for sm_90 here (d = 128, 8 warps; dynamic
     counts = loop body x trips + the rest), the row-by-row substitution over the whole [C, C] tile
     it replaces cost the prepare kernel: DeltaNet C = 64 (bf16 dots) 63 steps of 226 instructions,
     10 barriers and 42 shuffles, ~15 K instructions and ~660 barriers a program, now ~5 K and 55
     (15 steps of 79 instructions, no barrier); Gated DeltaNet C = 32 ~7.4 K and ~590, now ~3.0 K and
-    ~67; DeltaNet C = 32 3.0 K and ~210, now 2.9 K and ~67.  Rounding on par with the substitution
-    (random unit lower matrices up to C = 64: within 3x of its error, ~1e-6 for inverses with
-    entries of 1e8; tests/test_triton_forward.py).
+    ~67; DeltaNet C = 32 3.0 K and ~210, now 2.9 K and ~67 (``python tests/test_triton_sm90.py
+    --all`` lists every kernel's loops).  Rounding on par with the substitution (measured when this
+    replaced it, random unit lower matrices up to C = 64: within 3x of its error, ~1e-6 for inverses
+    with entries of 1e8; tests/test_triton_forward.py checks against float64).
     """
     NB: tl.constexpr = C // 16
     rows = tl.arange(0, C)
@@ -53,10 +53,10 @@ def unit_lower_inverse(a, C: tl.constexpr, PREC: tl.constexpr):
         x = x - col[:, :, None] * row[:, None, :]
     inv = tl.reshape(tl.where(on_diagonal, x[:, :, None, :], 0.0), [C, C])   # D^{-1}
     if NB > 1:
-        m = exact_mm(inv, tl.where(lower & ((rows[:, None] // 16) != (rows[None, :] // 16)), a, 0.0), PREC)
+        m = exact_mm(inv, tl.where(lower & ((rows[:, None] // 16) != (rows[None, :] // 16)), a, 0.0))
         dinv = inv
         for _ in tl.static_range(1, NB):
-            inv = dinv - exact_mm(m, inv, PREC)
+            inv = dinv - exact_mm(m, inv)
     return inv
 
 
@@ -113,14 +113,13 @@ def mm(a, b, PREC: tl.constexpr):
 
 
 @triton.jit
-def exact_mm(a, b, PREC: tl.constexpr):
+def exact_mm(a, b):
     """Matmul of [C, C] fp32 blocks accurate to fp32 whatever the kernel's dot precision (the WY
-    inverse must not carry tf32/bf16 rounding): "ieee" (fp32 FMAs) where the kernel's dots are
-    (fp32 inputs; the interpreter) and for C <= 32; else "tf32x3" (three tf32 tensor-core
-    products, fp32's rounding): at C = 64 fp32 FMA products spill (sm_90, 8 warps: 255 registers
-    and 3 KB of stack in the prepare kernel), while at C = 32 they need fewer registers than
-    tf32x3 (78 vs 104)."""
-    if PREC == "ieee" or PREC == "bf16-interpreted" or PREC == "tf32-interpreted" or a.shape[0] <= 32:
+    inverse must not carry tf32/bf16 rounding): fp32 FMAs ("ieee") for C <= 32, three tf32
+    tensor-core products ("tf32x3", fp32's rounding) above: at C = 64 fp32 FMA products spill
+    (sm_90, 8 warps: 255 registers and 3 KB of stack in the prepare kernel), while at C = 32 they
+    need fewer registers than tf32x3 (78 vs 104).  The interpreter computes both in fp32."""
+    if a.shape[0] <= 32:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b, input_precision="tf32x3")
@@ -242,20 +241,19 @@ def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C: tl.constexpr, BK: 
 
 
 @triton.jit
-def wy_factors(kk, b, G, C: tl.constexpr, PREC: tl.constexpr):
+def wy_factors(kk, b, G, C: tl.constexpr):
     """The delta rule's chunk factors from kk = K K^T [C,C], b [C] and a scalar (or no) gate
     G [C,1]: (E, Tm, eb) with E_rs = e^{G_r - G_s} (s < r, else 0), Akk = diag(b) K K^T * E,
     Tm = (I + Akk)^{-1} and eb = b e^G [C,1], so W = Tm (K * eb) and U = Tm V."""
     r = tl.arange(0, C)
     E = pair_decay(G, G, r[:, None] > r[None, :])
-    Tm = unit_lower_inverse(b[:, None] * kk * E, C, PREC)
+    Tm = unit_lower_inverse(b[:, None] * kk * E, C)
     eb = b[:, None] * tl.exp(G)
     return E, Tm, eb
 
 
 @triton.jit
-def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr,
-                       PREC: tl.constexpr):
+def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr):
     """The delta rule's chunk factors for a per-key-channel gate in the "gate first" order
     (S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T): (kkg, Tm, eb) with
     kkg_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r, else 0; from [C, C, BKC] products,
@@ -263,7 +261,7 @@ def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C: tl.constexpr, BK: tl.
     channel, so W = Tm (K * eb) and U = Tm V."""
     r = tl.arange(0, C)
     kkg = channel_scores(k_seq, k_seq, g_seq, rows, T, dk, r[:, None] > r[None, :], C, BK, BKC, False)
-    Tm = unit_lower_inverse(b[:, None] * kkg, C, PREC)
+    Tm = unit_lower_inverse(b[:, None] * kkg, C)
     eb = b[:, None] * tl.exp(G)
     return kkg, Tm, eb
 
@@ -280,7 +278,7 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     already scaled by beta).
 
     fp32: "ieee" (fp32 products: the compiler checks against eager at 1e-4).
-    bf16 / fp16: "tf32" in the forward (tensor cores; operands rounded to 10 mantissa bits, which
+    bf16 / fp16: "tf32" in the forward (tensor cores; operands truncated to 10 mantissa bits, which
     holds a bf16 input exactly and rounds the fp32 intermediates, W, V', the states, far below
     the inputs' own 8-bit rounding) and "ieee" in the backward.  Measured on an H100 (Triton 3.6,
     B=8 H=16 D=128 bf16, ``benchmarks/bench_triton.py``): tf32 made the DeltaNet forward 2.4x

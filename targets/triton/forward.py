@@ -74,11 +74,11 @@ def _prepare_kernel(
     if GATE == 2:
         g_seq = g_ptr + n * T * dk
         _, G, _, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
-        _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC, PREC)
+        _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
     else:
         _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
         kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
-        _, tm, eb = wy_factors(kk, b, G, C, PREC)
+        _, tm, eb = wy_factors(kk, b, G, C)
     store_tile(w_ptr + n * L * dk, as_stored(mm(tm, K * eb, PREC), PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
 
