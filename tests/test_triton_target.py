@@ -72,16 +72,59 @@ def test_scan_forward_and_gradients_match_sequential(kind, readout):
         assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
 
 
-@pytest.mark.parametrize("kind,dot", [("decay", "auto"), ("delta", "auto"), ("delta", "bf16")])
-def test_custom_op_passes_opcheck(kind, dot, monkeypatch):
+def heads_last(x, heads: int):
+    """[B*H, T, ...] -> flash-linear-attention's [B, T, H, ...] (a copy, contiguous)."""
+    return x.unflatten(0, (-1, heads)).transpose(1, 2).contiguous()
+
+
+def heads_first(x):
+    """[B, T, H, ...] -> [B*H, T, ...]."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("readout", ["after", "before"])
+def test_heads_last_layout_matches_flat(kind, readout):
+    """Inputs in flash-linear-attention's [B, T, H, D] layout, read in place by the kernels (B = 2,
+    H = 3, a masked tail, dk != dv): the output, the final state and every gradient equal those of
+    the same sequences given flat as [B*H, T, D] (which the other tests check against float64)."""
+    k, v, kw = scan_inputs(kind, N=6)
+    tensors = {"k": k, "v": v, **{n: x for n, x in kw.items() if torch.is_tensor(x)}}
+    flat = {n: x.clone().requires_grad_(True) for n, x in tensors.items()}
+    last = {n: (x if n == "initial_state" else heads_last(x, 3)).clone().requires_grad_(True)
+            for n, x in tensors.items()}
+    options = dict(readout=readout, chunk_size=16, gate_first=kw.get("gate_first", False))
+
+    def run(x: dict):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")   # a fallback to the PyTorch scan fails the test
+            return triton_chunkwise_scan(**x, **options)
+
+    o_flat, s_flat = run(flat)
+    o_last, s_last = run(last)
+    assert o_last.shape == (2, 37, 3, 32)
+    assert rel_err(heads_first(o_last), o_flat) <= 1e-6 and rel_err(s_last, s_flat) <= 1e-6
+    w_o, w_s = torch.randn_like(o_flat), torch.randn_like(s_flat)
+    got = torch.autograd.grad((heads_first(o_last) * w_o).sum() + (s_last * w_s).sum(), list(last.values()))
+    want = torch.autograd.grad((o_flat * w_o).sum() + (s_flat * w_s).sum(), list(flat.values()))
+    for name, g, w in zip(last, got, want):
+        assert rel_err(g if name == "initial_state" else heads_first(g), w) <= 1e-6, name
+
+
+@pytest.mark.parametrize("kind,dot,layout", [("decay", "auto", "flat"), ("delta", "auto", "flat"),
+                                             ("delta", "bf16", "flat"), ("gated_delta", "auto", "heads_last")])
+def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     """Fake implementation, autograd and schema agree with the kernels (with bf16 dots the states
-    and W are returned in bf16: the fake must say so)."""
+    and W are returned in bf16: the fake must say so; in the [B, T, H, D] layout o is [B, T, H, dv])."""
     if dot != "auto":
         monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=21)
     g = kw.get("log_gate")
-    args = (k, v, kw["q"], kw.get("beta"), g, kw["initial_state"], 16, False)
-    for x in (k, v, kw["q"], kw["initial_state"]):
+    q, beta = kw["q"], kw.get("beta")
+    if layout == "heads_last":   # B = 1, H = 2
+        k, v, q, beta, g = (None if x is None else heads_last(x, 2) for x in (k, v, q, beta, g))
+    args = (k, v, q, beta, g, kw["initial_state"], 16, False)
+    for x in (k, v, q, kw["initial_state"]):
         x.requires_grad_(True)
     torch.library.opcheck(chunk_scan, args)
 

@@ -52,7 +52,7 @@ from torch import Tensor
 from .common import (
     MAX_HEAD_DIM, as_stored, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram,
     kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
-    store_tile, wy_factors,
+    seq_start, sequences, store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -79,35 +79,37 @@ def _per_gate(x, GATE: tl.constexpr):
 def _readout_dv_kernel(
     k_ptr, q_ptr, g_ptr, do_ptr,                      # inputs
     dvp_ptr,                                          # output
-    T, N, dk, dv, dvp_rows,
+    T, N, HEADS, dk, dv, dvp_rows, dvp_heads,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """A^T dO of one chunk for one block of dv columns (grid (chunks, N, dv blocks)): the
-    readout's intra-chunk part of dV', into rows of ``dvp_ptr`` ([N,dvp_rows,dv]).  A per-channel
+    readout's intra-chunk part of dV', into rows of ``dvp_ptr`` ([N,dvp_rows,dv] scratch,
+    dvp_heads = 1; or dv itself, in the inputs' layout: dvp_heads = HEADS).  A per-channel
     gate builds the scores A BKC channels at a time."""
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
     rows = i * C + tl.arange(0, C)
-    q_seq = q_ptr + n * T * dk
-    k_seq = k_ptr + n * T * dk
-    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    q_seq = seq_start(q_ptr, n, T, HEADS, dk)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     mask = readout_mask(C, BEFORE)
     if GATE == 2:
-        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
+        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C, BK, BKC, BEFORE)
     else:
-        _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
-        A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
-    do = load_tile(do_ptr + n * T * dv, rows, cols_v, T, dv, dv)
-    store_tile(dvp_ptr + n * dvp_rows * dv, mm(tl.trans(A), do, PREC), rows, cols_v, T, dv, dv)
+        _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
+        A = scores(gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), G, Gq, mask, GATE)
+    do = load_tile(seq_start(do_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+    store_tile(seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv), mm(tl.trans(A), do, PREC), rows, cols_v, T, dv,
+               dvp_heads * dv)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _states_bwd_kernel(
     k_ptr, q_ptr, g_ptr, w_ptr, do_ptr, dhf_ptr,      # inputs
     dhn_ptr, dvp_ptr, dh0_ptr,                        # outputs (dvp: A^T dO in, dV' out)
-    T, N, NC, dk, dv, dvp_rows,
+    T, N, HEADS, NC, dk, dv, dvp_rows, dvp_heads,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -115,37 +117,37 @@ def _states_bwd_kernel(
 
     Carries dHn = dL/dH_{i+1} from dH_final back to dh0 = dL/dH_0 and stores, per chunk,
     dHn_i [N,NC,dk,dv] and dV'_i (rows of ``dvp_ptr``: [N,dvp_rows,dv], dvp_rows = NC*C
-    for the delta scratch buffer or T when it is dv itself), which with q holds A^T dO
-    (``_readout_dv_kernel``) on entry.
+    for the delta scratch buffer, or dv itself: T rows in the inputs' layout, dvp_heads = HEADS),
+    which with q holds A^T dO (``_readout_dv_kernel``) on entry.
     """
     n = tl.program_id(0).to(tl.int64)
     cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
     cols_k = tl.arange(0, BK)
     r = tl.arange(0, C)
-    k_seq = k_ptr + n * T * dk
-    q_seq = q_ptr + n * T * dk
-    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    q_seq = seq_start(q_ptr, n, T, HEADS, dk)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     w_seq = w_ptr + n * NC * C * dk
-    do_seq = do_ptr + n * T * dv
-    dvp_seq = dvp_ptr + n * dvp_rows * dv
+    do_seq = seq_start(do_ptr, n, T, HEADS, dv)
+    dvp_seq = seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv)
     dh = load_tile(dhf_ptr + n * dk * dv, cols_k, cols_v, dk, dv, dv)   # dL/dH_NC
     for j in range(0, NC):
         i = NC - 1 - j
         rows = i * C + r
-        k = load_tile(k_seq, rows, cols_k, T, dk, dk)
-        g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
+        k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
+        g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
         dvp = mm(k * tl.exp(GL - G), dh, PREC)                           # Kt dHn
         dh_prev = tl.exp(tl.trans(GL)) * dh                               # D dHn
         if HAS_Q:
-            q = load_tile(q_seq, rows, cols_k, T, dk, dk)
-            do = load_tile(do_seq, rows, cols_v, T, dv, dv)
-            dvp += load_tile(dvp_seq, rows, cols_v, T, dv, dv)            # A^T dO
+            q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
+            do = load_tile(do_seq, rows, cols_v, T, dv, HEADS * dv)
+            dvp += load_tile(dvp_seq, rows, cols_v, T, dv, dvp_heads * dv)   # A^T dO
             dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC)            # Qt^T dO
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
             dh_prev -= mm(tl.trans(w), dvp, PREC)                        # W^T dV'
         store_tile(dhn_ptr + (n * NC + i) * dk * dv, as_stored(dh, PREC), cols_k, cols_v, dk, dv, dv)
-        store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dv)
+        store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dvp_heads * dv)
         dh = dh_prev
     store_tile(dh0_ptr + n * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
 
@@ -154,7 +156,7 @@ def _states_bwd_kernel(
 def _grads_kernel(
     k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
     dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
-    T, N, NC, dk, dv,
+    T, N, HEADS, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -167,15 +169,15 @@ def _grads_kernel(
     r = tl.arange(0, C)
     rows = i * C + r
     cols_k = tl.arange(0, BK)
-    k_seq = k_ptr + n * T * dk
-    q_seq = q_ptr + n * T * dk
-    do_seq = do_ptr + n * T * dv
-    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    q_seq = seq_start(q_ptr, n, T, HEADS, dk)
+    do_seq = seq_start(do_ptr, n, T, HEADS, dv)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     vp_seq = vp_ptr + n * NC * C * dv
     dvp_seq = dvp_ptr + n * NC * C * dv
     state = (n * NC + i) * dk * dv
-    k = load_tile(k_seq, rows, cols_k, T, dk, dk)
-    g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
+    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
+    g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
 
     # Sums over dv, one block of BV value columns at a time.
     dKt = tl.zeros([C, BK], dtype=tl.float32)
@@ -190,11 +192,11 @@ def _grads_kernel(
         if DELTA:
             vp = load_tile(vp_seq, rows, cols_v, T, dv, dv)
         else:
-            vp = load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)
+            vp = load_tile(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
         dKt += mm(vp, tl.trans(dhn), PREC)
         dD += tl.sum(dhn * h, 1)
         if HAS_Q:
-            do = load_tile(do_seq, rows, cols_v, T, dv, dv)
+            do = load_tile(do_seq, rows, cols_v, T, dv, HEADS * dv)
             dQt += mm(do, tl.trans(h), PREC)
             dA += mm(do, tl.trans(vp), PREC)
         if DELTA:
@@ -207,7 +209,7 @@ def _grads_kernel(
     dGL = -tl.sum(dG, 0, keep_dims=True) + _per_gate(dD[None, :], GATE) * tl.exp(GL)
 
     if HAS_Q:
-        q = load_tile(q_seq, rows, cols_k, T, dk, dk)
+        q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
         eQ = tl.exp(Gq)
         dQ = dQt * eQ                                                     # Qt = Q e^{Gq}
         dGq = _per_gate(dQt * q * eQ, GATE)
@@ -225,13 +227,13 @@ def _grads_kernel(
             dQ += mm(dAg, k, PREC)
             dK += mm(tl.trans(dAg), q, PREC)
             if GATE == 1:
-                dAA = dAg * gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
+                dAA = dAg * gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
                 dGq += tl.sum(dAA, 1, keep_dims=True)
                 dG -= tl.trans(tl.sum(dAA, 0, keep_dims=True))
         dG += dGq
-        store_tile(dq_ptr + n * T * dk, dQ, rows, cols_k, T, dk, dk)
+        store_tile(seq_start(dq_ptr, n, T, HEADS, dk), dQ, rows, cols_k, T, dk, HEADS * dk)
 
-    store_tile(dk_ptr + n * T * dk, dK, rows, cols_k, T, dk, dk)
+    store_tile(seq_start(dk_ptr, n, T, HEADS, dk), dK, rows, cols_k, T, dk, HEADS * dk)
     if DELTA:
         store_tile(dw_ptr + n * NC * C * dk, dW, rows, cols_k, T, dk, dk)
 
@@ -242,20 +244,20 @@ def _grads_kernel(
             if HAS_Q:
                 if BEFORE:
                     dg -= dGq
-            store_tile(dg_ptr + n * T * dk, dg, rows, cols_k, T, dk, dk)
+            store_tile(seq_start(dg_ptr, n, T, HEADS, dk), dg, rows, cols_k, T, dk, HEADS * dk)
         else:  # summed to a vector before the scan (see ``chunk_gates``)
             dg = reverse_cumsum(tl.sum(dG, 1), 0)
             if HAS_Q:
                 if BEFORE:
                     dg -= tl.sum(dGq, 1)
-            tl.store(dg_ptr + n * T + rows, dg, mask=rows < T)
+            tl.store(seq_start(dg_ptr, n, T, HEADS, 1) + rows * HEADS, dg, mask=rows < T)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _wy_grads_kernel(
     k_ptr, v_ptr, b_ptr, g_ptr, dvp_ptr, dw_ptr,      # inputs
     dk_ptr, dv_ptr, db_ptr, dg_ptr,                   # outputs (dk, dg: added to)
-    T, N, NC, dk, dv,
+    T, N, HEADS, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -268,17 +270,19 @@ def _wy_grads_kernel(
     r = tl.arange(0, C)
     rows = i * C + r
     cols_k = tl.arange(0, BK)
-    k_seq = k_ptr + n * T * dk
-    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
+    v_seq = seq_start(v_ptr, n, T, HEADS, dv)
+    dv_seq = seq_start(dv_ptr, n, T, HEADS, dv)
     dvp_seq = dvp_ptr + n * NC * C * dv
-    k = load_tile(k_seq, rows, cols_k, T, dk, dk)
-    _, G, _, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
-    b = load_steps(b_ptr + n * T, rows, T)
+    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
+    _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
+    b = load_steps(seq_start(b_ptr, n, T, HEADS, 1), rows, T, HEADS)
     strict = r[:, None] > r[None, :]
     if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
-        kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
+        kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
     else:
-        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
+        kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
         E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
     kb = k * eb
 
@@ -286,8 +290,8 @@ def _wy_grads_kernel(
     for v0 in range(0, dv, BV):                                       # U = Tm V
         cols_v = v0 + tl.arange(0, BV)
         dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
-        dTm += mm(dvp, tl.trans(load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)), PREC)
-        store_tile(dv_ptr + n * T * dv, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, dv)
+        dTm += mm(dvp, tl.trans(load_tile(v_seq, rows, cols_v, T, dv, HEADS * dv)), PREC)
+        store_tile(dv_seq, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, HEADS * dv)
 
     dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
@@ -310,15 +314,17 @@ def _wy_grads_kernel(
             M = dAE * b[:, None] * kk                                # dAkk * Akk
             dG = tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
             dG += tl.sum(dKb * kb, 1, keep_dims=True)
-    tl.store(db_ptr + n * T + rows, db, mask=rows < T)
-    dk_seq = dk_ptr + n * T * dk
-    store_tile(dk_seq, load_tile(dk_seq, rows, cols_k, T, dk, dk) + dK, rows, cols_k, T, dk, dk)
+    tl.store(seq_start(db_ptr, n, T, HEADS, 1) + rows * HEADS, db, mask=rows < T)
+    dk_seq = seq_start(dk_ptr, n, T, HEADS, dk)
+    store_tile(dk_seq, load_tile(dk_seq, rows, cols_k, T, dk, HEADS * dk) + dK, rows, cols_k, T, dk, HEADS * dk)
     if GATE == 2:  # G = cumsum(g) within the chunk
-        dg_seq = dg_ptr + n * T * dk
-        store_tile(dg_seq, load_tile(dg_seq, rows, cols_k, T, dk, dk) + reverse_cumsum(dG, 0), rows, cols_k, T, dk, dk)
+        dg_seq = seq_start(dg_ptr, n, T, HEADS, dk)
+        store_tile(dg_seq, load_tile(dg_seq, rows, cols_k, T, dk, HEADS * dk) + reverse_cumsum(dG, 0), rows, cols_k,
+                   T, dk, HEADS * dk)
     elif GATE == 1:
-        dg = load_steps(dg_ptr + n * T, rows, T) + reverse_cumsum(tl.sum(dG, 1), 0)
-        tl.store(dg_ptr + n * T + rows, dg, mask=rows < T)
+        dg_seq = seq_start(dg_ptr, n, T, HEADS, 1)
+        dg = load_steps(dg_seq, rows, T, HEADS) + reverse_cumsum(tl.sum(dG, 1), 0)
+        tl.store(dg_seq + rows * HEADS, dg, mask=rows < T)
 
 
 # The tuning spaces (``tuning``).  The kernels that spill are capped at 255 registers on CUDA:
@@ -356,14 +362,16 @@ def chunk_backward(
     """Gradients (dk, dv, dq, dbeta, dg, dh0) of the chunkwise scan, given the forward's
     intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv] and
     W [N,nc*C,dk] (delta family only; ignored otherwise), the output gradient ``do``
-    [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).
+    [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).  The per-step
+    inputs and ``do`` may also be in flash-linear-attention's [B,T,H,.] layout
+    (``common.sequences``), read and written in place.
 
     All fp32, shaped like the inputs; None where the input was None (dh0: where h0 was).
     """
-    n, t, key_dim = k.shape
-    value_dim = v.shape[-1]
+    n, t, heads, prefix = sequences(k)
+    key_dim, value_dim = k.shape[-1], v.shape[-1]
     delta = beta is not None
-    gate = 0 if g is None else (2 if g.dim() == 3 else 1)
+    gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     if max(key_dim, value_dim) > MAX_HEAD_DIM:
@@ -373,7 +381,7 @@ def chunk_backward(
     if dh_final is None:
         dh_final = torch.zeros(n, key_dim, value_dim, **f32)
     if q is not None and do is None:
-        do = torch.zeros(n, t, value_dim, **f32)
+        do = torch.zeros(*prefix, value_dim, **f32)
     if t == 0 or n == 0:  # nothing to scan: the state passes through
         zero = lambda x: None if x is None else torch.zeros(x.shape, **f32)  # noqa: E731
         dh0 = dh_final.float().clone() if h0 is not None else None
@@ -394,16 +402,18 @@ def chunk_backward(
     W_ = c(W) if delta else dummy
     prec = dot_precision(k, q, backward=True)
     dhn = torch.empty(n, nc, key_dim, value_dim, dtype=operand_dtype(prec), device=k.device)
-    dvp = torch.empty(n, nc * chunk, value_dim, **f32) if delta else dv
+    # dV': a scratch buffer for the delta family, else dv itself (in the inputs' layout)
+    dvp, dvp_rows, dvp_heads = (torch.empty(n, nc * chunk, value_dim, **f32), nc * chunk, 1) if delta else (dv, t, heads)
     flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=prec)
     dev = k.device
     if q is not None:
         READOUT_DV.launch(lambda m: (nc, n, triton.cdiv(value_dim, m["BV"])),
-                          (k, q_, g_, do_, dvp, t, n, key_dim, value_dim, dvp.shape[1]),
+                          (k, q_, g_, do_, dvp, t, n, heads, key_dim, value_dim, dvp_rows, dvp_heads),
                           dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     flags.update(HAS_Q=q is not None, DELTA=delta)
     STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
-                      (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, nc, key_dim, value_dim, dvp.shape[1]),
+                      (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, heads, nc, key_dim, value_dim, dvp_rows,
+                       dvp_heads),
                       flags, blocks, dev)
     unused = torch.empty(1, **f32)   # for outputs a kernel does not write here (never the caller's
     # tensors: the WY kernel's tuning restores dk and dg with copy_, which bumps autograd versions)
@@ -411,11 +421,11 @@ def chunk_backward(
     dw = torch.empty(n, nc * chunk, key_dim, **f32) if delta else unused   # dL/dW, for the WY kernel
     GRADS.launch(lambda m: (nc, n),
                  (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
-                  t, n, nc, key_dim, value_dim),
+                  t, n, heads, nc, key_dim, value_dim),
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
-                        (k, v, beta_, g_, dvp, dw, dk, dv, dbeta, dg_, t, n, nc, key_dim, value_dim),
+                        (k, v, beta_, g_, dvp, dw, dk, dv, dbeta, dg_, t, n, heads, nc, key_dim, value_dim),
                         dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, PREC=prec),
                         blocks, dev)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)

@@ -126,6 +126,14 @@ def exact_mm(a, b):
 
 
 @triton.jit
+def seq_start(ptr, n, T, HEADS, width):
+    """Where sequence n = b * HEADS + h starts in a [B, T, HEADS, width] tensor (flash-linear-
+    attention's layout, read in place), or in an [N, T, width] one when HEADS = 1.  Its rows are
+    HEADS * width apart."""
+    return ptr + (n // HEADS) * T * HEADS * width + (n % HEADS) * width
+
+
+@triton.jit
 def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride):
     """[len(rows), len(cols)] fp32 tile of a row-major matrix; zeros outside n_rows x n_cols
     (the masked tail of the sequence, the padding of a head dim)."""
@@ -141,13 +149,13 @@ def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
 
 
 @triton.jit
-def load_steps(ptr, rows, T):
-    """A per-step scalar (beta, scalar log-gate) at ``rows``, fp32, 0 at rows >= T."""
-    return tl.load(ptr + rows, mask=rows < T, other=0.0).to(tl.float32)
+def load_steps(ptr, rows, T, HEADS):
+    """A per-step scalar (beta, scalar log-gate) at ``rows`` (HEADS apart: ``seq_start``), fp32, 0 at rows >= T."""
+    return tl.load(ptr + rows * HEADS, mask=rows < T, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def chunk_gates(g_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
+def chunk_gates(g_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, GATE: tl.constexpr,
                 BEFORE: tl.constexpr):
     """Log-decays of one chunk: (g, G = cumsum(g), Gq (readout rows), G_L (last row)).
 
@@ -157,10 +165,10 @@ def chunk_gates(g_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, GATE: tl.
     hence G_L equals G at the chunk's last real row.
     """
     if GATE == 2:
-        g = load_tile(g_seq, rows, tl.arange(0, BK), T, dk, dk)
+        g = load_tile(g_seq, rows, tl.arange(0, BK), T, dk, HEADS * dk)
         G = tl.cumsum(g, 0)
     elif GATE == 1:  # scanned as a vector: Triton 3.6 fails to lower a scan over a [C, 1] block for sm_90
-        g_steps = load_steps(g_seq, rows, T)
+        g_steps = load_steps(g_seq, rows, T, HEADS)
         g = g_steps[:, None]
         G = tl.cumsum(g_steps, 0)[:, None]
     else:
@@ -198,14 +206,16 @@ def channel_decay(Gq, G, mask):
 
 
 @triton.jit
-def gram(a_seq, b_seq, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr, PREC: tl.constexpr):
+def gram(a_seq, b_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
+         PREC: tl.constexpr):
     """[C, C] A B^T of the chunk's ``rows`` of two row-major [T, dk] matrices (Q K^T, K K^T),
     BKD key channels at a time (loaded from memory: an fp32 dot holds its operands' whole
     reduction dim in registers, so BKD < BK bounds them on a GPU)."""
     acc = tl.zeros((C, C), dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BKD):
         cols = c0 + tl.arange(0, BKD)
-        acc += mm(load_tile(a_seq, rows, cols, T, dk, dk), tl.trans(load_tile(b_seq, rows, cols, T, dk, dk)), PREC)
+        acc += mm(load_tile(a_seq, rows, cols, T, dk, HEADS * dk),
+                  tl.trans(load_tile(b_seq, rows, cols, T, dk, HEADS * dk)), PREC)
     return acc
 
 
@@ -220,7 +230,7 @@ def scores(qk, G, Gq, mask, GATE: tl.constexpr):
 
 
 @triton.jit
-def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C: tl.constexpr, BK: tl.constexpr,
+def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C: tl.constexpr, BK: tl.constexpr,
                    BKC: tl.constexpr, BEFORE: tl.constexpr):
     """Per-channel-gate scores A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc} [C,C] (masked), from
     [C,C,BKC] products, BKC channels at a time (reloaded from memory: the register block
@@ -228,9 +238,9 @@ def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C: tl.constexpr, BK: 
     A = tl.zeros((C, C), dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BKC):
         cols = c0 + tl.arange(0, BKC)
-        q_c = load_tile(q_seq, rows, cols, T, dk, dk)
-        k_c = load_tile(k_seq, rows, cols, T, dk, dk)
-        g_c = load_tile(g_seq, rows, cols, T, dk, dk)
+        q_c = load_tile(q_seq, rows, cols, T, dk, HEADS * dk)
+        k_c = load_tile(k_seq, rows, cols, T, dk, HEADS * dk)
+        g_c = load_tile(g_seq, rows, cols, T, dk, HEADS * dk)
         G_c = tl.cumsum(g_c, 0)
         if BEFORE:
             Gq_c = G_c - g_c
@@ -253,14 +263,15 @@ def wy_factors(kk, b, G, C: tl.constexpr):
 
 
 @triton.jit
-def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr):
+def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr,
+                       BKC: tl.constexpr):
     """The delta rule's chunk factors for a per-key-channel gate in the "gate first" order
     (S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T): (kkg, Tm, eb) with
     kkg_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r, else 0; from [C, C, BKC] products,
     masked before exp), Akk = diag(b) kkg, Tm = (I + Akk)^{-1} and eb = b e^G [C, BK] per
     channel, so W = Tm (K * eb) and U = Tm V."""
     r = tl.arange(0, C)
-    kkg = channel_scores(k_seq, k_seq, g_seq, rows, T, dk, r[:, None] > r[None, :], C, BK, BKC, False)
+    kkg = channel_scores(k_seq, k_seq, g_seq, rows, T, dk, HEADS, r[:, None] > r[None, :], C, BK, BKC, False)
     Tm = unit_lower_inverse(b[:, None] * kkg, C)
     eb = b[:, None] * tl.exp(G)
     return kkg, Tm, eb
@@ -302,6 +313,18 @@ def operand_dtype(prec: str) -> torch.dtype:
     (half the memory traffic, as flash-linear-attention stores them; the recurrence itself
     carries fp32), fp32 otherwise."""
     return torch.bfloat16 if prec.startswith("bf16") else torch.float32
+
+
+def sequences(k: Tensor) -> tuple[int, int, int, tuple[int, ...]]:
+    """(N, T, heads, prefix) of the keys: [N, T, dk] (heads = 1, prefix (N, T)), or
+    flash-linear-attention's [B, T, H, dk] (N = B * H sequences, sequence b * H + h; heads = H,
+    prefix (B, T, H)), which the kernels read in place (``seq_start``).  Every per-step input and
+    output (v, q, beta, g, o and the gradients) has the same prefix."""
+    if not isinstance(k, Tensor) or k.dim() not in (3, 4):
+        raise ValueError(f"k must be a [N,T,dk] or [B,T,H,dk] tensor, got {getattr(k, 'shape', type(k).__name__)}")
+    if k.dim() == 3:
+        return k.shape[0], k.shape[1], 1, tuple(k.shape[:2])
+    return k.shape[0] * k.shape[2], k.shape[1], k.shape[2], tuple(k.shape[:3])
 
 
 def block(d: int) -> int:

@@ -32,7 +32,8 @@ from torch import Tensor
 
 from .common import (
     MAX_HEAD_DIM, as_stored, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
-    load_steps, load_tile, mm, operand_dtype, readout_mask, scores, store_tile, wy_factors,
+    sequences,
+    load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -48,7 +49,7 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 @triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr,
-    T, N, L, dk, dv,
+    T, N, HEADS, L, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -67,17 +68,16 @@ def _prepare_kernel(
     rows = i * C + tl.arange(0, C)
     cols_k = tl.arange(0, BK)
     cols_v = tl.arange(0, BV)
-    k_seq = k_ptr + n * T * dk
-    K = load_tile(k_seq, rows, cols_k, T, dk, dk)
-    V = load_tile(v_ptr + n * T * dv, rows, cols_v, T, dv, dv)
-    b = load_steps(beta_ptr + n * T, rows, T)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
+    K = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
+    V = load_tile(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+    b = load_steps(seq_start(beta_ptr, n, T, HEADS, 1), rows, T, HEADS)
+    _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
     if GATE == 2:
-        g_seq = g_ptr + n * T * dk
-        _, G, _, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
-        _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, C, BK, BKC)
+        _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
     else:
-        _, G, _, _ = chunk_gates(g_ptr + n * T, rows, T, dk, C, BK, GATE, False)
-        kk = gram(k_seq, k_seq, rows, T, dk, C, BK, BKD, PREC)
+        kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
         _, tm, eb = wy_factors(kk, b, G, C)
     store_tile(w_ptr + n * L * dk, as_stored(mm(tm, K * eb, PREC), PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
@@ -86,7 +86,7 @@ def _prepare_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _states_kernel(
     k_ptr, src_ptr, g_ptr, w_ptr, vp_ptr, h0_ptr, H_ptr, hT_ptr,
-    T, N, src_rows, nc, dk, dv,
+    T, N, HEADS, src_rows, src_heads, nc, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_BETA: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -94,21 +94,23 @@ def _states_kernel(
 
     Sequential over chunks: stores H_i (the state entering chunk i), then
     H_{i+1} = e^{G_L} H_i + (K e^{G_L - G})^T V'.  The values come from
-    ``src`` ([N, src_rows, dv]: v itself, or U from the prepare kernel for the
-    delta family, where V' = U - W H_i is computed here and written over U in
-    ``vp``; columns are independent, so each program owns its block).
+    ``src`` (v itself, in the inputs' layout: src_heads = HEADS, or U from the prepare kernel for
+    the delta family, [N, src_rows, dv] with src_heads = 1, where V' = U - W H_i is computed here
+    and written over U in ``vp``; columns are independent, so each program owns its block).
     GATE: 0 none, 1 scalar [N, T], 2 per key channel [N, T, dk].
     """
     n = tl.program_id(0).to(tl.int64)
     cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
     cols_k = tl.arange(0, BK)
-    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    src_seq = seq_start(src_ptr, n, src_rows, src_heads, dv)
     h = load_tile(h0_ptr + n * dk * dv, cols_k, cols_v, dk, dv, dv)
     for i in range(nc):
         rows = i * C + tl.arange(0, C)
         store_tile(H_ptr + (n * nc + i) * dk * dv, as_stored(h, PREC), cols_k, cols_v, dk, dv, dv)
-        K = load_tile(k_ptr + n * T * dk, rows, cols_k, T, dk, dk)
-        vals = load_tile(src_ptr + n * src_rows * dv, rows, cols_v, src_rows, dv, dv)
+        K = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
+        vals = load_tile(src_seq, rows, cols_v, src_rows, dv, src_heads * dv)
         if HAS_BETA:
             W = load_tile(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
             vals = vals - mm(W, h, PREC)
@@ -116,7 +118,7 @@ def _states_kernel(
         if GATE == 0:
             h = h + mm(tl.trans(K), vals, PREC)
         else:
-            _, G, _, GL = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, False)
+            _, G, _, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
             h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K * tl.exp(GL - G)), vals, PREC)
     store_tile(hT_ptr + n * dk * dv, h, cols_k, cols_v, dk, dv, dv)
 
@@ -124,7 +126,7 @@ def _states_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _output_kernel(
     q_ptr, k_ptr, vals_ptr, g_ptr, H_ptr, o_ptr,
-    T, N, vals_rows, nc, dk, dv,
+    T, N, HEADS, vals_rows, vals_heads, nc, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -132,7 +134,8 @@ def _output_kernel(
 
     O = (Q e^{Gq}) H_i + A V' with the intra-chunk scores A masked to s <= r
     ("after") or s < r ("before"); the mask is applied in the exponent (-inf)
-    so no masked entry can overflow.  ``vals`` is V' ([N, nc*C, dv], delta) or v.
+    so no masked entry can overflow.  ``vals`` is V' ([N, nc*C, dv], delta: vals_heads = 1) or v
+    (vals_heads = HEADS); q, k, g, o are in the inputs' layout (``seq_start``).
     A per-channel gate builds A from [C, C, BKC] products, BKC channels at a time.
     """
     i = tl.program_id(0)
@@ -140,24 +143,24 @@ def _output_kernel(
     cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
     cols_k = tl.arange(0, BK)
     rows = i * C + tl.arange(0, C)
-    q_seq = q_ptr + n * T * dk
-    k_seq = k_ptr + n * T * dk
-    g_seq = g_ptr + n * T * (dk if GATE == 2 else 1)
+    q_seq = seq_start(q_ptr, n, T, HEADS, dk)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     mask = readout_mask(C, BEFORE)
-    Q = load_tile(q_seq, rows, cols_k, T, dk, dk)
+    Q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
     h = load_tile(H_ptr + (n * nc + i) * dk * dv, cols_k, cols_v, dk, dv, dv)
-    vals = load_tile(vals_ptr + n * vals_rows * dv, rows, cols_v, vals_rows, dv, dv)
-    _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, C, BK, GATE, BEFORE)
+    vals = load_tile(seq_start(vals_ptr, n, vals_rows, vals_heads, dv), rows, cols_v, vals_rows, dv, vals_heads * dv)
+    _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
     if GATE == 2:
-        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, mask, C, BK, BKC, BEFORE)
+        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C, BK, BKC, BEFORE)
     else:
-        A = scores(gram(q_seq, k_seq, rows, T, dk, C, BK, BKD, PREC), G, Gq, mask, GATE)
+        A = scores(gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), G, Gq, mask, GATE)
     if GATE == 0:
         Qt = Q
     else:
         Qt = Q * tl.exp(Gq)
     O = mm(Qt, h, PREC) + mm(A, vals, PREC)
-    store_tile(o_ptr + n * T * dv, O, rows, cols_v, T, dv, dv)
+    store_tile(seq_start(o_ptr, n, T, HEADS, dv), O, rows, cols_v, T, dv, HEADS * dv)
 
 
 # The tuning spaces (``tuning``), kept small (compiling the candidates is most of a first call's
@@ -204,19 +207,20 @@ def chunk_forward(
     beta [N,T] or None (delta family; v is already scaled by the write coefficient),
     g [N,T] or [N,T,dk] fp32 log-gate or None (per channel with beta: the gate-first order
     S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T), h0 [N,dk,dv] fp32 (None means zeros),
-    chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t.
+    chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t.  Or, read in place
+    without copies, flash-linear-attention's layout with the heads after time: k [B,T,H,dk],
+    v [B,T,H,dv], q [B,T,H,dk], beta [B,T,H], g [B,T,H] or [B,T,H,dk], h0 [B*H,dk,dv]
+    (``sequences``; N = B*H, sequence n = b*H + h).
 
-    Returns (o [N,T,dv] fp32 or torch.empty(0) without q, h_final [N,dk,dv],
+    Returns (o [N,T,dv] (or [B,T,H,dv]) fp32 or torch.empty(0) without q, h_final [N,dk,dv],
     H [N,nc,dk,dv] (the state entering each chunk), Vp [N,nc*C,dv] (V', delta
     only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  All fp32,
     except H and W with bf16 dots: bf16 (``common.operand_dtype``).
     """
-    if not isinstance(k, Tensor) or k.dim() != 3:
-        raise ValueError(f"k must be a [N,T,dk] tensor, got {getattr(k, 'shape', type(k).__name__)}")
-    n, t, dk = k.shape
-    if not isinstance(v, Tensor) or v.dim() != 3 or tuple(v.shape[:2]) != (n, t):
-        raise ValueError(f"v must have shape ({n}, {t}, dv), got {tuple(getattr(v, 'shape', ()))}")
-    dv = v.shape[2]
+    n, t, heads, prefix = sequences(k)
+    if not isinstance(v, Tensor) or v.dim() != len(prefix) + 1 or tuple(v.shape[:-1]) != prefix:
+        raise ValueError(f"v must have shape {prefix + ('dv',)}, got {tuple(getattr(v, 'shape', ()))}")
+    dk, dv = k.shape[-1], v.shape[-1]
     if chunk not in CHUNKS:
         raise ValueError(f"chunk must be one of {CHUNKS}, got {chunk!r}")
     if not 1 <= dk <= MAX_HEAD_DIM:
@@ -224,13 +228,13 @@ def chunk_forward(
     if not 1 <= dv <= MAX_HEAD_DIM:
         raise ValueError(f"v: dv must be in 1..{MAX_HEAD_DIM}, got {dv}")
     dev = k.device
-    _check("k", k, [(n, t, dk)], _FLOAT_INPUTS, dev)
-    _check("v", v, [(n, t, dv)], _FLOAT_INPUTS, dev)
-    _check("q", q, [(n, t, dk)], _FLOAT_INPUTS, dev)
-    _check("beta", beta, [(n, t)], _FLOAT_INPUTS, dev)
-    _check("g", g, [(n, t), (n, t, dk)], (torch.float32,), dev)
+    _check("k", k, [prefix + (dk,)], _FLOAT_INPUTS, dev)
+    _check("v", v, [prefix + (dv,)], _FLOAT_INPUTS, dev)
+    _check("q", q, [prefix + (dk,)], _FLOAT_INPUTS, dev)
+    _check("beta", beta, [prefix], _FLOAT_INPUTS, dev)
+    _check("g", g, [prefix, prefix + (dk,)], (torch.float32,), dev)
     _check("h0", h0, [(n, dk, dv)], (torch.float32,), dev)
-    gate = 0 if g is None else (1 if g.dim() == 2 else 2)
+    gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
     blocks = kernel_blocks(dev, dk, dv, chunk)
 
     c = chunk
@@ -244,7 +248,7 @@ def chunk_forward(
     h0 = torch.zeros(n, dk, dv, **f32) if h0 is None else h0.contiguous()
     delta = beta is not None
 
-    o = torch.empty(n, t, dv, **f32) if q is not None else torch.empty(0, **f32)
+    o = torch.empty(*prefix, dv, **f32) if q is not None else torch.empty(0, **f32)
     prec = dot_precision(k, q)
     operands = dict(device=dev, dtype=operand_dtype(prec))
     H = torch.empty(n, nc, dk, dv, **operands)
@@ -259,15 +263,15 @@ def chunk_forward(
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
     if delta:
-        PREPARE.launch(lambda m: (nc, n), (k, v, beta, g_arg, W, Vp, t, n, L, dk, dv),
+        PREPARE.launch(lambda m: (nc, n), (k, v, beta, g_arg, W, Vp, t, n, heads, L, dk, dv),
                        dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
-    src, src_rows = (Vp, L) if delta else (v, t)
+    src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
     STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),
                   (k, src, g_arg, W if delta else unused, Vp if delta else unused, h0, H, h_final,
-                   t, n, src_rows, nc, dk, dv),
+                   t, n, heads, src_rows, src_heads, nc, dk, dv),
                   dict(meta, HAS_BETA=delta), blocks, dev)
     if q is not None:
         OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),
-                      (q, k, src, g_arg, H, o, t, n, src_rows, nc, dk, dv),
+                      (q, k, src, g_arg, H, o, t, n, heads, src_rows, src_heads, nc, dk, dv),
                       dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)
     return o, h_final, H, Vp, W

@@ -26,7 +26,9 @@ from torch import Tensor
 from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
-from nlcompile.targets.triton.common import MAX_HEAD_DIM, block, dot_precision, kernel_blocks, operand_dtype
+from nlcompile.targets.triton.common import (
+    MAX_HEAD_DIM, block, dot_precision, kernel_blocks, operand_dtype, sequences,
+)
 from nlcompile.targets.triton.forward import chunk_forward
 
 _EMPTY = (0,)
@@ -41,12 +43,12 @@ def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor]
 
 @chunk_scan.register_fake
 def _(k, v, q, beta, g, h0, chunk, before):
-    n, t, dk = k.shape
-    dv = v.shape[-1]
+    n, t, _, prefix = sequences(k)
+    dk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(t, chunk)
     f32 = dict(dtype=torch.float32, device=k.device)
     operands = dict(dtype=operand_dtype(dot_precision(k, q)), device=k.device)
-    o = k.new_empty((n, t, dv) if q is not None else _EMPTY, **f32)
+    o = k.new_empty((*prefix, dv) if q is not None else _EMPTY, **f32)
     delta = beta is not None
     return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands),
             k.new_empty((n, nc * chunk, dv) if delta else _EMPTY, **f32),
@@ -82,7 +84,7 @@ def _backward(ctx, do, dh_final, *_intermediates):
     if dh_final is None:
         dh_final = torch.zeros_like(h0, dtype=torch.float32)
     if q is not None and do is None:
-        do = k.new_zeros(*k.shape[:2], v.shape[-1], dtype=torch.float32)
+        do = k.new_zeros(*k.shape[:-1], v.shape[-1], dtype=torch.float32)
     grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, do if q is not None else None,
                                 dh_final, ctx.chunk, ctx.before)
     inputs = (k, v, q, beta, g, h0)
@@ -125,7 +127,7 @@ def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False) 
     if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dim {max(k.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
     g = gate if gate is not None else log_gate
-    if g is not None and g.dim() == 3 and beta is not None and not gate_first:
+    if g is not None and g.dim() == k.dim() and beta is not None and not gate_first:
         return ("a per-key-channel gate with a delta rule applied after the delta step (gate_first=False: "
                 "no chunkwise form; the kernels implement gate_first=True, Kimi Delta Attention)")
     if gate is not None and not bool((gate > 0).all()):
@@ -152,27 +154,35 @@ def triton_chunkwise_scan(
 ) -> tuple[Optional[Tensor], Tensor]:
     """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results).
 
-    ``gate_first`` only matters for a per-key-channel gate with beta (a scalar gate commutes
-    with the delta step): the kernels run the gate-first order; the other falls back."""
+    Also takes flash-linear-attention's layout, the heads after time: k [B,T,H,dk], v [B,T,H,dv],
+    q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
+    [B*H,dk,dv]; the kernels read it in place and o comes back as [B,T,H,dv] (the final state as
+    [B*H,dk,dv]).  ``gate_first`` only matters for a per-key-channel gate with beta (a scalar gate
+    commutes with the delta step): the kernels run the gate-first order; the other falls back."""
     if q is not None and q_scale != 1.0:
         q = q * q_scale
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
     why = _unsupported(k, v, beta, gate, log_gate, given, gate_first)
     if why is not None:
         _fallback(why)
-        return chunkwise_scan(k, v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
-                              initial_state=initial_state, readout=readout, chunk_size=chunk_size,
-                              gate_first=gate_first)
+        heads_last = k.dim() == 4
+        flat = (lambda x: None if x is None else x.transpose(1, 2).flatten(0, 1)) if heads_last else (lambda x: x)
+        o, final = chunkwise_scan(flat(k), flat(v), q=flat(q), beta=flat(beta), write=flat(write), gate=flat(gate),
+                                  log_gate=flat(log_gate), initial_state=initial_state, readout=readout,
+                                  chunk_size=chunk_size, gate_first=gate_first)
+        if heads_last and o is not None:
+            o = o.unflatten(0, (k.shape[0], k.shape[2])).transpose(1, 2)
+        return o, final
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
-    n, t, dk = k.shape
-    dv = v.shape[-1]
+    n, _, _, _ = sequences(k)
+    dk, dv = k.shape[-1], v.shape[-1]
     coef = write if write is not None else beta
     v_in = v if coef is None else v.float() * coef.float().unsqueeze(-1)
     g = log_gate if log_gate is not None else (gate.float().log() if gate is not None else None)
     h0 = (initial_state.float() if initial_state is not None
           else k.new_zeros(n, dk, dv, dtype=torch.float32))
-    per_channel = g is not None and g.dim() == 3
+    per_channel = g is not None and g.dim() == k.dim()
     c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v_in), contiguous(q),
