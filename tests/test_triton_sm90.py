@@ -84,7 +84,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
 
     base = dict(C=chunk, BK=b.BK, GATE=gate)
     if delta:
-        add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, BKD=b.BKD)
+        add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
     add("forward", forward.STATES, **base, HAS_BETA=delta)
     if with_q:
         add("forward", forward.OUTPUT, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before)
@@ -93,7 +93,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     add("backward", backward.STATES_BWD, **flags)
     add("backward", backward.GRADS, **flags, BKC=b.BKC, BKD=b.BKD)
     if delta:
-        add("backward", backward.WY_GRADS, **base, BKC=b.BKC, BKD=b.BKD)
+        add("backward", backward.WY_GRADS, **base, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
     return specs
 
 

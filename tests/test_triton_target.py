@@ -72,6 +72,43 @@ def test_scan_forward_and_gradients_match_sequential(kind, readout):
         assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("kind", ["delta", "kda"])
+def test_write_coefficient_is_folded_into_the_kernels(kind):
+    """A delta rule whose write coefficient differs from beta (S += write_t k_t v_t^T after the
+    delta step): the kernels scale v by it themselves (``coef``); output, state and the gradients
+    wrt every input, write included, match float64, in both layouts."""
+    k, v, kw = scan_inputs(kind, N=6)
+    kw["write"] = torch.rand(6, 37, generator=torch.Generator(torch.get_default_device()).manual_seed(5)) + 0.5
+    for layout in ("flat", "heads_last"):
+        tensors = {"k": k, "v": v, **{n: x for n, x in kw.items() if torch.is_tensor(x)}}
+        leaves = {n: (x if layout == "flat" or n == "initial_state" else heads_last(x, 3)).clone().requires_grad_(True)
+                  for n, x in tensors.items()}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            o, s = triton_chunkwise_scan(**leaves, chunk_size=16, gate_first=kw.get("gate_first", False))
+        if layout == "heads_last":
+            o = heads_first(o)
+        o_ref, s_ref = reference(k, v, kw)
+        assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+        w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+        got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), list(leaves.values()))
+        ref_leaves = [x.double().requires_grad_(True) for x in tensors.values()]
+        ref_kw = dict(zip(tensors, ref_leaves), gate_first=kw.get("gate_first", False))
+        o_ref, s_ref = sequential_scan(ref_kw.pop("k"), ref_kw.pop("v"), **ref_kw)
+        want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), ref_leaves)
+        for name, g, w in zip(leaves, got, want):
+            g = g if layout == "flat" or name == "initial_state" else heads_first(g)
+            assert rel_err(g, w) <= 1e-4, (layout, name, rel_err(g, w))
+
+
+def test_coef_needs_the_delta_family():
+    from nlcompile.targets.triton.forward import chunk_forward
+
+    k, v, kw = scan_inputs("additive", T=8)
+    with pytest.raises(ValueError, match="coef"):
+        chunk_forward(k, v, kw["q"], None, None, None, 16, False, coef=torch.ones(2, 8))
+
+
 def heads_last(x, heads: int):
     """[B*H, T, ...] -> flash-linear-attention's [B, T, H, ...] (a copy, contiguous)."""
     return x.unflatten(0, (-1, heads)).transpose(1, 2).contiguous()

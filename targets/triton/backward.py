@@ -255,16 +255,18 @@ def _grads_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def _wy_grads_kernel(
-    k_ptr, v_ptr, b_ptr, g_ptr, dvp_ptr, dw_ptr,      # inputs
-    dk_ptr, dv_ptr, db_ptr, dg_ptr,                   # outputs (dk, dg: added to)
+    k_ptr, v_ptr, b_ptr, coef_ptr, g_ptr, dvp_ptr, dw_ptr,     # inputs
+    dk_ptr, dv_ptr, db_ptr, dcoef_ptr, dg_ptr,                 # outputs (dk, dg: added to)
     T, N, HEADS, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    GATE: tl.constexpr, PREC: tl.constexpr,
+    GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
 ):
     """The delta family's gradients of one chunk through its WY form (Tm recomputed, not stored),
     from dV' and dW: dv = Tm^T dV' and dbeta, and their parts of dk and dg, added to what
     ``_grads_kernel`` stored.  W = Tm Kb (Kb = diag(b e^G) K), U = Tm V, Tm = (I + Akk)^{-1}:
-    dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T, dAkk = -tril_{-1}(Tm^T dTm Tm^T)."""
+    dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T, dAkk = -tril_{-1}(Tm^T dTm Tm^T).  HAS_COEF: the forward
+    scaled v by the write coefficient c in its prepare kernel (V = diag(c) v), so dv = c Tm^T dV'
+    and dc = rowsum(Tm^T dV' * v), into ``dcoef_ptr``."""
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, C)
@@ -287,11 +289,23 @@ def _wy_grads_kernel(
     kb = k * eb
 
     dTm = tl.zeros([C, C], dtype=tl.float32)
+    if HAS_COEF:
+        c = load_steps(seq_start(coef_ptr, n, T, HEADS, 1), rows, T, HEADS)[:, None]
+        dc = tl.zeros([C], dtype=tl.float32)
     for v0 in range(0, dv, BV):                                       # U = Tm V
         cols_v = v0 + tl.arange(0, BV)
         dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
-        dTm += mm(dvp, tl.trans(load_tile(v_seq, rows, cols_v, T, dv, HEADS * dv)), PREC)
-        store_tile(dv_seq, mm(tl.trans(Tm), dvp, PREC), rows, cols_v, T, dv, HEADS * dv)
+        v = load_tile(v_seq, rows, cols_v, T, dv, HEADS * dv)
+        dV = mm(tl.trans(Tm), dvp, PREC)
+        if HAS_COEF:
+            dTm += mm(dvp, tl.trans(v * c), PREC)
+            dc += tl.sum(dV * v, 1)
+            dV = dV * c
+        else:
+            dTm += mm(dvp, tl.trans(v), PREC)
+        store_tile(dv_seq, dV, rows, cols_v, T, dv, HEADS * dv)
+    if HAS_COEF:
+        tl.store(seq_start(dcoef_ptr, n, T, HEADS, 1) + rows * HEADS, dc, mask=rows < T)
 
     dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
@@ -358,15 +372,18 @@ def chunk_backward(
     dh_final: Optional[Tensor],
     chunk: int,
     before: bool,
-) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    coef: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0) of the chunkwise scan, given the forward's
     intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv] and
     W [N,nc*C,dk] (delta family only; ignored otherwise), the output gradient ``do``
     [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).  The per-step
     inputs and ``do`` may also be in flash-linear-attention's [B,T,H,.] layout
-    (``common.sequences``), read and written in place.
+    (``common.sequences``), read and written in place.  ``coef``: the write coefficient the
+    forward multiplied into v (``forward.chunk_forward``).
 
-    All fp32, shaped like the inputs; None where the input was None (dh0: where h0 was).
+    (dk, dv, dq, dbeta, dg, dh0, dcoef), all fp32, shaped like the inputs; None where the input
+    was None (dh0: where h0 was).
     """
     n, t, heads, prefix = sequences(k)
     key_dim, value_dim = k.shape[-1], v.shape[-1]
@@ -385,9 +402,9 @@ def chunk_backward(
     if t == 0 or n == 0:  # nothing to scan: the state passes through
         zero = lambda x: None if x is None else torch.zeros(x.shape, **f32)  # noqa: E731
         dh0 = dh_final.float().clone() if h0 is not None else None
-        return zero(k), zero(v), zero(q), zero(beta), zero(g), dh0
+        return zero(k), zero(v), zero(q), zero(beta), zero(g), dh0, zero(coef)
     like = lambda x: None if x is None else torch.empty(x.shape, **f32)  # noqa: E731
-    dk, dv, dq, dbeta, dg = like(k), like(v), like(q), like(beta), like(g)
+    dk, dv, dq, dbeta, dg, dcoef = like(k), like(v), like(q), like(beta), like(g), like(coef)
     dh0 = torch.empty(n, key_dim, value_dim, **f32)
     nc = triton.cdiv(t, chunk)
 
@@ -425,7 +442,9 @@ def chunk_backward(
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
-                        (k, v, beta_, g_, dvp, dw, dk, dv, dbeta, dg_, t, n, heads, nc, key_dim, value_dim),
-                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, PREC=prec),
+                        (k, v, beta_, beta_ if coef is None else c(coef), g_, dvp, dw, dk, dv, dbeta,
+                         unused if coef is None else dcoef, dg_, t, n, heads, nc, key_dim, value_dim),
+                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, HAS_COEF=coef is not None,
+                             PREC=prec),
                         blocks, dev)
-    return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None)
+    return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None), dcoef

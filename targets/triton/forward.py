@@ -48,10 +48,10 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
-    k_ptr, v_ptr, beta_ptr, g_ptr, w_ptr, u_ptr,
+    k_ptr, v_ptr, beta_ptr, coef_ptr, g_ptr, w_ptr, u_ptr,
     T, N, HEADS, L, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    GATE: tl.constexpr, PREC: tl.constexpr,
+    GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
 ):
     """Delta family, one chunk per program (grid (nc, N)): the WY/UT factors W [C, dk] and U [C, dv].
 
@@ -62,6 +62,7 @@ def _prepare_kernel(
     "gate first" order S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T (Kimi Delta
     Attention): then Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc} (built like the per-channel
     readout scores, BKC channels at a time) and W = Tm (b e^G * K) with e^G per channel.
+    HAS_COEF: v is scaled here by the write coefficient ``coef`` (U = Tm diag(coef) V), not before.
     """
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -72,6 +73,8 @@ def _prepare_kernel(
     g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     K = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
     V = load_tile(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+    if HAS_COEF:
+        V = V * load_steps(seq_start(coef_ptr, n, T, HEADS, 1), rows, T, HEADS)[:, None]
     b = load_steps(seq_start(beta_ptr, n, T, HEADS, 1), rows, T, HEADS)
     _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
     if GATE == 2:
@@ -200,6 +203,7 @@ def chunk_forward(
     h0: Optional[Tensor],
     chunk: int,
     before: bool,
+    coef: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the chunkwise scan forward.
 
@@ -207,7 +211,9 @@ def chunk_forward(
     beta [N,T] or None (delta family; v is already scaled by the write coefficient),
     g [N,T] or [N,T,dk] fp32 log-gate or None (per channel with beta: the gate-first order
     S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T), h0 [N,dk,dv] fp32 (None means zeros),
-    chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t.  Or, read in place
+    chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t, coef [N,T] or None:
+    the delta family's write coefficient, multiplied into v in the kernels (v then unscaled;
+    saves the caller a pass over v and the kernels reading it in fp32).  Or, read in place
     without copies, flash-linear-attention's layout with the heads after time: k [B,T,H,dk],
     v [B,T,H,dv], q [B,T,H,dk], beta [B,T,H], g [B,T,H] or [B,T,H,dk], h0 [B*H,dk,dv]
     (``sequences``; N = B*H, sequence n = b*H + h).
@@ -232,6 +238,9 @@ def chunk_forward(
     _check("v", v, [prefix + (dv,)], _FLOAT_INPUTS, dev)
     _check("q", q, [prefix + (dk,)], _FLOAT_INPUTS, dev)
     _check("beta", beta, [prefix], _FLOAT_INPUTS, dev)
+    _check("coef", coef, [prefix], _FLOAT_INPUTS, dev)
+    if coef is not None and beta is None:
+        raise ValueError("coef: only the delta family (beta given) scales v in the kernels; scale v before the call")
     _check("g", g, [prefix, prefix + (dk,)], (torch.float32,), dev)
     _check("h0", h0, [(n, dk, dv)], (torch.float32,), dev)
     gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
@@ -244,6 +253,7 @@ def chunk_forward(
     k, v = k.contiguous(), v.contiguous()
     q = None if q is None else q.contiguous()
     beta = None if beta is None else beta.contiguous()
+    coef = None if coef is None else coef.contiguous()
     g = None if g is None else g.contiguous()
     h0 = torch.zeros(n, dk, dv, **f32) if h0 is None else h0.contiguous()
     delta = beta is not None
@@ -263,8 +273,10 @@ def chunk_forward(
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
     if delta:
-        PREPARE.launch(lambda m: (nc, n), (k, v, beta, g_arg, W, Vp, t, n, heads, L, dk, dv),
-                       dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
+        PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, t, n, heads, L,
+                                           dk, dv),
+                       dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD, HAS_COEF=coef is not None),
+                       blocks, dev)
     src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
     STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),
                   (k, src, g_arg, W if delta else unused, Vp if delta else unused, h0, H, h_final,

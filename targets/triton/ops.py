@@ -8,8 +8,8 @@ fuses the code around them.
 
 ``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan``
 (the loop modules call either); it prepares the kernel inputs with ordinary,
-differentiable torch ops (the write coefficient folded into v, gates to log
-space) and falls back to the exact PyTorch scan for what the kernels do not
+differentiable torch ops (gates to log space; without beta the write coefficient
+folded into v, while the delta family's kernels scale v themselves) and falls back to the exact PyTorch scan for what the kernels do not
 cover: float64, gates with zeros or negative values, a per-key-channel gate
 with a delta rule in the gate-after order (``gate_first=False``; the kernels
 implement the gate-first order of Kimi Delta Attention), head dims above 256.
@@ -36,13 +36,14 @@ _EMPTY = (0,)
 
 @torch.library.custom_op("nlcompile::chunk_scan", mutates_args=())
 def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
-               h0: Tensor, chunk: int, before: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final state, states entering each chunk, corrected values, W); see ``forward.chunk_forward``."""
-    return chunk_forward(k, v, q, beta, g, h0, chunk, before)
+    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef)
 
 
 @chunk_scan.register_fake
-def _(k, v, q, beta, g, h0, chunk, before):
+def _(k, v, q, beta, g, h0, chunk, before, coef=None):
     n, t, _, prefix = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(t, chunk)
@@ -58,38 +59,38 @@ def _(k, v, q, beta, g, h0, chunk, before):
 @torch.library.custom_op("nlcompile::chunk_scan_backward", mutates_args=())
 def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                         h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, do: Optional[Tensor],
-                        dh_final: Tensor, chunk: int, before: bool) -> tuple[Tensor, Tensor, Tensor, Tensor,
-                                                                              Tensor, Tensor]:
-    """Gradients (dk, dv, dq, dbeta, dg, dh0); an absent input's gradient is an empty tensor."""
-    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before)
+                        dh_final: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef); an absent input's gradient is an empty tensor."""
+    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef)
     return tuple(k.new_empty(_EMPTY, dtype=torch.float32) if x is None else x for x in grads)
 
 
 @chunk_scan_backward.register_fake
-def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before):
+def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=None):
     like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
-    return tuple(like(x) for x in (k, v, q, beta, g, h0))
+    return tuple(like(x) for x in (k, v, q, beta, g, h0, coef))
 
 
 def _setup_context(ctx, inputs, output):
-    k, v, q, beta, g, h0, chunk, before = inputs
+    k, v, q, beta, g, h0, chunk, before, coef = inputs
     _, _, states, v_new, w = output
-    ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w)
+    ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w, coef)
     ctx.chunk, ctx.before = chunk, before
     ctx.mark_non_differentiable(states, v_new, w)
 
 
 def _backward(ctx, do, dh_final, *_intermediates):
-    k, v, q, beta, g, h0, states, v_new, w = ctx.saved_tensors
+    k, v, q, beta, g, h0, states, v_new, w, coef = ctx.saved_tensors
     if dh_final is None:
         dh_final = torch.zeros_like(h0, dtype=torch.float32)
     if q is not None and do is None:
         do = k.new_zeros(*k.shape[:-1], v.shape[-1], dtype=torch.float32)
     grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, do if q is not None else None,
-                                dh_final, ctx.chunk, ctx.before)
-    inputs = (k, v, q, beta, g, h0)
-    out = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
-    return (*out, None, None)
+                                dh_final, ctx.chunk, ctx.before, coef)
+    inputs = (k, v, q, beta, g, h0, coef)
+    dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
+    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef
 
 
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
@@ -178,14 +179,16 @@ def triton_chunkwise_scan(
     n, _, _, _ = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
     coef = write if write is not None else beta
-    v_in = v if coef is None else v.float() * coef.float().unsqueeze(-1)
+    if beta is None and coef is not None:   # the kernels scale v by the delta family's coefficient themselves
+        v, coef = v.float() * coef.float().unsqueeze(-1), None
     g = log_gate if log_gate is not None else (gate.float().log() if gate is not None else None)
     h0 = (initial_state.float() if initial_state is not None
           else k.new_zeros(n, dk, dv, dtype=torch.float32))
     per_channel = g is not None and g.dim() == k.dim()
     c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    o, final, *_ = chunk_scan(contiguous(k), contiguous(v_in), contiguous(q),
+    o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
                               contiguous(None if beta is None else beta.float()),
-                              contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before")
+                              contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before",
+                              contiguous(coef))
     return (o if q is not None else None), final
