@@ -415,7 +415,7 @@ def chunk_backward(
     do_ = c(do) if q is not None else dummy
     beta_ = c(beta) if delta else dummy
     g_ = c(g.float()) if g is not None else dummy
-    Vp_ = c(Vp.float()) if delta else dummy
+    Vp_ = c(Vp) if delta else dummy
     W_ = c(W) if delta else dummy
     prec = dot_precision(k, q, backward=True)
     dhn = torch.empty(n, nc, key_dim, value_dim, dtype=operand_dtype(prec), device=k.device)

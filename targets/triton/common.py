@@ -308,10 +308,11 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
 
 
 def operand_dtype(prec: str) -> torch.dtype:
-    """dtype of the buffers the kernels pass each other only as dot operands (the state entering
-    each chunk, W, dL/dH): bf16 with "bf16" dots, whose operands are rounded to bf16 anyway
-    (half the memory traffic, as flash-linear-attention stores them; the recurrence itself
-    carries fp32), fp32 otherwise."""
+    """dtype of the buffers the kernels pass each other mostly as dot operands (the state entering
+    each chunk, W, U and V' = U - W H, dL/dH): bf16 with "bf16" dots, whose operands are rounded
+    to bf16 anyway (half the memory traffic, as flash-linear-attention stores them; the
+    recurrence itself carries fp32; U is rounded before V' = U - W H is formed, as fla's is),
+    fp32 otherwise."""
     return torch.bfloat16 if prec.startswith("bf16") else torch.float32
 
 

@@ -83,7 +83,7 @@ def _prepare_kernel(
         kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
         _, tm, eb = wy_factors(kk, b, G, C)
     store_tile(w_ptr + n * L * dk, as_stored(mm(tm, K * eb, PREC), PREC), rows, cols_k, L, dk, dk)
-    store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
+    store_tile(u_ptr + n * L * dv, as_stored(mm(tm, V, PREC), PREC), rows, cols_v, L, dv, dv)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -117,7 +117,7 @@ def _states_kernel(
         if HAS_BETA:
             W = load_tile(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
             vals = vals - mm(W, h, PREC)
-            store_tile(vp_ptr + n * src_rows * dv, vals, rows, cols_v, src_rows, dv, dv)
+            store_tile(vp_ptr + n * src_rows * dv, as_stored(vals, PREC), rows, cols_v, src_rows, dv, dv)
         if GATE == 0:
             h = h + mm(tl.trans(K), vals, PREC)
         else:
@@ -221,7 +221,7 @@ def chunk_forward(
     Returns (o [N,T,dv] (or [B,T,H,dv]) fp32 or torch.empty(0) without q, h_final [N,dk,dv],
     H [N,nc,dk,dv] (the state entering each chunk), Vp [N,nc*C,dv] (V', delta
     only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  All fp32,
-    except H and W with bf16 dots: bf16 (``common.operand_dtype``).
+    except H, Vp and W with bf16 dots: bf16 (``common.operand_dtype``).
     """
     n, t, heads, prefix = sequences(k)
     if not isinstance(v, Tensor) or v.dim() != len(prefix) + 1 or tuple(v.shape[:-1]) != prefix:
@@ -263,7 +263,7 @@ def chunk_forward(
     operands = dict(device=dev, dtype=operand_dtype(prec))
     H = torch.empty(n, nc, dk, dv, **operands)
     h_final = torch.empty(n, dk, dv, **f32)
-    Vp = torch.empty(n, L, dv, **f32) if delta else torch.empty(0, **f32)
+    Vp = torch.empty(n, L, dv, **operands) if delta else torch.empty(0, **f32)
     W = torch.empty(n, L, dk, **operands) if delta else torch.empty(0, **f32)
     if t == 0 or n == 0:
         h_final.copy_(h0)

@@ -52,7 +52,7 @@ def _(k, v, q, beta, g, h0, chunk, before, coef=None):
     o = k.new_empty((*prefix, dv) if q is not None else _EMPTY, **f32)
     delta = beta is not None
     return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands),
-            k.new_empty((n, nc * chunk, dv) if delta else _EMPTY, **f32),
+            k.new_empty((n, nc * chunk, dv), **operands) if delta else k.new_empty(_EMPTY, **f32),
             k.new_empty((n, nc * chunk, dk), **operands) if delta else k.new_empty(_EMPTY, **f32))
 
 
