@@ -195,9 +195,13 @@ def test_several_value_blocks(kind, monkeypatch):
     run_case(kind, T=33, C=16, dk=16, dv=40)
 
 
-def test_half_precision_inputs_are_upcast():
-    """bf16 k/v/q are loaded and cast in-kernel: gradients are those of the rounded values."""
-    x = make_inputs("gated_delta", 30, 16, 16)
+@pytest.mark.parametrize("kind", ["additive", "gated_delta", "kda"])
+def test_half_precision_inputs_are_upcast(kind):
+    """bf16 k/v/q are loaded and cast in-kernel: gradients are those of the rounded values, dk, dv
+    and dq returned in bf16 (within two bf16 roundings at the gradient's scale: a partial sum that
+    one kernel stores and another adds to is rounded too, dk with beta and dv without, as fla's
+    dk is), dbeta, dg and dh0 in fp32."""
+    x = make_inputs(kind, 30, 16, 16)
     for nm in ("k", "v", "q"):
         x[nm] = x[nm].bfloat16()
     gen = torch.Generator(torch.get_default_device()).manual_seed(5)
@@ -205,7 +209,11 @@ def test_half_precision_inputs_are_upcast():
     _, _, H, Vp, W = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
     got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H.float(), Vp.float(), W.float(),
                          do, dh_final, 16, False)
-    assert_grads_close(got, reference_grads(x, do, dh_final, False), tol=low_precision_kernel_tol(1e-4))
+    want = reference_grads(x, do, dh_final, False)
+    assert [g.dtype for g in got[:3]] == [torch.bfloat16] * 3
+    for name, a, b in zip(("dk", "dv", "dq"), got[:3], want[:3]):
+        assert (a.double() - b).abs().max() <= 2 ** -7 * b.abs().max(), name
+    assert_grads_close((None,) * 3 + got[3:6], (None,) * 3 + want[3:], tol=low_precision_kernel_tol(1e-4))
 
 
 @pytest.mark.parametrize("kind,before", [("gated_delta", False), ("decay_channel", True), ("decay", False),

@@ -50,7 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, as_stored, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram,
+    MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram,
     kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
     seq_start, sequences, store_tile, wy_factors,
 )
@@ -146,7 +146,7 @@ def _states_bwd_kernel(
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
             dh_prev -= mm(tl.trans(w), dvp, PREC)                        # W^T dV'
-        store_tile(dhn_ptr + (n * NC + i) * dk * dv, as_stored(dh, PREC), cols_k, cols_v, dk, dv, dv)
+        store_tile(dhn_ptr + (n * NC + i) * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
         store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dvp_heads * dv)
         dh = dh_prev
     store_tile(dh0_ptr + n * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
@@ -382,8 +382,11 @@ def chunk_backward(
     (``common.sequences``), read and written in place.  ``coef``: the write coefficient the
     forward multiplied into v (``forward.chunk_forward``).
 
-    (dk, dv, dq, dbeta, dg, dh0, dcoef), all fp32, shaped like the inputs; None where the input
-    was None (dh0: where h0 was).
+    (dk, dv, dq, dbeta, dg, dh0, dcoef), shaped like the inputs, None where the input was None
+    (dh0: where h0 was); dk, dv, dq in the dtypes of k, v, q (a bf16 input's gradient is written
+    once in bf16, as autograd would cast it anyway: half the bytes; partial sums that one kernel
+    stores and another adds to, dk with beta and dv without, are rounded there too, as fla's dk
+    is), the others fp32.
     """
     n, t, heads, prefix = sequences(k)
     key_dim, value_dim = k.shape[-1], v.shape[-1]
@@ -402,9 +405,11 @@ def chunk_backward(
     if t == 0 or n == 0:  # nothing to scan: the state passes through
         zero = lambda x: None if x is None else torch.zeros(x.shape, **f32)  # noqa: E731
         dh0 = dh_final.float().clone() if h0 is not None else None
-        return zero(k), zero(v), zero(q), zero(beta), zero(g), dh0, zero(coef)
+        own = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+        return own(k), own(v), own(q), zero(beta), zero(g), dh0, zero(coef)
     like = lambda x: None if x is None else torch.empty(x.shape, **f32)  # noqa: E731
-    dk, dv, dq, dbeta, dg, dcoef = like(k), like(v), like(q), like(beta), like(g), like(coef)
+    own = lambda x: None if x is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+    dk, dv, dq, dbeta, dg, dcoef = own(k), own(v), own(q), like(beta), like(g), like(coef)
     dh0 = torch.empty(n, key_dim, value_dim, **f32)
     nc = triton.cdiv(t, chunk)
 

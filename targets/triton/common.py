@@ -84,17 +84,6 @@ def truncate_to_tf32(x):
 
 
 @triton.jit
-def as_stored(x, PREC: tl.constexpr):
-    """``x`` as it is stored in a dot-operand buffer (``operand_dtype``): rounded to bf16 for
-    "bf16" dots (on a GPU the store converts; the interpreter's conversion truncates, so it gets
-    the rounded value), unchanged otherwise."""
-    if PREC == "bf16-interpreted":
-        return round_to_bf16(x)
-    else:
-        return x
-
-
-@triton.jit
 def mm(a, b, PREC: tl.constexpr):
     """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
 
@@ -143,7 +132,12 @@ def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride):
 
 @triton.jit
 def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
-    """Store the part of ``x`` inside n_rows x n_cols (padding rows/columns are never written)."""
+    """Store the part of ``x`` inside n_rows x n_cols (padding rows/columns are never written).
+    Into a bf16 buffer (the bf16 dots' operand buffers, gradients of bf16 inputs) rounded to
+    nearest even first: what a GPU's conversion does (then exact), where Triton's interpreter
+    would truncate."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        x = round_to_bf16(x)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x, mask=mask)
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, as_stored, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
+    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
     sequences,
     load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, store_tile, wy_factors,
 )
@@ -82,8 +82,8 @@ def _prepare_kernel(
     else:
         kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
         _, tm, eb = wy_factors(kk, b, G, C)
-    store_tile(w_ptr + n * L * dk, as_stored(mm(tm, K * eb, PREC), PREC), rows, cols_k, L, dk, dk)
-    store_tile(u_ptr + n * L * dv, as_stored(mm(tm, V, PREC), PREC), rows, cols_v, L, dv, dv)
+    store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
+    store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -111,13 +111,13 @@ def _states_kernel(
     h = load_tile(h0_ptr + n * dk * dv, cols_k, cols_v, dk, dv, dv)
     for i in range(nc):
         rows = i * C + tl.arange(0, C)
-        store_tile(H_ptr + (n * nc + i) * dk * dv, as_stored(h, PREC), cols_k, cols_v, dk, dv, dv)
+        store_tile(H_ptr + (n * nc + i) * dk * dv, h, cols_k, cols_v, dk, dv, dv)
         K = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
         vals = load_tile(src_seq, rows, cols_v, src_rows, dv, src_heads * dv)
         if HAS_BETA:
             W = load_tile(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
             vals = vals - mm(W, h, PREC)
-            store_tile(vp_ptr + n * src_rows * dv, as_stored(vals, PREC), rows, cols_v, src_rows, dv, dv)
+            store_tile(vp_ptr + n * src_rows * dv, vals, rows, cols_v, src_rows, dv, dv)
         if GATE == 0:
             h = h + mm(tl.trans(K), vals, PREC)
         else:

@@ -61,7 +61,8 @@ def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optiona
                         h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, do: Optional[Tensor],
                         dh_final: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None
                         ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef); an absent input's gradient is an empty tensor."""
+    """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef); an absent input's gradient is an empty tensor
+    (``backward.chunk_backward``: dk, dv, dq in the inputs' dtypes, the others fp32)."""
     grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef)
     return tuple(k.new_empty(_EMPTY, dtype=torch.float32) if x is None else x for x in grads)
 
@@ -69,7 +70,8 @@ def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optiona
 @chunk_scan_backward.register_fake
 def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=None):
     like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
-    return tuple(like(x) for x in (k, v, q, beta, g, h0, coef))
+    own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=x.dtype)  # noqa: E731
+    return (own(k), own(v), own(q), *(like(x) for x in (beta, g, h0, coef)))
 
 
 def _setup_context(ctx, inputs, output):
