@@ -80,10 +80,12 @@ def ours(x: dict, scan):
 
 
 def ours_in_place(x: dict):
-    """Our kernels on fla's [B, T, H, D] inputs, read in place (``triton_chunkwise_scan``)."""
+    """Our kernels on fla's [B, T, H, D] inputs, read in place (``triton_chunkwise_scan``), the
+    output in the inputs' dtype as fla's is."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
-    o, _ = triton_chunkwise_scan(x["k"], x["v"], q=x["q"], beta=x["beta"], log_gate=x.get("g"))
+    o, _ = triton_chunkwise_scan(x["k"], x["v"], q=x["q"], beta=x["beta"], log_gate=x.get("g"),
+                                 out_dtype=x["q"].dtype)
     return o
 
 

@@ -101,6 +101,23 @@ def test_write_coefficient_is_folded_into_the_kernels(kind):
             assert rel_err(g, w) <= 1e-4, (layout, name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("kind", ["additive", "gated_delta"])
+def test_output_in_the_asked_dtype(kind):
+    """out_dtype=bf16: the kernels store o in bf16, the fp32 result rounded to nearest once (equal
+    to rounding it afterwards), and the gradients through it are those of that rounded output."""
+    k, v, kw = scan_inputs(kind, dtype=torch.bfloat16)
+    leaves = [x.clone().requires_grad_(True) for x in (k, v, kw["q"])]
+    copies = [x.clone().requires_grad_(True) for x in (k, v, kw["q"])]
+    rest = {n: x for n, x in kw.items() if n != "q"}
+    o16, _ = triton_chunkwise_scan(leaves[0], leaves[1], q=leaves[2], out_dtype=torch.bfloat16, chunk_size=16, **rest)
+    o32, _ = triton_chunkwise_scan(copies[0], copies[1], q=copies[2], chunk_size=16, **rest)
+    assert o16.dtype == torch.bfloat16 and o32.dtype == torch.float32
+    assert torch.equal(o16, o32.bfloat16())
+    do = torch.randn_like(o32).bfloat16()
+    for a, b in zip(torch.autograd.grad(o16, leaves, do), torch.autograd.grad(o32, copies, do.float())):
+        assert torch.equal(a, b)
+
+
 def test_coef_needs_the_delta_family():
     from nlcompile.targets.triton.forward import chunk_forward
 
@@ -152,15 +169,18 @@ def test_heads_last_layout_matches_flat(kind, readout):
                                              ("delta", "bf16", "flat"), ("gated_delta", "auto", "heads_last")])
 def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     """Fake implementation, autograd and schema agree with the kernels (with bf16 dots the states
-    and W are returned in bf16: the fake must say so; in the [B, T, H, D] layout o is [B, T, H, dv])."""
+    and W are returned in bf16: the fake must say so; in the [B, T, H, D] layout o is [B, T, H, dv],
+    here also in bf16, with v scaled by the write coefficient in the kernels)."""
     if dot != "auto":
         monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=21)
     g = kw.get("log_gate")
     q, beta = kw["q"], kw.get("beta")
-    if layout == "heads_last":   # B = 1, H = 2
+    extra = ()
+    if layout == "heads_last":   # B = 1, H = 2; with the write coefficient and a bf16 output
         k, v, q, beta, g = (None if x is None else heads_last(x, 2) for x in (k, v, q, beta, g))
-    args = (k, v, q, beta, g, kw["initial_state"], 16, False)
+        extra = (beta, torch.bfloat16)
+    args = (k, v, q, beta, g, kw["initial_state"], 16, False, *extra)
     for x in (k, v, q, kw["initial_state"]):
         x.requires_grad_(True)
     torch.library.opcheck(chunk_scan, args)

@@ -204,6 +204,7 @@ def chunk_forward(
     chunk: int,
     before: bool,
     coef: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the chunkwise scan forward.
 
@@ -213,12 +214,13 @@ def chunk_forward(
     S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T), h0 [N,dk,dv] fp32 (None means zeros),
     chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t, coef [N,T] or None:
     the delta family's write coefficient, multiplied into v in the kernels (v then unscaled;
-    saves the caller a pass over v and the kernels reading it in fp32).  Or, read in place
+    saves the caller a pass over v and the kernels reading it in fp32), out_dtype: o's dtype (fp32,
+    bf16 or fp16; None: fp32), rounded once as it is stored.  Or, read in place
     without copies, flash-linear-attention's layout with the heads after time: k [B,T,H,dk],
     v [B,T,H,dv], q [B,T,H,dk], beta [B,T,H], g [B,T,H] or [B,T,H,dk], h0 [B*H,dk,dv]
     (``sequences``; N = B*H, sequence n = b*H + h).
 
-    Returns (o [N,T,dv] (or [B,T,H,dv]) fp32 or torch.empty(0) without q, h_final [N,dk,dv],
+    Returns (o [N,T,dv] (or [B,T,H,dv]) or torch.empty(0) without q, h_final [N,dk,dv],
     H [N,nc,dk,dv] (the state entering each chunk), Vp [N,nc*C,dv] (V', delta
     only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  All fp32,
     except H, Vp and W with bf16 dots: bf16 (``common.operand_dtype``).
@@ -243,6 +245,8 @@ def chunk_forward(
         raise ValueError("coef: only the delta family (beta given) scales v in the kernels; scale v before the call")
     _check("g", g, [prefix, prefix + (dk,)], (torch.float32,), dev)
     _check("h0", h0, [(n, dk, dv)], (torch.float32,), dev)
+    if out_dtype not in (None, *_FLOAT_INPUTS):
+        raise ValueError(f"out_dtype must be one of {[str(d) for d in _FLOAT_INPUTS]}, got {out_dtype}")
     gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
     blocks = kernel_blocks(dev, dk, dv, chunk)
 
@@ -258,7 +262,7 @@ def chunk_forward(
     h0 = torch.zeros(n, dk, dv, **f32) if h0 is None else h0.contiguous()
     delta = beta is not None
 
-    o = torch.empty(*prefix, dv, **f32) if q is not None else torch.empty(0, **f32)
+    o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32) if q is not None else torch.empty(0, **f32)
     prec = dot_precision(k, q)
     operands = dict(device=dev, dtype=operand_dtype(prec))
     H = torch.empty(n, nc, dk, dv, **operands)

@@ -36,20 +36,20 @@ _EMPTY = (0,)
 
 @torch.library.custom_op("nlcompile::chunk_scan", mutates_args=())
 def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
-               h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
+               out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final state, states entering each chunk, corrected values, W); see ``forward.chunk_forward``."""
-    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef)
+    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype)
 
 
 @chunk_scan.register_fake
-def _(k, v, q, beta, g, h0, chunk, before, coef=None):
+def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None):
     n, t, _, prefix = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(t, chunk)
     f32 = dict(dtype=torch.float32, device=k.device)
     operands = dict(dtype=operand_dtype(dot_precision(k, q)), device=k.device)
-    o = k.new_empty((*prefix, dv) if q is not None else _EMPTY, **f32)
+    o = k.new_empty((*prefix, dv), dtype=out_dtype or torch.float32) if q is not None else k.new_empty(_EMPTY, **f32)
     delta = beta is not None
     return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands),
             k.new_empty((n, nc * chunk, dv), **operands) if delta else k.new_empty(_EMPTY, **f32),
@@ -75,7 +75,7 @@ def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=
 
 
 def _setup_context(ctx, inputs, output):
-    k, v, q, beta, g, h0, chunk, before, coef = inputs
+    k, v, q, beta, g, h0, chunk, before, coef, _ = inputs
     _, _, states, v_new, w = output
     ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w, coef)
     ctx.chunk, ctx.before = chunk, before
@@ -92,7 +92,7 @@ def _backward(ctx, do, dh_final, *_intermediates):
                                 dh_final, ctx.chunk, ctx.before, coef)
     inputs = (k, v, q, beta, g, h0, coef)
     dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
-    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef
+    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None
 
 
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
@@ -154,8 +154,10 @@ def triton_chunkwise_scan(
     chunk_size: int = 64,
     gate_first: bool = False,
     q_scale: float = 1.0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
-    """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results).
+    """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results; o in
+    ``out_dtype`` when given, e.g. the model's bf16, written so by the kernels, else fp32).
 
     Also takes flash-linear-attention's layout, the heads after time: k [B,T,H,dk], v [B,T,H,dv],
     q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
@@ -175,7 +177,7 @@ def triton_chunkwise_scan(
                                   chunk_size=chunk_size, gate_first=gate_first)
         if heads_last and o is not None:
             o = o.unflatten(0, (k.shape[0], k.shape[2])).transpose(1, 2)
-        return o, final
+        return (o if o is None or out_dtype is None else o.to(out_dtype)), final
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
     n, _, _, _ = sequences(k)
@@ -192,5 +194,5 @@ def triton_chunkwise_scan(
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
                               contiguous(None if beta is None else beta.float()),
                               contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before",
-                              contiguous(coef))
+                              contiguous(coef), out_dtype)
     return (o if q is not None else None), final
