@@ -391,6 +391,8 @@ def chunk_backward(
     n, t, heads, prefix = sequences(k)
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     delta = beta is not None
+    if coef is not None and not delta:
+        raise ValueError("coef: only the delta family (beta given) scales v in the kernels")
     gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")

@@ -19,6 +19,9 @@ from nlcompile import knobs
 
 # --------------------------------------------------------------------------- in-kernel helpers
 
+# Kernels run by Triton's CPU interpreter (decided, as Triton decides it, when this is imported).
+INTERPRETED = tl.constexpr(bool(os.environ.get("TRITON_INTERPRET")))
+
 
 @triton.jit
 def unit_lower_inverse(a, C: tl.constexpr):
@@ -125,27 +128,28 @@ def seq_start(ptr, n, T, HEADS, width):
 @triton.jit
 def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride):
     """[len(rows), len(cols)] fp32 tile of a row-major matrix; zeros outside n_rows x n_cols
-    (the masked tail of the sequence, the padding of a head dim)."""
+    (the masked tail of the sequence, the padding of a head dim).  Row offsets in int64: in the
+    [B, T, H, D] layout a sequence spans T * H * D elements, past 2^31 for long T."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
     """Store the part of ``x`` inside n_rows x n_cols (padding rows/columns are never written).
-    Into a bf16 buffer (the bf16 dots' operand buffers, gradients of bf16 inputs) rounded to
-    nearest even first: what a GPU's conversion does (then exact), where Triton's interpreter
-    would truncate."""
-    if ptr.dtype.element_ty == tl.bfloat16:
-        x = round_to_bf16(x)
+    Into a bf16 buffer (the bf16 dots' operand buffers, gradients of bf16 inputs) the interpreter
+    rounds to nearest even first, as a GPU's conversion does, where it would truncate."""
+    if INTERPRETED:
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = round_to_bf16(x)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.store(ptr + rows[:, None] * row_stride + cols[None, :], x, mask=mask)
+    tl.store(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], x, mask=mask)
 
 
 @triton.jit
 def load_steps(ptr, rows, T, HEADS):
     """A per-step scalar (beta, scalar log-gate) at ``rows`` (HEADS apart: ``seq_start``), fp32, 0 at rows >= T."""
-    return tl.load(ptr + rows * HEADS, mask=rows < T, other=0.0).to(tl.float32)
+    return tl.load(ptr + rows.to(tl.int64) * HEADS, mask=rows < T, other=0.0).to(tl.float32)
 
 
 @triton.jit

@@ -5,7 +5,7 @@ version and the problem: the sequential kernels (states, states_bwd) run one pro
 sequence and value block for the whole sequence, so their time is set by how many of those
 programs are resident at once (registers and shared memory per program against N * dv / BV
 programs), which static analysis can bound but not rank.  So on CUDA every kernel is wrapped in
-``triton.autotune`` over a small space (``Space``), keyed on (N, dk, dv), the kernel's other
+``triton.autotune`` over a small space (``Space``), keyed on (N, heads, dk, dv), the kernel's other
 constexprs (chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch
 with a new key compiles and times each candidate (seconds; candidates that do not fit the device
 are dropped by Triton), later launches reuse the choice, and so do later processes (Triton's disk
@@ -35,7 +35,7 @@ from nlcompile import knobs
 
 from .common import Blocks, block
 
-TUNING_KEY = ["N", "dk", "dv"]
+TUNING_KEY = ["N", "HEADS", "dk", "dv"]   # HEADS: 1 for [N, T, D] inputs, H for [B, T, H, D] (another access pattern)
 # Tuning results kept in Triton's cache directory, so a new process does not time the candidates
 # again (keyed there on the kernel's source, the GPU architecture and the tuning key); Triton
 # versions without the option tune once per process.
