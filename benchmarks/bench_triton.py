@@ -95,7 +95,8 @@ def fla_kernel(model: str):
             from fla.ops.delta_rule import chunk_delta_rule as fn
         else:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fn
-    except ImportError:
+    except ImportError as e:
+        print(f"fla not importable: {e}", file=sys.stderr)
         return None
     return lambda x: fn(**x, scale=1.0)[0]
 

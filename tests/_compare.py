@@ -11,8 +11,9 @@ __all__ = ["rel_err", "as_tuple", "assert_close_outputs", "low_precision_kernel_
 def low_precision_kernel_tol(cpu_tol: float) -> float:
     """The Triton kernels' tolerance for bf16 / fp16 inputs, relative to the output scale.
 
-    Their forward dots run in tf32 (``targets/triton/common.dot_precision``: 10 mantissa bits
-    for the fp32 intermediates, against bf16's 8 for the inputs themselves).  The CPU interpreter
+    With tf32 dots (fp16's default, forced where these bounds are used; ``targets/triton/common.
+    dot_precision``: 10 mantissa bits for the fp32 intermediates, against bf16's 8 for the inputs
+    themselves).  The CPU interpreter
     emulates that rounding (``common.truncate_to_tf32``), so the test's own bound ``cpu_tol`` is
     checked with the GPU's arithmetic; on a GPU, where the products are summed in another order,
     5e-3 (the bound the tests passed with on an H100 before the emulation existed).

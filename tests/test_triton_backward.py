@@ -196,11 +196,12 @@ def test_several_value_blocks(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["additive", "gated_delta", "kda"])
-def test_half_precision_inputs_are_upcast(kind):
-    """bf16 k/v/q are loaded and cast in-kernel: gradients are those of the rounded values, dk, dv
-    and dq returned in bf16 (within two bf16 roundings at the gradient's scale: a partial sum that
-    one kernel stores and another adds to is rounded too, dk with beta and dv without, as fla's
-    dk is), dbeta, dg and dh0 in fp32."""
+def test_half_precision_inputs_are_upcast(kind, monkeypatch):
+    """bf16 k/v/q are loaded and cast in-kernel (computed here with fp32 dots): gradients are those
+    of the rounded values, dk, dv and dq returned in bf16 (within two bf16 roundings at the
+    gradient's scale: a partial sum that one kernel stores and another adds to is rounded too, dk
+    with beta and dv without, as fla's dk is), dbeta, dg and dh0 in fp32."""
+    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "ieee")
     x = make_inputs(kind, 30, 16, 16)
     for nm in ("k", "v", "q"):
         x[nm] = x[nm].bfloat16()

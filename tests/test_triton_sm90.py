@@ -14,9 +14,9 @@ Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rul
 gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-channel gate,
 gate first; chunk 16), forward (prepare, states, output with the readout after) and
 backward (readout_dv, states_bwd, grads, wy_grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256,
-with the dot precisions the launchers pick for bf16 inputs (tf32 forward, ieee backward); the
-forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; and Gated
-DeltaNet and KDA at 128 with bf16 dots (``NLCOMPILE_TRITON_DOT=bf16``), Gated DeltaNet also
+with tf32 forward and ieee backward dots (what the launchers pick for fp16 inputs); the
+forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; and DeltaNet,
+Gated DeltaNet and KDA at 128 with bf16 dots (the default for bf16 inputs), Gated DeltaNet also
 at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
 per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs)
@@ -54,8 +54,8 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
                  with_q: bool = True, prec: str = "tf32", space: bool = False) -> list[dict]:
     """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
     of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
-    chunk_size 64, with bf16 k, v, q (``common.dot_precision``: "tf32" forward, "ieee" backward;
-    ``prec="bf16"``: bf16 dots everywhere, as ``NLCOMPILE_TRITON_DOT=bf16`` asks) or fp32 ones
+    chunk_size 64, with bf16 k, v, q and "tf32" forward, "ieee" backward dots (fp16's default;
+    ``prec="bf16"``: bf16 dots everywhere, bf16's default) or fp32 ones
     (``prec="ieee"``: "ieee" everywhere): the untuned launch (``common.kernel_blocks``),
     or with ``space`` every candidate the autotuner tries (``tuning.Space``)."""
     from nlcompile.targets.triton import backward, forward
@@ -208,7 +208,8 @@ def test_kernels_fit_h100_shared_memory():
     specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256) + kernel_specs(KDA, 128)
     specs += [s for s in kernel_specs(DELTANET, 128, prec="ieee") + kernel_specs(GATED_DELTANET, 256, prec="ieee")
               if s["module"] == "forward"]  # the backward kernels run in ieee for bf16 inputs too
-    specs += kernel_specs(GATED_DELTANET, 128, prec="bf16") + kernel_specs(KDA, 128, prec="bf16")
+    specs += kernel_specs(DELTANET, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 128, prec="bf16")
+    specs += kernel_specs(KDA, 128, prec="bf16")
     with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128, as NLCOMPILE_TRITON_CHUNK asks (measuring)
         mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")
         specs += kernel_specs(GATED_DELTANET, 128, prec="bf16")
@@ -262,19 +263,19 @@ def test_forced_chunk(monkeypatch):
 
 
 def test_dot_precision_and_warps_choices(monkeypatch):
-    """fp32 inputs: ieee dots; bf16 / fp16: tf32 forward, ieee backward (measured on an H100, see
-    ``common.dot_precision``); the two measuring knobs override and reject unknown values."""
+    """fp32 inputs: ieee dots; bf16: bf16 dots (measured on an H100, see ``common.dot_precision``);
+    fp16: tf32 forward, ieee backward; the two measuring knobs override and reject unknown values."""
     import torch
 
     from nlcompile.targets.triton.common import dot_precision, kernel_blocks
 
     f32, bf16, f16 = (torch.empty(0, dtype=d) for d in (torch.float32, torch.bfloat16, torch.float16))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert [dot_precision(f32, f32), dot_precision(f32, None), dot_precision(bf16, bf16)] == ["ieee", "ieee", "tf32"]
-    assert dot_precision(f16, None) == "tf32" and dot_precision(bf16, f32) == "ieee"
-    assert dot_precision(bf16, bf16, backward=True) == "ieee"
+    assert [dot_precision(f32, f32), dot_precision(f32, None), dot_precision(bf16, bf16)] == ["ieee", "ieee", "bf16"]
+    assert dot_precision(bf16, bf16, backward=True) == "bf16" and dot_precision(bf16, f32) == "ieee"
+    assert dot_precision(f16, None) == "tf32" and dot_precision(f16, f16, backward=True) == "ieee"
     monkeypatch.setenv("TRITON_INTERPRET", "1")           # the interpreter gets the same arithmetic, emulated
-    assert dot_precision(bf16, bf16) == "tf32-interpreted" and dot_precision(bf16, None, backward=True) == "ieee"
+    assert dot_precision(bf16, None) == "bf16-interpreted" and dot_precision(f16, None) == "tf32-interpreted"
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "bf16")
     monkeypatch.delenv("TRITON_INTERPRET")
     assert dot_precision(f32, f32) == "bf16"

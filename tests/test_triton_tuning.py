@@ -142,3 +142,16 @@ def test_when_tuning_applies(monkeypatch):
     monkeypatch.delenv("NLCOMPILE_TRITON_WARPS")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not tuning.tuning_enabled(cuda)
+
+
+def test_faulting_candidates_are_pruned():
+    """BV = 32 with one pipeline stage under bf16 dots faulted on an H100 (Triton 3.6, the states
+    kernel at chunk 64): never timed with bf16 dots, still a candidate otherwise; BV clipped to dv."""
+    configs = tuning.Space(value_blocks=(32, 64), stages=(1, 2)).configs()
+
+    def kept(**args):
+        return {(c.kwargs["BV"], c.num_warps, c.num_stages) for c in tuning._clip_value_blocks(configs, args)}
+
+    assert not any(bv == 32 and s == 1 for bv, _, s in kept(dv=128, PREC="bf16"))
+    assert (32, 4, 1) in kept(dv=128, PREC="tf32") and (64, 4, 1) in kept(dv=128, PREC="bf16")
+    assert {bv for bv, _, _ in kept(dv=20, PREC="tf32")} == {32}

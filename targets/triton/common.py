@@ -283,23 +283,30 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     """``tl.dot`` precision of the forward (or ``backward``) kernels for the keys and queries
-    given: their dtype is the precision the model runs in (the values may arrive in fp32,
-    already scaled by beta).
+    given: their dtype is the precision the model runs in (the values may arrive in fp32).
 
     fp32: "ieee" (fp32 products: the compiler checks against eager at 1e-4).
-    bf16 / fp16: "tf32" in the forward (tensor cores; operands truncated to 10 mantissa bits, which
-    holds a bf16 input exactly and rounds the fp32 intermediates, W, V', the states, far below
-    the inputs' own 8-bit rounding) and "ieee" in the backward.  Measured on an H100 (Triton 3.6,
-    B=8 H=16 D=128 bf16, ``benchmarks/bench_triton.py``): tf32 made the DeltaNet forward 2.4x
-    faster (T=2048: 7.11 -> 2.90 ms) but the backward kernels about 4x slower (fwd+bwd 20.0 ->
-    52.9 ms).  ``NLCOMPILE_TRITON_DOT`` overrides both; its "bf16" (operands rounded to bf16, fp32
-    accumulation: flash-linear-attention's precision) is not a default until timed on a GPU; its
-    error stays within that of the update loop run in bf16 (tests/test_triton_target.py).  The CPU
-    interpreter runs "bf16" and "tf32" emulated ("bf16-interpreted", "tf32-interpreted": operands
-    rounded as the GPU rounds them, products in fp32; ``mm``), the other precisions in fp32.
+    bf16: "bf16", forward and backward (operands rounded to bf16, fp32 accumulation and recurrence:
+    flash-linear-attention's precision; outputs and gradients stay within the error of the update
+    loop run in bf16, tests/test_triton_target.py).  Measured on an H100 (Triton 3.6, B=8 H=16
+    D=128, DeltaNet T=2048, ``benchmarks/bench_triton.py``, one run, 2026-11-27): fwd / fwd+bwd
+    1.17 / 4.44 ms with bf16 dots against 1.67 / 11.22 ms with the previous default, tf32 forward
+    and fp32 ("ieee") backward.
+    fp16: "tf32" in the forward (operands truncated to 10 mantissa bits, as fp16's own) and
+    "ieee" in the backward (bf16 operands would round fp16 inputs more coarsely than fp16 does).
+    ``NLCOMPILE_TRITON_DOT`` overrides both.  The CPU interpreter runs "bf16" and "tf32" emulated
+    ("bf16-interpreted", "tf32-interpreted": operands rounded as the GPU rounds them, products in
+    fp32; ``mm``), the other precisions in fp32.
     """
-    low = all(x.dtype in _LOW_PRECISION for x in (k, q) if x is not None)
-    prec = knobs.triton_dot_precision() or ("tf32" if low and not backward else "ieee")
+    dtypes = {x.dtype for x in (k, q) if x is not None}
+    if knobs.triton_dot_precision():
+        prec = knobs.triton_dot_precision()
+    elif dtypes == {torch.bfloat16}:
+        prec = "bf16"
+    elif dtypes <= set(_LOW_PRECISION):
+        prec = "ieee" if backward else "tf32"
+    else:
+        prec = "ieee"
     if prec in ("bf16", "tf32") and os.environ.get("TRITON_INTERPRET"):
         return f"{prec}-interpreted"
     return prec
