@@ -4,15 +4,15 @@
     .venv/bin/python benchmarks/bench_triton.py --json out.json
     TRITON_INTERPRET=1 .venv/bin/python benchmarks/bench_triton.py --smoke   # tiny shapes on the CPU
 
-DeltaNet and Gated DeltaNet at B=8, H=16, D=128, T in {2048, 8192}, bf16:
-forward and forward+backward time of ``triton_chunkwise_scan`` (our kernels, reading fla's
-[B, T, H, D] inputs in place as fla does, autotuned on first use; ``--dots``, ``--warps`` and ``--chunks`` time them at several tl.dot precisions, fixed warps
-per program (or untuned: ``--warps fixed``) and chunk lengths), with the seconds of each
-variant's first call (compiles, tuning), of the ``fla`` package's ``chunk_delta_rule`` / ``chunk_gated_delta_rule``
-(when installed: ``pip install flash-linear-attention``) and of the torch
-target's ``chunkwise_scan``, as ratios measured in one run, with the device
-named, and each output's max error relative to the torch target's fp32 scan on the same
-bf16-rounded inputs.  ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to
+DeltaNet and Gated DeltaNet at B=8, H=16, D=128, T in {2048, 8192}, bf16: forward and
+forward+backward time of ``triton_chunkwise_scan`` (our kernels, reading fla's [B, T, H, D] inputs
+in place as fla does, autotuned on first use; ``--dots``, ``--warps`` and ``--chunks`` time them at
+several tl.dot precisions, fixed warps per program (or untuned: ``--warps fixed``) and chunk
+lengths), with the seconds of each variant's first call (compiles, tuning), of the ``fla`` package's
+``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (when installed: ``pip install
+flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratios measured in one
+run, with the device named, and each output's max error relative to the torch target's fp32 scan on
+the same bf16-rounded inputs. ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to
 check the script itself; its times mean nothing.
 """
 from __future__ import annotations

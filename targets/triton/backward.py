@@ -374,7 +374,7 @@ def chunk_backward(
     before: bool,
     coef: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
-    """Gradients (dk, dv, dq, dbeta, dg, dh0) of the chunkwise scan, given the forward's
+    """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef) of the chunkwise scan, given the forward's
     intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv] and
     W [N,nc*C,dk] (delta family only; ignored otherwise), the output gradient ``do``
     [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).  The per-step
@@ -427,7 +427,10 @@ def chunk_backward(
     prec = dot_precision(k, q, backward=True)
     dhn = torch.empty(n, nc, key_dim, value_dim, dtype=operand_dtype(prec), device=k.device)
     # dV': a scratch buffer for the delta family, else dv itself (in the inputs' layout)
-    dvp, dvp_rows, dvp_heads = (torch.empty(n, nc * chunk, value_dim, **f32), nc * chunk, 1) if delta else (dv, t, heads)
+    if delta:
+        dvp, dvp_rows, dvp_heads = torch.empty(n, nc * chunk, value_dim, **f32), nc * chunk, 1
+    else:
+        dvp, dvp_rows, dvp_heads = dv, t, heads
     flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=prec)
     dev = k.device
     if q is not None:
@@ -451,7 +454,7 @@ def chunk_backward(
         WY_GRADS.launch(lambda m: (nc, n),
                         (k, v, beta_, beta_ if coef is None else c(coef), g_, dvp, dw, dk, dv, dbeta,
                          unused if coef is None else dcoef, dg_, t, n, heads, nc, key_dim, value_dim),
-                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate, HAS_COEF=coef is not None,
-                             PREC=prec),
+                        dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate,
+                             HAS_COEF=coef is not None, PREC=prec),
                         blocks, dev)
     return dk, dv, dq, dbeta, dg, (dh0 if h0 is not None else None), dcoef

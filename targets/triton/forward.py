@@ -31,9 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
-    sequences,
-    load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, store_tile, wy_factors,
+    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks, load_steps,
+    load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences, store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -100,7 +99,7 @@ def _states_kernel(
     ``src`` (v itself, in the inputs' layout: src_heads = HEADS, or U from the prepare kernel for
     the delta family, [N, src_rows, dv] with src_heads = 1, where V' = U - W H_i is computed here
     and written over U in ``vp``; columns are independent, so each program owns its block).
-    GATE: 0 none, 1 scalar [N, T], 2 per key channel [N, T, dk].
+    GATE: 0 none, 1 scalar ([N, T] or [B, T, H]), 2 per key channel ([N, T, dk] or [B, T, H, dk]).
     """
     n = tl.program_id(0).to(tl.int64)
     cols_v = tl.program_id(1) * BV + tl.arange(0, BV)
@@ -209,7 +208,7 @@ def chunk_forward(
     """Run the chunkwise scan forward.
 
     k [N,T,dk], v [N,T,dv], q [N,T,dk] or None (fp32 / bf16 / fp16, computed in fp32),
-    beta [N,T] or None (delta family; v is already scaled by the write coefficient),
+    beta [N,T] or None (delta family; v scaled by the write coefficient before, or by ``coef`` here),
     g [N,T] or [N,T,dk] fp32 log-gate or None (per channel with beta: the gate-first order
     S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T), h0 [N,dk,dv] fp32 (None means zeros),
     chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t, coef [N,T] or None:
@@ -222,8 +221,8 @@ def chunk_forward(
 
     Returns (o [N,T,dv] (or [B,T,H,dv]) or torch.empty(0) without q, h_final [N,dk,dv],
     H [N,nc,dk,dv] (the state entering each chunk), Vp [N,nc*C,dv] (V', delta
-    only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  All fp32,
-    except H, Vp and W with bf16 dots: bf16 (``common.operand_dtype``).
+    only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  o in
+    ``out_dtype``; the rest fp32, except H, Vp and W with bf16 dots: bf16 (``common.operand_dtype``).
     """
     n, t, heads, prefix = sequences(k)
     if not isinstance(v, Tensor) or v.dim() != len(prefix) + 1 or tuple(v.shape[:-1]) != prefix:
@@ -262,7 +261,10 @@ def chunk_forward(
     h0 = torch.zeros(n, dk, dv, **f32) if h0 is None else h0.contiguous()
     delta = beta is not None
 
-    o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32) if q is not None else torch.empty(0, **f32)
+    if q is not None:
+        o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32)
+    else:
+        o = torch.empty(0, **f32)
     prec = dot_precision(k, q)
     operands = dict(device=dev, dtype=operand_dtype(prec))
     H = torch.empty(n, nc, dk, dv, **operands)

@@ -6,13 +6,13 @@ implementation giving output shapes, and the forward's autograd formula calls
 the backward op, so a compiled graph keeps them as single nodes and Inductor
 fuses the code around them.
 
-``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan``
-(the loop modules call either); it prepares the kernel inputs with ordinary,
-differentiable torch ops (gates to log space; without beta the write coefficient
-folded into v, while the delta family's kernels scale v themselves) and falls back to the exact PyTorch scan for what the kernels do not
-cover: float64, gates with zeros or negative values, a per-key-channel gate
-with a delta rule in the gate-after order (``gate_first=False``; the kernels
-implement the gate-first order of Kimi Delta Attention), head dims above 256.
+``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan`` (the loop modules
+call either); it prepares the kernel inputs with ordinary, differentiable torch ops (gates to log
+space; without beta the write coefficient folded into v, while the delta family's kernels scale v
+themselves) and falls back to the exact PyTorch scan for what the kernels do not cover: float64,
+gates with zeros or negative values, a per-key-channel gate with a delta rule in the gate-after
+order (``gate_first=False``; the kernels implement the gate-first order of Kimi Delta Attention),
+head dims above 256.
 """
 from __future__ import annotations
 
