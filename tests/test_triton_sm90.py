@@ -21,7 +21,8 @@ at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
 per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs)
 at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
-(``targets/triton/tuning.py``) for DeltaNet and Gated DeltaNet at d = 128, with the programs each
+(``targets/triton/tuning.py``) for DeltaNet and Gated DeltaNet at d = 128 with bf16 dots (the
+default for bf16 inputs), with the programs each
 leaves resident per SM (blocks/SM: what bounds the sequential kernels).
 Pointers and integer arguments are compiled as 16-divisible, as a launch at the benchmark
 shape specialises them; that gives the larger shared memory (unaligned builds need less).
@@ -71,8 +72,10 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     def add(module, kernel, **constexprs):
         dot = prec if module == "forward" or prec == "bf16" else "ieee"
         launches = [dict(BV=b.BV, num_warps=b.num_warps, num_stages=None)]
-        if space:
-            configs = kernel.space.configs()
+        if space:   # as the autotuner prunes them (BV clipped to dv, candidates known to fault dropped)
+            from nlcompile.targets.triton.tuning import _clip_value_blocks
+
+            configs = _clip_value_blocks(kernel.space.configs(), dict(dv=dv, PREC=dot))
             launches = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
         for launch in launches:
             consts = dict(constexprs, PREC=dot)
@@ -315,7 +318,7 @@ def main(argv: list[str]) -> int:
         print("max shared:", max(r["shared"] for r in results), "limit:", SM90_SHARED_BYTES)
         return 0
     if argv[:1] == ["--space"]:  # every autotuning candidate at the benchmark shape
-        specs = [s for kind in (DELTANET, GATED_DELTANET) for s in kernel_specs(kind, 128, space=True)]
+        specs = [s for kind in (DELTANET, GATED_DELTANET) for s in kernel_specs(kind, 128, prec="bf16", space=True)]
         print(table(compile_all(specs, workers=max(1, os.cpu_count() or 1))))
         return 0
     print(__doc__)
