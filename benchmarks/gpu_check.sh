@@ -6,7 +6,8 @@
 #
 # Wheels in .whl/ (fla_core and its dependency einops, for the benchmark's flash-linear-attention
 # columns: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
-# -d .whl fla-core==0.6.0 einops==0.8.1) are installed first, without their dependencies.  BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
+# -d .whl fla-core==0.6.0 einops==0.8.1) are installed first, without their dependencies.
+# BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
 # program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
 # launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows; PROFILE=T adds each

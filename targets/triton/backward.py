@@ -52,7 +52,7 @@ from torch import Tensor
 from .common import (
     MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram,
     kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
-    seq_start, sequences, store_tile, wy_factors,
+    seq_start, sequences, store_steps, store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -250,7 +250,7 @@ def _grads_kernel(
             if HAS_Q:
                 if BEFORE:
                     dg -= tl.sum(dGq, 1)
-            tl.store(seq_start(dg_ptr, n, T, HEADS, 1) + rows * HEADS, dg, mask=rows < T)
+            store_steps(seq_start(dg_ptr, n, T, HEADS, 1), dg, rows, T, HEADS)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -305,7 +305,7 @@ def _wy_grads_kernel(
             dTm += mm(dvp, tl.trans(v), PREC)
         store_tile(dv_seq, dV, rows, cols_v, T, dv, HEADS * dv)
     if HAS_COEF:
-        tl.store(seq_start(dcoef_ptr, n, T, HEADS, 1) + rows * HEADS, dc, mask=rows < T)
+        store_steps(seq_start(dcoef_ptr, n, T, HEADS, 1), dc, rows, T, HEADS)
 
     dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
@@ -328,7 +328,7 @@ def _wy_grads_kernel(
             M = dAE * b[:, None] * kk                                # dAkk * Akk
             dG = tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
             dG += tl.sum(dKb * kb, 1, keep_dims=True)
-    tl.store(seq_start(db_ptr, n, T, HEADS, 1) + rows * HEADS, db, mask=rows < T)
+    store_steps(seq_start(db_ptr, n, T, HEADS, 1), db, rows, T, HEADS)
     dk_seq = seq_start(dk_ptr, n, T, HEADS, dk)
     store_tile(dk_seq, load_tile(dk_seq, rows, cols_k, T, dk, HEADS * dk) + dK, rows, cols_k, T, dk, HEADS * dk)
     if GATE == 2:  # G = cumsum(g) within the chunk
@@ -338,7 +338,7 @@ def _wy_grads_kernel(
     elif GATE == 1:
         dg_seq = seq_start(dg_ptr, n, T, HEADS, 1)
         dg = load_steps(dg_seq, rows, T, HEADS) + reverse_cumsum(tl.sum(dG, 1), 0)
-        tl.store(dg_seq + rows * HEADS, dg, mask=rows < T)
+        store_steps(dg_seq, dg, rows, T, HEADS)
 
 
 # The tuning spaces (``tuning``).  The kernels that spill are capped at 255 registers on CUDA:

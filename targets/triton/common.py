@@ -149,8 +149,15 @@ def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
 
 @triton.jit
 def load_steps(ptr, rows, T, HEADS):
-    """A per-step scalar (beta, scalar log-gate) at ``rows`` (HEADS apart: ``seq_start``), fp32, 0 at rows >= T."""
+    """A per-step scalar (beta, scalar log-gate) at ``rows`` (HEADS apart: ``seq_start``), fp32,
+    0 at rows >= T."""
     return tl.load(ptr + rows.to(tl.int64) * HEADS, mask=rows < T, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def store_steps(ptr, x, rows, T, HEADS):
+    """Store a per-step scalar (its gradient) at ``rows`` < T, HEADS apart as ``load_steps`` reads it."""
+    tl.store(ptr + rows.to(tl.int64) * HEADS, x, mask=rows < T)
 
 
 @triton.jit
@@ -300,14 +307,14 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     fp32; ``mm``), the other precisions in fp32.
     """
     dtypes = {x.dtype for x in (k, q) if x is not None}
-    if knobs.triton_dot_precision():
-        prec = knobs.triton_dot_precision()
-    elif dtypes == {torch.bfloat16}:
-        prec = "bf16"
-    elif dtypes <= set(_LOW_PRECISION):
-        prec = "ieee" if backward else "tf32"
-    else:
-        prec = "ieee"
+    prec = knobs.triton_dot_precision()
+    if not prec:
+        if dtypes == {torch.bfloat16}:
+            prec = "bf16"
+        elif dtypes <= set(_LOW_PRECISION):
+            prec = "ieee" if backward else "tf32"
+        else:
+            prec = "ieee"
     if prec in ("bf16", "tf32") and os.environ.get("TRITON_INTERPRET"):
         return f"{prec}-interpreted"
     return prec
