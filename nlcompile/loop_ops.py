@@ -9,6 +9,7 @@ program then skips the defensive copy of those.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -72,6 +73,9 @@ def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+_ONE = Operand(1.0, ())
+
+
 class ChunkwiseLoop(torch.nn.Module):
     """Run a loop whose every state has an exact chunkwise form.
 
@@ -80,11 +84,18 @@ class ChunkwiseLoop(torch.nn.Module):
     2. each state runs as one chunkwise scan (``scan``, chosen by the target);
     3. readouts go back to the body's layout and the post-processing of the
        readouts (norms, gates, projections) is batched over T like the leaves.
+
+    ``scan`` takes the keyword API of ``targets.scan.chunkwise_scan``, and per-step tensors as
+    [N, T, ...]; with ``heads_last`` also as [B, T, H, ...] (flash-linear-attention's layout, which
+    the Triton kernels read in place).  The loop then passes [1, T, N, ...] where the keys are
+    a view in that layout (leaves computed per step are stacked over a leading T; sources laid
+    out [B, T, H, d]): [N, T, ...] would be a transposing copy of each operand, and of the readout.
     """
 
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
-                 chunk_size: int | None, choose_chunk_size):
+                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False):
         super().__init__()
+        self.heads_last = heads_last
         gm = body.graph
         phs = _placeholders(gm)
         ns, nx = body.n_states, body.n_step_inputs
@@ -180,6 +191,18 @@ class ChunkwiseLoop(torch.nn.Module):
         vals = _every_step(self.const_gm, self.step_dims, sources, before=zeros, after=invariants)
         return dict(zip(self.const_names, vals))
 
+    @staticmethod
+    def _implied_write(rule) -> bool:
+        """Whether the scans' default write coefficient is the rule's (beta in the delta family, else
+        1): then none is passed (no copy of the same values, no tensor of ones)."""
+        return rule.write is None or rule.write == (rule.beta if rule.beta is not None else _ONE)
+
+    @staticmethod
+    def _operand(layout, values, time_major: bool, op, role: str, **how) -> torch.Tensor:
+        """One scan input: [N, T, ...], or [1, T, N, ...] when ``time_major`` (``operand_for_kernel``)."""
+        x = L.operand_for_kernel(op, layout, role, values, time_major=time_major, **how)
+        return x.unsqueeze(0) if time_major else x
+
     def forward(self, *args: torch.Tensor):
         sources, inits, invariants = _split(args, len(self.step_dims), self.n_states)
         values = self._leaves(sources, invariants)
@@ -187,20 +210,20 @@ class ChunkwiseLoop(torch.nn.Module):
         readouts: dict[str, torch.Tensor] = {}
         for rule in self.analysis.rules:
             lay = rule.layout
-            k = L.operand_for_kernel(rule.k, lay, "key", values)
-            v = (L.operand_for_kernel(rule.v, lay, "value", values) if rule.v is not None
-                 else k.new_ones(k.shape[0], k.shape[1], 1))
+            k = self._operand(lay, values, True, rule.k, "key") if self.heads_last else None
+            major = k is not None and k.is_contiguous()
+            operand = functools.partial(self._operand, lay, values, major)
+            k = k if major else operand(rule.k, "key")
+            v = operand(rule.v, "value") if rule.v is not None else k.new_ones(*k.shape[:-1], 1)
             kw = dict(
-                beta=L.operand_for_kernel(rule.beta, lay, "scalar", values) if rule.beta is not None else None,
-                # the scans take write = beta when write is not given: no second copy of the same values
-                write=(L.operand_for_kernel(rule.write, lay, "scalar", values)
-                       if rule.write is not None and rule.write != rule.beta else None),
+                beta=operand(rule.beta, "scalar") if rule.beta is not None else None,
+                write=None if self._implied_write(rule) else operand(rule.write, "scalar"),
                 initial_state=L.state_to_kernel(lay, inits[rule.state]),
             )
             if rule.log_gate is not None:
-                kw["log_gate"] = L.operand_for_kernel(rule.log_gate, lay, "gate", values, per_channel=rule.per_channel)
+                kw["log_gate"] = operand(rule.log_gate, "gate", per_channel=rule.per_channel)
             elif rule.gate is not None:
-                kw["gate"] = L.operand_for_kernel(rule.gate, lay, "gate", values, per_channel=rule.per_channel)
+                kw["gate"] = operand(rule.gate, "gate", per_channel=rule.per_channel)
             kw["gate_first"] = rule.gate_first
             chunk = self.chunk_size or self.choose(
                 k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
@@ -209,14 +232,20 @@ class ChunkwiseLoop(torch.nn.Module):
             final = None
             for r in mine:
                 # the queries' constant factor (and their source's, folded by passes/fx/fold_scales)
-                # is applied by the scan in its copy of them, not by a pass of its own here
-                q = L.operand_for_kernel(Operand(1.0, r.q.factors), lay, "key", values)
+                # is applied by the scan (the torch scan in its copy of them, the kernels to o),
+                # not by a pass of its own here
+                q = operand(Operand(1.0, r.q.factors), "key")
                 scale = r.q.coef
                 if len(r.q.factors) == 1 and r.q.factors[0].node in self.step_leaves:
                     scale *= self.source_scales.get(self.step_leaves[r.q.factors[0].node], 1.0)
-                o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, q_scale=scale, **kw)
                 val = self.readout_vals[r.node]
-                readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape)).to(val.dtype)
+                # a readout the node takes as it is (no factor after S^T q, nothing summed) is
+                # written by the scan in the node's dtype
+                typed = r.post is None and not r.summed
+                o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, q_scale=scale,
+                                     out_dtype=val.dtype if typed else None, **kw)
+                o = o[0] if major else o
+                readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape), major).to(val.dtype)
             if not mine:
                 _, final = self.scan(k, v, chunk_size=chunk, **kw)
             val = self.state_vals[rule.state]

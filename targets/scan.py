@@ -202,6 +202,7 @@ def chunkwise_scan(
     chunk_size: int = 64,
     gate_first: bool = False,
     q_scale: float = 1.0,
+    out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Same function as ``sequential_scan``, computed chunk by chunk (exact, any T >= 1).
 
@@ -214,7 +215,8 @@ def chunkwise_scan(
     recurrence avoids its out= buffers, and gradients at exact-zero gates are
     exact (see ``scan_decay.GateCum``).  Sequences longer than ``SEGMENT_TOKENS``
     run in passes of that many tokens, the state carried.  The queries are ``q * q_scale``,
-    scaled in their one copy into chunk order (no pass of their own).
+    scaled in their one copy into chunk order (no pass of their own).  The readout comes back in
+    ``out_dtype`` when given (the Triton kernels write it so; here it is converted).
     """
     x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first, q_scale)
     n, t, _ = x.k.shape
@@ -245,7 +247,7 @@ def chunkwise_scan(
         o = out[:, :t]
     else:
         o = outs[0] if len(outs) == 1 else torch.cat(outs, 1)
-    return o, state.clone()
+    return (o if o is None or out_dtype is None else o.to(out_dtype)), state.clone()
 
 
 def _chunkwise_pass(x: _Scan, c: int, state: Tensor, steps: Optional[GateCum], floor: Optional[float],

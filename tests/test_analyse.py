@@ -451,3 +451,34 @@ def test_state_kernel_round_trip():
     assert Sk.shape == (B * H, DK, DV)
     torch.testing.assert_close(Sk[1], S[0, 1].T)
     torch.testing.assert_close(state_from_kernel(layout, Sk, S.shape), S)
+
+
+@pytest.mark.parametrize("step", [_gla_vk, _gated_delta], ids=["gla_vk", "gated_delta"])
+def test_time_major_operands_and_readouts(step):
+    """``time_major`` operands are the flat [N, T, ...] ones with T and N swapped (for leaves stacked
+    over T a view, not a copy: what the Triton target's loop passes in place), and a time-major
+    readout [T, N, dv] goes back to the same node values as the flat one."""
+    state, gate = {_gla_vk: ((B, H, DV, DK), (B, H, DK)), _gated_delta: ((B, H, DK, DV), (B, H))}[step]
+    inputs = lambda: [R(state), R(B, H, DK), R(B, H, DV), R(B, H, DK), R(gate)]  # noqa: E731
+    body, an = analyse(step, inputs()[:1], inputs()[1:])
+    T = 5
+    runs = [_run(body, inputs())[1] for _ in range(T)]
+    values = {name: torch.cat([run[name] for run in runs]) for name in runs[0]}
+    rule, readout = an.rules[0], an.readouts[0]
+    lay = rule.layout
+    operands = [(rule.k, "key", {}), (rule.v, "value", {}), (rule.gate, "gate", dict(per_channel=rule.per_channel))]
+    if rule.beta is not None:
+        operands.append((rule.beta, "scalar", {}))
+    for op, role, how in operands:
+        flat = operand_for_kernel(op, lay, role, values, **how)
+        major = operand_for_kernel(op, lay, role, values, time_major=True, **how)
+        assert major.shape == (T, B * H, *flat.shape[2:])
+        torch.testing.assert_close(major, flat.transpose(0, 1))
+    k = operand_for_kernel(rule.k, lay, "key", values, time_major=True)
+    assert k.is_contiguous() and k.data_ptr() == values[rule.k.factors[0].node].data_ptr()   # a view
+    o, shape = R(B * H, T, DV), values[readout.node].shape[1:]
+    torch.testing.assert_close(readout_to_node(readout, lay, o.transpose(0, 1).contiguous(), values, shape,
+                                               time_major=True),
+                               readout_to_node(readout, lay, o, values, shape))
+    with pytest.raises(ValueError, match=r"\[T, N=6, dv=5\]"):
+        readout_to_node(readout, lay, o, values, shape, time_major=True)

@@ -72,6 +72,30 @@ def test_scan_forward_and_gradients_match_sequential(kind, readout):
         assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("kind,readout", [("additive", "before"), ("decay_channel", "after"), ("delta", "before"),
+                                          ("gated_delta", "after"), ("kda", "after")])
+def test_query_scale_is_applied_by_the_kernels(kind, readout, monkeypatch):
+    """``q_scale`` gives the results and gradients of scaling q first; the kernels apply it to o
+    (and to dO in the backward): q reaches them unscaled, not as a scaled copy."""
+    import nlcompile.targets.triton.ops as ops
+
+    seen, op = [], ops.chunk_scan
+    monkeypatch.setattr(ops, "chunk_scan", lambda k, v, q, *rest: seen.append(q) or op(k, v, q, *rest))
+    k, v, kw = scan_inputs(kind, T=37)
+    leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
+    for x in leaves:
+        x.requires_grad_(True)
+    o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=16, q_scale=0.3, **kw)
+    assert seen and seen[0] is kw["q"]
+    o_ref, s_ref = reference(k, v, dict(kw, q=kw["q"] * 0.3), readout)
+    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+    got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
+    want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-4
+
+
 @pytest.mark.parametrize("kind", ["delta", "kda"])
 def test_write_coefficient_is_folded_into_the_kernels(kind):
     """A delta rule whose write coefficient differs from beta (S += write_t k_t v_t^T after the
@@ -330,6 +354,61 @@ def test_zoo_models_compile_to_kernels_and_match_eager(name):
     report = compiled.explain(*entry.make_inputs(B=1, H=2, T=7, D=16))
     assert [lp.rewrite for lp in report.loops] == ["chunkwise"] * len(report.loops), str(report)
     assert compiled.captures == 1
+
+
+def _spy_on_scans(monkeypatch) -> list[dict]:
+    """Record the tensors (and out_dtype) every loop hands ``triton_chunkwise_scan``."""
+    import nlcompile.targets.triton.ops as ops
+
+    calls, scan = [], ops.triton_chunkwise_scan
+
+    def spy(k, v, **kw):
+        calls.append(dict(k=k, v=v, **kw))
+        return scan(k, v, **kw)
+
+    monkeypatch.setattr(ops, "triton_chunkwise_scan", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name,layout", [("deltanet_matmul_bthd", "heads_last"), ("gla_factor_tbhd", "heads_last"),
+                                         ("deltanet_fla", "flat"), ("gla_naive_bhtd", "flat")])
+def test_loops_pass_the_kernels_their_values_in_place(name, layout, monkeypatch):
+    """A loop hands the kernels its per-step values without a transposing copy: [1, T, N, d] where
+    they are time-major (leaves computed per step, stacked over T; sources [B, T, H, D] or [T, B, H,
+    D]), [N, T, d] where the sources are [B, H, T, D]; contiguous either way (no copy in the scan)."""
+    calls = _spy_on_scans(monkeypatch)
+    entry = MODELS[name]
+    args = entry.make_inputs(B=2, H=3, T=9, D=16)
+    assert_close_outputs(nlcompile.compile(entry.fn, target="triton")(*args), entry.fn(*args))
+    call = calls[-1]   # the call above (the ones before it probed the loop while compiling)
+    per_step = [x for n, x in call.items() if torch.is_tensor(x) and n != "initial_state"]
+    assert {x.dim() for x in per_step} <= ({4, 3} if layout == "heads_last" else {3, 2}), call.keys()
+    assert call["k"].shape[:-1] == ((1, 9, 6) if layout == "heads_last" else (6, 9))
+    assert all(x.is_contiguous() for x in per_step)
+
+
+def _linear_attention_in_bf16(q, k, v):
+    """[B, T, H, D] linear attention computed in the inputs' dtype throughout, the state included."""
+    B, T, H, D = q.shape
+    S = q.new_zeros(B, H, D, v.shape[-1])
+    outs = []
+    for t in range(T):
+        S = S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        outs.append((S * q[:, t, :, :, None]).sum(-2))
+    return torch.stack(outs, 1)
+
+
+def test_a_bf16_loop_gets_its_readout_in_bf16_from_the_kernels(monkeypatch):
+    """A readout the loop returns as it is, in bf16, is written in bf16 by the kernels (out_dtype),
+    no further from the float64 run than the loop run eagerly in bf16 (DESIGN 5: slack 2x + 2e-3)."""
+    calls = _spy_on_scans(monkeypatch)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
+    q, k, v = (torch.randn(2, 50, 2, 16, generator=gen).bfloat16() for _ in range(3))
+    got = nlcompile.compile(_linear_attention_in_bf16, target="triton")(q, k, v)
+    eager, exact = _linear_attention_in_bf16(q, k, v), _linear_attention_in_bf16(q.double(), k.double(), v.double())
+    assert calls and all(c["out_dtype"] == torch.bfloat16 for c in calls)
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))

@@ -371,8 +371,10 @@ def _float(d: torch.dtype) -> torch.dtype:
 
 
 def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, values: Mapping[str, torch.Tensor],
-                       per_channel: bool | None = None) -> torch.Tensor:
-    """role "key" -> [N, T, dk], "value" -> [N, T, dv], "scalar" -> [N, T], "gate" -> [N, T] or [N, T, dk]."""
+                       per_channel: bool | None = None, time_major: bool = False) -> torch.Tensor:
+    """role "key" -> [N, T, dk], "value" -> [N, T, dv], "scalar" -> [N, T], "gate" -> [N, T] or [N, T, dk];
+    ``time_major``: [T, N, ...] instead, which for the per-step values (stacked over a leading T)
+    is a view where the flat layout is a transposing copy."""
     op = op if op is not None else Operand(1.0, ())
     sizes = dict(layout.sizes)
     if role == "gate" and per_channel is None:
@@ -380,10 +382,12 @@ def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, value
     inner = {"key": layout.key, "value": layout.value, "scalar": None,
              "gate": layout.key if per_channel else None}[role]
     order = layout.batch + ((inner,) if inner is not None else ())
-    x = materialize(op, values, order, sizes, time_at=len(layout.batch))      # [batch..., T, (d)]
+    time_at = 0 if time_major else len(layout.batch)
+    x = materialize(op, values, order, sizes, time_at=time_at)      # [batch..., T, (d)] or [T, batch..., (d)]
     n = math.prod(sizes[a] for a in layout.batch)
-    steps = x.shape[len(layout.batch)]
-    x = x.reshape(n, steps, -1) if inner is not None else x.reshape(n, steps)
+    steps = x.shape[time_at]
+    lead = (steps, n) if time_major else (n, steps)
+    x = x.reshape(*lead, -1) if inner is not None else x.reshape(lead)
     return x.unsqueeze(-1) if role == "value" and inner is None else x
 
 
@@ -407,11 +411,12 @@ def state_from_kernel(layout: StateLayout, S_kernel: torch.Tensor, shape: Sequen
 
 
 def readout_to_node(readout: Readout, layout: StateLayout, o: torch.Tensor, values: Mapping[str, torch.Tensor],
-                    node_shape: Sequence[int]) -> torch.Tensor:
+                    node_shape: Sequence[int], time_major: bool = False) -> torch.Tensor:
     """Kernel output ``o = S^T q`` -> the readout node's values stacked over time, ``[T, *node_shape]``.
 
     ``o`` is in kernel layout, ``[N, T, dv]`` (as the scan kernels return it and as
-    ``operand_for_kernel`` lays out its tensors; dv = 1 without a value dim).
+    ``operand_for_kernel`` lays out its tensors; dv = 1 without a value dim), or ``[T, N, dv]``
+    when ``time_major``.
     Then ``post`` is applied, ``summed`` indices are summed, and the rest is
     permuted / merged / broadcast into the node's dims.
     """
@@ -419,9 +424,11 @@ def readout_to_node(readout: Readout, layout: StateLayout, o: torch.Tensor, valu
     order = list(layout.batch + ((layout.value,) if layout.value is not None else ()))
     n = math.prod(sizes[a] for a in layout.batch)
     dv = sizes[layout.value] if layout.value is not None else 1
-    if o.dim() != 3 or o.shape[0] != n or o.shape[2] != dv:
-        raise ValueError(f"readout {readout.node}: o must be [N={n}, T, dv={dv}], got {tuple(o.shape)}")
-    o = o.movedim(1, 0)
+    if o.dim() != 3 or o.shape[1 if time_major else 0] != n or o.shape[2] != dv:
+        want = f"[T, N={n}, dv={dv}]" if time_major else f"[N={n}, T, dv={dv}]"
+        raise ValueError(f"readout {readout.node}: o must be {want}, got {tuple(o.shape)}")
+    if not time_major:
+        o = o.movedim(1, 0)
     x = o.reshape(o.shape[0], *[sizes[a] for a in order])
     if readout.post is not None:
         x = x * materialize(readout.post, values, order, sizes)

@@ -79,12 +79,12 @@ def _per_gate(x, GATE: tl.constexpr):
 def _readout_dv_kernel(
     k_ptr, q_ptr, g_ptr, do_ptr,                      # inputs
     dvp_ptr,                                          # output
-    T, N, HEADS, dk, dv, dvp_rows, dvp_heads,
+    T, N, HEADS, dk, dv, dvp_rows, dvp_heads, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
-    """A^T dO of one chunk for one block of dv columns (grid (chunks, N, dv blocks)): the
-    readout's intra-chunk part of dV', into rows of ``dvp_ptr`` ([N,dvp_rows,dv] scratch,
+    """scale A^T dO of one chunk for one block of dv columns (grid (chunks, N, dv blocks)): the
+    readout's intra-chunk part of dV' (``scale``: the queries' factor), into rows of ``dvp_ptr`` ([N,dvp_rows,dv] scratch,
     dvp_heads = 1; or dv itself, in the inputs' layout: dvp_heads = HEADS).  A per-channel
     gate builds the scores A BKC channels at a time."""
     i = tl.program_id(0)
@@ -101,15 +101,15 @@ def _readout_dv_kernel(
         _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
         A = scores(gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), G, Gq, mask, GATE)
     do = load_tile(seq_start(do_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
-    store_tile(seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv), mm(tl.trans(A), do, PREC), rows, cols_v, T, dv,
-               dvp_heads * dv)
+    store_tile(seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv), mm(tl.trans(A), do, PREC) * scale, rows, cols_v,
+               T, dv, dvp_heads * dv)
 
 
 @triton.jit(do_not_specialize=["N"])
 def _states_bwd_kernel(
     k_ptr, q_ptr, g_ptr, w_ptr, do_ptr, dhf_ptr,      # inputs
     dhn_ptr, dvp_ptr, dh0_ptr,                        # outputs (dvp: A^T dO in, dV' out)
-    T, N, HEADS, NC, dk, dv, dvp_rows, dvp_heads,
+    T, N, HEADS, NC, dk, dv, dvp_rows, dvp_heads, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -142,7 +142,7 @@ def _states_bwd_kernel(
             q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
             do = load_tile(do_seq, rows, cols_v, T, dv, HEADS * dv)
             dvp += load_tile(dvp_seq, rows, cols_v, T, dv, dvp_heads * dv)   # A^T dO
-            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC)            # Qt^T dO
+            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC) * scale    # scale Qt^T dO
         if DELTA:
             w = load_tile(w_seq, rows, cols_k, T, dk, dk)
             dh_prev -= mm(tl.trans(w), dvp, PREC)                        # W^T dV'
@@ -156,7 +156,7 @@ def _states_bwd_kernel(
 def _grads_kernel(
     k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
     dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
-    T, N, HEADS, NC, dk, dv,
+    T, N, HEADS, NC, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -201,6 +201,8 @@ def _grads_kernel(
             dA += mm(do, tl.trans(vp), PREC)
         if DELTA:
             dW -= mm(load_tile(dvp_seq, rows, cols_v, T, dv, dv), tl.trans(h), PREC)
+    dQt *= scale   # the readout is S^T (scale q): dO enters scaled
+    dA *= scale
 
     # Kt = K e^{G_L - G} and D = e^{G_L}.
     eKt = tl.exp(GL - G)
@@ -373,6 +375,7 @@ def chunk_backward(
     chunk: int,
     before: bool,
     coef: Optional[Tensor] = None,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef) of the chunkwise scan, given the forward's
     intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv] and
@@ -380,7 +383,8 @@ def chunk_backward(
     [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).  The per-step
     inputs and ``do`` may also be in flash-linear-attention's [B,T,H,.] layout
     (``common.sequences``), read and written in place.  ``coef``: the write coefficient the
-    forward multiplied into v (``forward.chunk_forward``).
+    forward multiplied into v, ``scale``: the queries' factor it applied to o
+    (``forward.chunk_forward``).
 
     (dk, dv, dq, dbeta, dg, dh0, dcoef), shaped like the inputs, None where the input was None
     (dh0: where h0 was); dk, dv, dq in the dtypes of k, v, q (a bf16 input's gradient is written
@@ -435,12 +439,12 @@ def chunk_backward(
     dev = k.device
     if q is not None:
         READOUT_DV.launch(lambda m: (nc, n, triton.cdiv(value_dim, m["BV"])),
-                          (k, q_, g_, do_, dvp, t, n, heads, key_dim, value_dim, dvp_rows, dvp_heads),
+                          (k, q_, g_, do_, dvp, t, n, heads, key_dim, value_dim, dvp_rows, dvp_heads, float(scale)),
                           dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     flags.update(HAS_Q=q is not None, DELTA=delta)
     STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
                       (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, heads, nc, key_dim, value_dim, dvp_rows,
-                       dvp_heads),
+                       dvp_heads, float(scale)),
                       flags, blocks, dev)
     unused = torch.empty(1, **f32)   # for outputs a kernel does not write here (never the caller's
     # tensors: the WY kernel's tuning restores dk and dg with copy_, which bumps autograd versions)
@@ -448,7 +452,7 @@ def chunk_backward(
     dw = torch.empty(n, nc * chunk, key_dim, **f32) if delta else unused   # dL/dW, for the WY kernel
     GRADS.launch(lambda m: (nc, n),
                  (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
-                  t, n, heads, nc, key_dim, value_dim),
+                  t, n, heads, nc, key_dim, value_dim, float(scale)),
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),

@@ -128,13 +128,13 @@ def _states_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _output_kernel(
     q_ptr, k_ptr, vals_ptr, g_ptr, H_ptr, o_ptr,
-    T, N, HEADS, vals_rows, vals_heads, nc, dk, dv,
+    T, N, HEADS, vals_rows, vals_heads, nc, dk, dv, scale,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Readout of one chunk for one block of value columns (grid (nc, N, cdiv(dv, BV))).
 
-    O = (Q e^{Gq}) H_i + A V' with the intra-chunk scores A masked to s <= r
+    O = scale ((Q e^{Gq}) H_i + A V') with the intra-chunk scores A masked to s <= r
     ("after") or s < r ("before"); the mask is applied in the exponent (-inf)
     so no masked entry can overflow.  ``vals`` is V' ([N, nc*C, dv], delta: vals_heads = 1) or v
     (vals_heads = HEADS); q, k, g, o are in the inputs' layout (``seq_start``).
@@ -161,7 +161,7 @@ def _output_kernel(
         Qt = Q
     else:
         Qt = Q * tl.exp(Gq)
-    O = mm(Qt, h, PREC) + mm(A, vals, PREC)
+    O = (mm(Qt, h, PREC) + mm(A, vals, PREC)) * scale
     store_tile(seq_start(o_ptr, n, T, HEADS, dv), O, rows, cols_v, T, dv, HEADS * dv)
 
 
@@ -204,6 +204,7 @@ def chunk_forward(
     before: bool,
     coef: Optional[Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
+    scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the chunkwise scan forward.
 
@@ -214,7 +215,8 @@ def chunk_forward(
     chunk in {16, 32, 64}, before: readout S_{t-1}^T q_t instead of S_t^T q_t, coef [N,T] or None:
     the delta family's write coefficient, multiplied into v in the kernels (v then unscaled;
     saves the caller a pass over v and the kernels reading it in fp32), out_dtype: o's dtype (fp32,
-    bf16 or fp16; None: fp32), rounded once as it is stored.  Or, read in place
+    bf16 or fp16; None: fp32), rounded once as it is stored, scale: the queries' factor (the
+    readout is S^T (scale q), applied to o as it is stored: no scaled copy of q).  Or, read in place
     without copies, flash-linear-attention's layout with the heads after time: k [B,T,H,dk],
     v [B,T,H,dv], q [B,T,H,dk], beta [B,T,H], g [B,T,H] or [B,T,H,dk], h0 [B*H,dk,dv]
     (``sequences``; N = B*H, sequence n = b*H + h).
@@ -290,6 +292,6 @@ def chunk_forward(
                   dict(meta, HAS_BETA=delta), blocks, dev)
     if q is not None:
         OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),
-                      (q, k, src, g_arg, H, o, t, n, heads, src_rows, src_heads, nc, dk, dv),
+                      (q, k, src, g_arg, H, o, t, n, heads, src_rows, src_heads, nc, dk, dv, float(scale)),
                       dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)
     return o, h_final, H, Vp, W

@@ -37,13 +37,14 @@ _EMPTY = (0,)
 @torch.library.custom_op("nlcompile::chunk_scan", mutates_args=())
 def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
-               out_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+               out_dtype: Optional[torch.dtype] = None, scale: float = 1.0
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final state, states entering each chunk, corrected values, W); see ``forward.chunk_forward``."""
-    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype)
+    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale)
 
 
 @chunk_scan.register_fake
-def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None):
+def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0):
     n, t, _, prefix = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(t, chunk)
@@ -59,26 +60,26 @@ def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None):
 @torch.library.custom_op("nlcompile::chunk_scan_backward", mutates_args=())
 def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                         h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, do: Optional[Tensor],
-                        dh_final: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        dh_final: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
+                        scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef); an absent input's gradient is an empty tensor
     (``backward.chunk_backward``: dk, dv, dq in the inputs' dtypes, the others fp32)."""
-    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef)
+    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef, scale)
     return tuple(k.new_empty(_EMPTY, dtype=torch.float32) if x is None else x for x in grads)
 
 
 @chunk_scan_backward.register_fake
-def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=None):
+def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=None, scale=1.0):
     like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
     own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=x.dtype)  # noqa: E731
     return (own(k), own(v), own(q), *(like(x) for x in (beta, g, h0, coef)))
 
 
 def _setup_context(ctx, inputs, output):
-    k, v, q, beta, g, h0, chunk, before, coef, _ = inputs
+    k, v, q, beta, g, h0, chunk, before, coef, _, scale = inputs
     _, _, states, v_new, w = output
     ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w, coef)
-    ctx.chunk, ctx.before = chunk, before
+    ctx.chunk, ctx.before, ctx.scale = chunk, before, scale
     ctx.mark_non_differentiable(states, v_new, w)
 
 
@@ -89,10 +90,10 @@ def _backward(ctx, do, dh_final, *_intermediates):
     if q is not None and do is None:
         do = k.new_zeros(*k.shape[:-1], v.shape[-1], dtype=torch.float32)
     grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, do if q is not None else None,
-                                dh_final, ctx.chunk, ctx.before, coef)
+                                dh_final, ctx.chunk, ctx.before, coef, ctx.scale)
     inputs = (k, v, q, beta, g, h0, coef)
     dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
-    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None
+    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None, None
 
 
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
@@ -157,15 +158,14 @@ def triton_chunkwise_scan(
     out_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
     """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results; o in
-    ``out_dtype`` when given, e.g. the model's bf16, written so by the kernels, else fp32).
+    ``out_dtype`` when given, e.g. the model's bf16, written so by the kernels, else fp32;
+    ``q_scale`` applied by the kernels to o, and to dO in the backward, not to a copy of q).
 
     Also takes flash-linear-attention's layout, the heads after time: k [B,T,H,dk], v [B,T,H,dv],
     q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
     [B*H,dk,dv]; the kernels read it in place and o comes back as [B,T,H,dv] (the final state as
     [B*H,dk,dv]).  ``gate_first`` only matters for a per-key-channel gate with beta (a scalar gate
     commutes with the delta step): the kernels run the gate-first order; the other falls back."""
-    if q is not None and q_scale != 1.0:
-        q = q * q_scale
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
     why = _unsupported(k, v, beta, gate, log_gate, given, gate_first)
     if why is not None:
@@ -174,10 +174,10 @@ def triton_chunkwise_scan(
         flat = (lambda x: None if x is None else x.transpose(1, 2).flatten(0, 1)) if heads_last else (lambda x: x)
         o, final = chunkwise_scan(flat(k), flat(v), q=flat(q), beta=flat(beta), write=flat(write), gate=flat(gate),
                                   log_gate=flat(log_gate), initial_state=initial_state, readout=readout,
-                                  chunk_size=chunk_size, gate_first=gate_first)
+                                  chunk_size=chunk_size, gate_first=gate_first, q_scale=q_scale, out_dtype=out_dtype)
         if heads_last and o is not None:
             o = o.unflatten(0, (k.shape[0], k.shape[2])).transpose(1, 2)
-        return (o if o is None or out_dtype is None else o.to(out_dtype)), final
+        return o, final
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
     n, _, _, _ = sequences(k)
@@ -194,5 +194,5 @@ def triton_chunkwise_scan(
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
                               contiguous(None if beta is None else beta.float()),
                               contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before",
-                              contiguous(coef), out_dtype)
+                              contiguous(coef), out_dtype, q_scale)
     return (o if q is not None else None), final
