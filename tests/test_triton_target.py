@@ -194,7 +194,8 @@ def test_heads_last_layout_matches_flat(kind, readout):
 def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     """Fake implementation, autograd and schema agree with the kernels (with bf16 dots the states
     and W are returned in bf16: the fake must say so; in the [B, T, H, D] layout o is [B, T, H, dv],
-    here also in bf16, with v scaled by the write coefficient in the kernels)."""
+    here also in bf16, with v scaled by the write coefficient and o by the queries' scale in the
+    kernels)."""
     if dot != "auto":
         monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=21)
@@ -203,11 +204,29 @@ def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     extra = ()
     if layout == "heads_last":   # B = 1, H = 2; with the write coefficient and a bf16 output
         k, v, q, beta, g = (None if x is None else heads_last(x, 2) for x in (k, v, q, beta, g))
-        extra = (beta, torch.bfloat16)
+        extra = (beta, torch.bfloat16, 0.5)   # and the queries' scale
     args = (k, v, q, beta, g, kw["initial_state"], 16, False, *extra)
     for x in (k, v, q, kw["initial_state"]):
         x.requires_grad_(True)
     torch.library.opcheck(chunk_scan, args)
+
+
+def test_torch_export_keeps_the_op():
+    """torch.export traces the op whole through its fake implementation: one node in the exported
+    graph, and the exported program computes what the eager module does."""
+    k, v, kw = scan_inputs("gated_delta", T=30)
+    args = (k, v, kw["q"], kw["beta"], kw["log_gate"], kw["initial_state"])
+
+    class Layer(torch.nn.Module):
+        def forward(self, k, v, q, beta, log_gate, h0):
+            o, s, *_ = torch.ops.nlcompile.chunk_scan(k, v, q, beta, log_gate, h0, 16, False, None, None, 0.5)
+            return o.tanh(), s
+
+    exported = torch.export.export(Layer(), args)
+    ops = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.nlcompile.chunk_scan.default) == 1, ops
+    for got, want in zip(exported.module()(*args), Layer()(*args)):
+        assert rel_err(got, want) == 0
 
 
 def test_torch_compile_keeps_the_op_and_its_gradient():
