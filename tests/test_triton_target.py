@@ -363,6 +363,17 @@ def test_target_without_gpu_says_what_to_do(monkeypatch):
         nlcompile.compile(lambda x: x, target="triton")
 
 
+def test_kernels_refuse_cpu_tensors_outside_the_interpreter(monkeypatch):
+    """On a GPU machine, CPU tensors get an error that says what to do, not Triton's pointer error."""
+    import nlcompile.targets.triton.forward as forward
+
+    monkeypatch.setattr(forward, "INTERPRETED", tl.constexpr(False))
+    k, v, kw = scan_inputs("delta")
+    k, v, kw = k.cpu(), v.cpu(), {n: x.cpu() if torch.is_tensor(x) else x for n, x in kw.items()}  # on a GPU too
+    with pytest.raises(ValueError, match=r"k is on cpu: the Triton kernels run on CUDA tensors .*target='torch'"):
+        triton_chunkwise_scan(k, v, **kw)
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_zoo_models_compile_to_kernels_and_match_eager(name):
     entry = MODELS[name]

@@ -31,8 +31,8 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks, load_steps,
-    load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences, store_tile, wy_factors,
+    INTERPRETED, MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
+    load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences, store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -237,6 +237,10 @@ def chunk_forward(
     if not 1 <= dv <= MAX_HEAD_DIM:
         raise ValueError(f"v: dv must be in 1..{MAX_HEAD_DIM}, got {dv}")
     dev = k.device
+    if dev.type != "cuda" and not INTERPRETED.value:
+        raise ValueError(f"k is on {dev}: the Triton kernels run on CUDA tensors (move the model and its inputs "
+                         "to the GPU, use target='torch' on the CPU, or set TRITON_INTERPRET=1 to test the "
+                         "kernels on the CPU, slowly)")
     _check("k", k, [prefix + (dk,)], _FLOAT_INPUTS, dev)
     _check("v", v, [prefix + (dv,)], _FLOAT_INPUTS, dev)
     _check("q", q, [prefix + (dk,)], _FLOAT_INPUTS, dev)
