@@ -84,9 +84,9 @@ def _readout_dv_kernel(
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """scale A^T dO of one chunk for one block of dv columns (grid (chunks, N, dv blocks)): the
-    readout's intra-chunk part of dV' (``scale``: the queries' factor), into rows of ``dvp_ptr`` ([N,dvp_rows,dv] scratch,
-    dvp_heads = 1; or dv itself, in the inputs' layout: dvp_heads = HEADS).  A per-channel
-    gate builds the scores A BKC channels at a time."""
+    readout's intra-chunk part of dV' (``scale``: the queries' factor), into rows of ``dvp_ptr``
+    ([N,dvp_rows,dv] scratch, dvp_heads = 1; or dv itself, in the inputs' layout: dvp_heads =
+    HEADS).  A per-channel gate builds the scores A BKC channels at a time."""
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
@@ -429,10 +429,12 @@ def chunk_backward(
     Vp_ = c(Vp) if delta else dummy
     W_ = c(W) if delta else dummy
     prec = dot_precision(k, q, backward=True)
-    dhn = torch.empty(n, nc, key_dim, value_dim, dtype=operand_dtype(prec), device=k.device)
-    # dV': a scratch buffer for the delta family, else dv itself (in the inputs' layout)
+    operands = dict(dtype=operand_dtype(prec), device=k.device)   # bf16 with bf16 dots: only dot operands
+    dhn = torch.empty(n, nc, key_dim, value_dim, **operands)
+    # dV': a scratch buffer for the delta family (read by the later kernels only as a dot operand),
+    # else dv itself (in the inputs' layout)
     if delta:
-        dvp, dvp_rows, dvp_heads = torch.empty(n, nc * chunk, value_dim, **f32), nc * chunk, 1
+        dvp, dvp_rows, dvp_heads = torch.empty(n, nc * chunk, value_dim, **operands), nc * chunk, 1
     else:
         dvp, dvp_rows, dvp_heads = dv, t, heads
     flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=prec)
@@ -449,7 +451,7 @@ def chunk_backward(
     unused = torch.empty(1, **f32)   # for outputs a kernel does not write here (never the caller's
     # tensors: the WY kernel's tuning restores dk and dg with copy_, which bumps autograd versions)
     dg_ = dg if g is not None else unused
-    dw = torch.empty(n, nc * chunk, key_dim, **f32) if delta else unused   # dL/dW, for the WY kernel
+    dw = torch.empty(n, nc * chunk, key_dim, **operands) if delta else unused   # dL/dW, a dot operand of the WY kernel
     GRADS.launch(lambda m: (nc, n),
                  (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
                   t, n, heads, nc, key_dim, value_dim, float(scale)),

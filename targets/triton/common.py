@@ -322,10 +322,11 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
 
 def operand_dtype(prec: str) -> torch.dtype:
     """dtype of the buffers the kernels pass each other mostly as dot operands (the state entering
-    each chunk, W, U and V' = U - W H, dL/dH): bf16 with "bf16" dots, whose operands are rounded
-    to bf16 anyway (half the memory traffic, as flash-linear-attention stores them; the
-    recurrence itself carries fp32; U is rounded before V' = U - W H is formed, as fla's is),
-    fp32 otherwise."""
+    each chunk, W, U and V' = U - W H; in the backward dL/dH, dL/dV' and dL/dW): bf16 with "bf16"
+    dots, whose operands are rounded to bf16 anyway (half the memory traffic, as flash-linear-
+    attention stores them; the recurrence itself carries fp32; U is rounded before V' = U - W H
+    is formed, as fla's is, and the readout's part of dL/dV' before the state's is added, as fla's
+    dv is), fp32 otherwise."""
     return torch.bfloat16 if prec.startswith("bf16") else torch.float32
 
 
