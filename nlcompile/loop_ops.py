@@ -93,9 +93,11 @@ class ChunkwiseLoop(torch.nn.Module):
     """
 
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
-                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False):
+                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False, describe=None):
         super().__init__()
         self.heads_last = heads_last
+        self.describe = describe   # the scan's inputs -> how it runs them, in words (``explain``)
+        self.scan_notes: dict[int, str] = {}   # state -> that, for the latest call
         gm = body.graph
         phs = _placeholders(gm)
         ns, nx = body.n_states, body.n_step_inputs
@@ -247,7 +249,10 @@ class ChunkwiseLoop(torch.nn.Module):
                 o = o[0] if major else o
                 readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape), major).to(val.dtype)
             if not mine:
+                q = None
                 _, final = self.scan(k, v, chunk_size=chunk, **kw)
+            if self.describe is not None:
+                self.scan_notes[rule.state] = self.describe(k, v, q=q, chunk_size=chunk, **kw)
             val = self.state_vals[rule.state]
             finals[rule.state] = L.state_from_kernel(lay, final, tuple(val.shape)).to(val.dtype)
         if self.const_gm is not None:

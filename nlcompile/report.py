@@ -33,6 +33,7 @@ class LoopReport:
     blocking_node: str | None = None
     readouts: tuple[str, ...] = ()
     source_line: str | None = None
+    runs: tuple[str, ...] = ()   # per state, how the target ran its scan in the latest call (triton)
 
     @property
     def kinds(self) -> list[str]:
@@ -64,6 +65,8 @@ class Report:
             lines.append(f"       states: {states}")
             if lp.readouts:
                 lines.append(f"       readouts: {', '.join(lp.readouts)}")
+            for run in lp.runs:
+                lines.append(f"       runs: {run}")
             if lp.reason:
                 lines.append(f"       left sequential: {lp.reason}")
             if lp.source_line:
@@ -94,8 +97,10 @@ def build_report(compiled, options) -> Report:
         blocking = next((r.blocking_node for r in rules.values() if r.blocking_node), None)
         readouts = tuple(f"{r.node} ({r.when} update)" for r in analysis.readouts) if analysis else ()
         where = compiled.source_lines[i] if i < len(compiled.source_lines) else None
+        notes = getattr(getattr(compiled.program, f"loop_{i}", None), "scan_notes", {})
+        runs = tuple(f"S{s} on {note}" for s, note in sorted(notes.items()))
         loops.append(LoopReport(i, _overall([r.kind for r in rules.values()]), 1, tuple(states), axis,
-                                decision.rewrite, decision.reason, blocking, readouts, where))
+                                decision.rewrite, decision.reason, blocking, readouts, where, runs))
     code = compiled.program.code if compiled.program is not None else ""
     return Report(options.target, tuple(loops), compiled.fallback_reason, compiled.compile_seconds, code)
 

@@ -44,11 +44,11 @@ class TritonTarget(InductorTarget):
         return True, ""
 
     def loop_module(self, plan: LoopPlan) -> torch.nn.Module:
-        from nlcompile.targets.triton.ops import triton_chunkwise_scan
+        from nlcompile.targets.triton.ops import describe_kernels, triton_chunkwise_scan
 
         loop = plan.loop
         return ChunkwiseLoop(loop.body, plan.analysis, loop.step_dims, triton_chunkwise_scan, plan.chunk_size,
-                             kernel_chunk_size, heads_last=True)
+                             kernel_chunk_size, heads_last=True, describe=describe_kernels)
 
     def finalize(self, program: fx.GraphModule) -> Callable:
         if interpreting():

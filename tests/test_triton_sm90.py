@@ -19,8 +19,8 @@ forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 
 Gated DeltaNet and KDA at 128 with bf16 dots (the default for bf16 inputs), Gated DeltaNet also
 at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
-per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs)
-at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
+per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs,
+bf16 dots) at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
 (``targets/triton/tuning.py``) for DeltaNet and Gated DeltaNet at d = 128 with bf16 dots (the
 default for bf16 inputs), with the programs each
 leaves resident per SM (blocks/SM: what bounds the sequential kernels).
@@ -308,7 +308,7 @@ def main(argv: list[str]) -> int:
         for d in (64, 128, 256):
             for kind in ALL_KINDS:
                 for before, with_q, prec in ((False, True, "tf32"), (True, True, "tf32"), (False, False, "tf32"),
-                                             (False, True, "ieee")):
+                                             (False, True, "ieee"), (False, True, "bf16")):
                     for s in kernel_specs(kind, d, d, before, with_q, prec):
                         key = json.dumps([s["module"], s["kernel"], d, s["constexprs"]], sort_keys=True)
                         if key not in seen:

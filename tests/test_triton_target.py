@@ -383,7 +383,23 @@ def test_zoo_models_compile_to_kernels_and_match_eager(name):
         assert_close_outputs(compiled(*args), entry.fn(*args))
     report = compiled.explain(*entry.make_inputs(B=1, H=2, T=7, D=16))
     assert [lp.rewrite for lp in report.loops] == ["chunkwise"] * len(report.loops), str(report)
+    for lp in report.loops:   # the zoo's loops compute in fp32; per-channel gates get chunk 16
+        chunks = [16 if s.per_channel else 64 for s in lp.states]
+        assert lp.runs == tuple(f"S{s.index} on the Triton kernels, chunk {c}, ieee dots"
+                                for s, c in zip(lp.states, chunks)), str(report)
     assert compiled.captures == 1
+
+
+def test_explain_says_when_a_loop_runs_the_pytorch_scan():
+    """float64 is beyond the kernels: the loop runs the exact PyTorch scan, explain says why."""
+    entry = MODELS["deltanet_matmul_bthd"]
+    args = [x.double() for x in entry.make_inputs(B=1, H=2, T=9, D=16)]
+    compiled = nlcompile.compile(entry.fn, target="triton")
+    with pytest.warns(UserWarning, match="float64"):
+        assert_close_outputs(compiled(*args), entry.fn(*args), 1e-10)
+    (loop,) = compiled.explain(*args).loops
+    assert loop.runs == ("S0 on the PyTorch chunkwise scan: float64 inputs (the kernels compute in float32)",)
+    assert "runs: S0 on the PyTorch chunkwise scan: float64" in str(compiled.explain(*args))
 
 
 def _spy_on_scans(monkeypatch) -> list[dict]:

@@ -124,8 +124,10 @@ def _fallback(why: str) -> None:
                       stacklevel=3)
 
 
-def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False) -> Optional[str]:
-    """Why the kernels cannot run these inputs (None when they can)."""
+def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False, values: bool = True
+                 ) -> Optional[str]:
+    """Why the kernels cannot run these inputs (None when they can); ``values=False`` checks dtypes
+    and shapes only, not the gates' values."""
     if any(x.dtype == torch.float64 for x in tensors):
         return "float64 inputs (the kernels compute in float32)"
     if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -134,11 +136,29 @@ def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False) 
     if g is not None and g.dim() == k.dim() and beta is not None and not gate_first:
         return ("a per-key-channel gate with a delta rule applied after the delta step (gate_first=False: "
                 "no chunkwise form; the kernels implement gate_first=True, Kimi Delta Attention)")
+    if not values:
+        return None
     if gate is not None and not bool((gate > 0).all()):
         return "gates with zero or negative values (the kernels work in log space)"
     if log_gate is not None and not bool(torch.isfinite(log_gate).all()):
         return "log-gates that are not finite"
     return None
+
+
+def describe_kernels(k: Tensor, v: Tensor, *, q: Optional[Tensor] = None, beta: Optional[Tensor] = None,
+                     gate: Optional[Tensor] = None, log_gate: Optional[Tensor] = None, chunk_size: int = 64,
+                     gate_first: bool = False, **_) -> str:
+    """How ``triton_chunkwise_scan`` runs these inputs, in words (``explain``): the kernels' chunk and
+    dot precisions, or why the PyTorch scan runs instead (gates are checked for zeros at the call,
+    which warns)."""
+    tensors = [x for x in (k, v, q, beta, gate, log_gate) if x is not None]
+    why = _unsupported(k, v, beta, gate, log_gate, tensors, gate_first, values=False)
+    if why is not None:
+        return f"the PyTorch chunkwise scan: {why}"
+    g = gate if gate is not None else log_gate
+    c = kernel_chunk(chunk_size, g is not None and g.dim() == k.dim(), k.device, k.shape[-1], v.shape[-1])
+    fwd, bwd = dot_precision(k, q), dot_precision(k, q, backward=True)
+    return f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
 
 
 def triton_chunkwise_scan(
