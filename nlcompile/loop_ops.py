@@ -87,17 +87,19 @@ class ChunkwiseLoop(torch.nn.Module):
 
     ``scan`` takes the keyword API of ``targets.scan.chunkwise_scan``, and per-step tensors as
     [N, T, ...]; with ``heads_last`` also as [B, T, H, ...] (flash-linear-attention's layout, which
-    the Triton kernels read in place).  The loop then passes [1, T, N, ...] where the keys are
-    a view in that layout (leaves computed per step are stacked over a leading T; sources laid
-    out [B, T, H, d]): [N, T, ...] would be a transposing copy of each operand, and of the readout.
+    the Triton kernels read in place) and in the dtype of the values (a bf16 loop's keys stay
+    bf16; the kernels choose their precision by it).  The loop then passes [1, T, N, ...] where
+    the keys come out contiguous in that layout (leaves computed per step are stacked over a
+    leading T; sources laid out [B, T, H, d]): [N, T, ...] would be a transposing copy of each
+    operand, and of the readout.  With ``tells_plan`` the scan takes ``on_plan``, a callback told
+    how it runs each call, kept per state in ``scan_notes`` for ``explain``.
     """
 
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
-                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False, describe=None):
+                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False, tells_plan: bool = False):
         super().__init__()
-        self.heads_last = heads_last
-        self.describe = describe   # the scan's inputs -> how it runs them, in words (``explain``)
-        self.scan_notes: dict[int, str] = {}   # state -> that, for the latest call
+        self.heads_last, self.tells_plan = heads_last, tells_plan
+        self.scan_notes: dict[int, str] = {}   # state -> how the scan ran it in the latest call
         gm = body.graph
         phs = _placeholders(gm)
         ns, nx = body.n_states, body.n_step_inputs
@@ -199,10 +201,9 @@ class ChunkwiseLoop(torch.nn.Module):
         1): then none is passed (no copy of the same values, no tensor of ones)."""
         return rule.write is None or rule.write == (rule.beta if rule.beta is not None else _ONE)
 
-    @staticmethod
-    def _operand(layout, values, time_major: bool, op, role: str, **how) -> torch.Tensor:
+    def _operand(self, layout, values, time_major: bool, op, role: str, **how) -> torch.Tensor:
         """One scan input: [N, T, ...], or [1, T, N, ...] when ``time_major`` (``operand_for_kernel``)."""
-        x = L.operand_for_kernel(op, layout, role, values, time_major=time_major, **how)
+        x = L.operand_for_kernel(op, layout, role, values, time_major=time_major, keep_dtype=self.heads_last, **how)
         return x.unsqueeze(0) if time_major else x
 
     def forward(self, *args: torch.Tensor):
@@ -215,7 +216,8 @@ class ChunkwiseLoop(torch.nn.Module):
             k = self._operand(lay, values, True, rule.k, "key") if self.heads_last else None
             major = k is not None and k.is_contiguous()
             operand = functools.partial(self._operand, lay, values, major)
-            k = k if major else operand(rule.k, "key")
+            if not major:   # a time-major view that is not contiguous is the flat one, transposed
+                k = k[0].transpose(0, 1) if k is not None else operand(rule.k, "key")
             v = operand(rule.v, "value") if rule.v is not None else k.new_ones(*k.shape[:-1], 1)
             kw = dict(
                 beta=operand(rule.beta, "scalar") if rule.beta is not None else None,
@@ -230,6 +232,8 @@ class ChunkwiseLoop(torch.nn.Module):
             chunk = self.chunk_size or self.choose(
                 k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
             self.chunk_sizes_used[rule.state] = chunk
+            if self.tells_plan:
+                kw["on_plan"] = functools.partial(self.scan_notes.__setitem__, rule.state)
             mine = [r for r in self.analysis.readouts if r.state == rule.state]
             final = None
             for r in mine:
@@ -243,16 +247,13 @@ class ChunkwiseLoop(torch.nn.Module):
                 val = self.readout_vals[r.node]
                 # a readout the node takes as it is (no factor after S^T q, nothing summed) is
                 # written by the scan in the node's dtype
-                typed = r.post is None and not r.summed
+                typed = r.post is None and not r.summed and not r.constant
                 o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, q_scale=scale,
                                      out_dtype=val.dtype if typed else None, **kw)
                 o = o[0] if major else o
                 readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape), major).to(val.dtype)
             if not mine:
-                q = None
                 _, final = self.scan(k, v, chunk_size=chunk, **kw)
-            if self.describe is not None:
-                self.scan_notes[rule.state] = self.describe(k, v, q=q, chunk_size=chunk, **kw)
             val = self.state_vals[rule.state]
             finals[rule.state] = L.state_from_kernel(lay, final, tuple(val.shape)).to(val.dtype)
         if self.const_gm is not None:

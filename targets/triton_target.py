@@ -22,8 +22,9 @@ from nlcompile.targets.inductor_target import InductorTarget
 
 
 def interpreting() -> bool:
-    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """Whether Triton kernels run in its CPU interpreter: ``TRITON_INTERPRET`` read as Triton reads
+    it (1, true or on)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on")
 
 
 def kernel_chunk_size(k, v, **_) -> int:
@@ -44,11 +45,11 @@ class TritonTarget(InductorTarget):
         return True, ""
 
     def loop_module(self, plan: LoopPlan) -> torch.nn.Module:
-        from nlcompile.targets.triton.ops import describe_kernels, triton_chunkwise_scan
+        from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
         loop = plan.loop
         return ChunkwiseLoop(loop.body, plan.analysis, loop.step_dims, triton_chunkwise_scan, plan.chunk_size,
-                             kernel_chunk_size, heads_last=True, describe=describe_kernels)
+                             kernel_chunk_size, heads_last=True, tells_plan=True)
 
     def finalize(self, program: fx.GraphModule) -> Callable:
         if interpreting():

@@ -7,7 +7,7 @@ Fast-weight code scales the queries before the loop (``q = q * scale``).  The
 readout is linear in q, and the chunkwise scan copies the queries into chunk
 order once anyway, so that copy applies the factor (DeltaNet, T=2048, on the
 2-core CPU: the separate pass was ~4% of the call); the Triton kernels scale
-the readout instead (no copy of q at all).  Folded only when the product feeds
+the readout instead (no scaled copy of q).  Folded only when the product feeds
 nothing but this one loop argument, the loop reads that source only as readout
 queries, and they are float32/64 (where the torch scan's product is the eager
 product, bit for bit).

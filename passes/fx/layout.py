@@ -331,10 +331,11 @@ def _materialization(op: Operand, order: tuple[int, ...], sizes: tuple[tuple[int
 
 
 def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence[int],
-                sizes: Mapping[int, int], time_at: int = 0) -> torch.Tensor:
+                sizes: Mapping[int, int], time_at: int = 0, keep_dtype: bool = False) -> torch.Tensor:
     """``coef * prod(factor ** power)`` over ``order`` (broadcast where no factor carries
     an index), with the time dim inserted before ``order[time_at]``: by default
-    ``[T, *sizes[order]]``; a kernel layout ``[batch..., T, d]`` comes out directly."""
+    ``[T, *sizes[order]]``; a kernel layout ``[batch..., T, d]`` comes out directly.  In at least
+    fp32, unless ``keep_dtype`` and the operand is one factor as it is (no arithmetic to round)."""
     plan = _materialization(op, tuple(order), tuple(sorted(sizes.items())), time_at)
     terms = []
     for f in op.factors:
@@ -342,7 +343,8 @@ def materialize(op: Operand, values: Mapping[str, torch.Tensor], order: Sequence
         x = x.reshape(x.shape[0], *f.atomic_shape)
         terms.append(x if f.power == 1 else x.to(_float(x.dtype)) ** f.power)
     if terms:
-        dtype = _promote([*(t.dtype for t in terms), torch.float32])   # at least fp32: gates, coefficients
+        as_is = keep_dtype and len(terms) == 1 and op.factors[0].power == 1 and op.coef == 1.0
+        dtype = _promote([*(t.dtype for t in terms), *(() if as_is else (torch.float32,))])  # gates, coefficients
         if plan.permutation is not None:
             res = terms[0].to(dtype).permute(plan.permutation)  # a view, not an einsum
         else:
@@ -371,10 +373,12 @@ def _float(d: torch.dtype) -> torch.dtype:
 
 
 def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, values: Mapping[str, torch.Tensor],
-                       per_channel: bool | None = None, time_major: bool = False) -> torch.Tensor:
+                       per_channel: bool | None = None, time_major: bool = False,
+                       keep_dtype: bool = False) -> torch.Tensor:
     """role "key" -> [N, T, dk], "value" -> [N, T, dv], "scalar" -> [N, T], "gate" -> [N, T] or [N, T, dk];
     ``time_major``: [T, N, ...] instead, which for the per-step values (stacked over a leading T)
-    is a view where the flat layout is a transposing copy."""
+    is a view where the flat layout is a transposing copy.  ``keep_dtype``: keys and values that
+    are one value as it is keep its dtype (bf16 stays bf16), the rest is at least fp32."""
     op = op if op is not None else Operand(1.0, ())
     sizes = dict(layout.sizes)
     if role == "gate" and per_channel is None:
@@ -383,7 +387,8 @@ def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, value
              "gate": layout.key if per_channel else None}[role]
     order = layout.batch + ((inner,) if inner is not None else ())
     time_at = 0 if time_major else len(layout.batch)
-    x = materialize(op, values, order, sizes, time_at=time_at)      # [batch..., T, (d)] or [T, batch..., (d)]
+    keep = keep_dtype and role in ("key", "value")
+    x = materialize(op, values, order, sizes, time_at=time_at, keep_dtype=keep)   # [batch..., T, (d)] or [T, ...]
     n = math.prod(sizes[a] for a in layout.batch)
     steps = x.shape[time_at]
     lead = (steps, n) if time_major else (n, steps)

@@ -13,7 +13,8 @@ Backward, in four kernels:
 
 ``_readout_dv_kernel`` (grid (chunks, N, dv blocks), with q only) computes the part of dV'
 that needs no state, A^T dO_i, for all chunks in parallel, into the dV' buffer (for the delta
-family a scratch buffer, else dv itself, since then V' = V).
+family a scratch buffer, else dv itself, since then V' = V).  dO enters every kernel times the
+queries' ``scale`` (O = scale (Qt H + A V')); the formulas below leave it out.
 
 ``_states_bwd_kernel`` (grid (N, dv blocks), sequential from the last chunk to the first)
 carries dHn = dL/dH_{i+1}, starting at dH_final::

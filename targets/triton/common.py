@@ -7,7 +7,6 @@ the one place where block sizes and warps are chosen per device.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -16,11 +15,12 @@ import triton.language as tl
 from torch import Tensor
 
 from nlcompile import knobs
+from nlcompile.targets.triton_target import interpreting
 
 # --------------------------------------------------------------------------- in-kernel helpers
 
 # Kernels run by Triton's CPU interpreter (decided, as Triton decides it, when this is imported).
-INTERPRETED = tl.constexpr(bool(os.environ.get("TRITON_INTERPRET")))
+INTERPRETED = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -315,7 +315,7 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
             prec = "ieee" if backward else "tf32"
         else:
             prec = "ieee"
-    if prec in ("bf16", "tf32") and os.environ.get("TRITON_INTERPRET"):
+    if prec in ("bf16", "tf32") and interpreting():
         return f"{prec}-interpreted"
     return prec
 

@@ -14,6 +14,7 @@ cumsum of g inside the chunk, G_L its value at the last row, Gq = G or G - g)::
             W = Tm diag(b e^G) K,  U = Tm V,  V' = U - W H_i          (otherwise V' = V)
     H_{i+1} = e^{G_L} H_i + (K e^{G_L - G})^T V'
     O_i     = (Q e^{Gq}) H_i + A V',  A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc}  (s <= r, or s < r "before")
+            (times ``scale``, the queries' factor: the readout is S^T (scale q))
 
 Three kernels: ``_prepare_kernel`` (delta only, parallel over chunks: W and U),
 ``_states_kernel`` (sequential over chunks, parallel over sequences and value

@@ -17,7 +17,7 @@ head dims above 256.
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -124,10 +124,8 @@ def _fallback(why: str) -> None:
                       stacklevel=3)
 
 
-def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False, values: bool = True
-                 ) -> Optional[str]:
-    """Why the kernels cannot run these inputs (None when they can); ``values=False`` checks dtypes
-    and shapes only, not the gates' values."""
+def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False) -> Optional[str]:
+    """Why the kernels cannot run these inputs (None when they can)."""
     if any(x.dtype == torch.float64 for x in tensors):
         return "float64 inputs (the kernels compute in float32)"
     if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
@@ -136,29 +134,11 @@ def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False, 
     if g is not None and g.dim() == k.dim() and beta is not None and not gate_first:
         return ("a per-key-channel gate with a delta rule applied after the delta step (gate_first=False: "
                 "no chunkwise form; the kernels implement gate_first=True, Kimi Delta Attention)")
-    if not values:
-        return None
     if gate is not None and not bool((gate > 0).all()):
         return "gates with zero or negative values (the kernels work in log space)"
     if log_gate is not None and not bool(torch.isfinite(log_gate).all()):
         return "log-gates that are not finite"
     return None
-
-
-def describe_kernels(k: Tensor, v: Tensor, *, q: Optional[Tensor] = None, beta: Optional[Tensor] = None,
-                     gate: Optional[Tensor] = None, log_gate: Optional[Tensor] = None, chunk_size: int = 64,
-                     gate_first: bool = False, **_) -> str:
-    """How ``triton_chunkwise_scan`` runs these inputs, in words (``explain``): the kernels' chunk and
-    dot precisions, or why the PyTorch scan runs instead (gates are checked for zeros at the call,
-    which warns)."""
-    tensors = [x for x in (k, v, q, beta, gate, log_gate) if x is not None]
-    why = _unsupported(k, v, beta, gate, log_gate, tensors, gate_first, values=False)
-    if why is not None:
-        return f"the PyTorch chunkwise scan: {why}"
-    g = gate if gate is not None else log_gate
-    c = kernel_chunk(chunk_size, g is not None and g.dim() == k.dim(), k.device, k.shape[-1], v.shape[-1])
-    fwd, bwd = dot_precision(k, q), dot_precision(k, q, backward=True)
-    return f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
 
 
 def triton_chunkwise_scan(
@@ -176,6 +156,7 @@ def triton_chunkwise_scan(
     gate_first: bool = False,
     q_scale: float = 1.0,
     out_dtype: Optional[torch.dtype] = None,
+    on_plan: Optional[Callable[[str], None]] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
     """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results; o in
     ``out_dtype`` when given, e.g. the model's bf16, written so by the kernels, else fp32;
@@ -185,11 +166,17 @@ def triton_chunkwise_scan(
     q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
     [B*H,dk,dv]; the kernels read it in place and o comes back as [B,T,H,dv] (the final state as
     [B*H,dk,dv]).  ``gate_first`` only matters for a per-key-channel gate with beta (a scalar gate
-    commutes with the delta step): the kernels run the gate-first order; the other falls back."""
+    commutes with the delta step): the kernels run the gate-first order; the other falls back.
+    ``on_plan`` is told how these inputs run, in words (``explain``): the kernels' chunk and dot
+    precisions, or the PyTorch scan and why."""
+    if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)):
+        raise TypeError(f"q_scale must be a Python number, got {type(q_scale).__name__}")
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
     why = _unsupported(k, v, beta, gate, log_gate, given, gate_first)
     if why is not None:
         _fallback(why)
+        if on_plan is not None:
+            on_plan(f"the PyTorch chunkwise scan: {why}")
         heads_last = k.dim() == 4
         flat = (lambda x: None if x is None else x.transpose(1, 2).flatten(0, 1)) if heads_last else (lambda x: x)
         o, final = chunkwise_scan(flat(k), flat(v), q=flat(q), beta=flat(beta), write=flat(write), gate=flat(gate),
@@ -210,6 +197,9 @@ def triton_chunkwise_scan(
           else k.new_zeros(n, dk, dv, dtype=torch.float32))
     per_channel = g is not None and g.dim() == k.dim()
     c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
+    if on_plan is not None:
+        fwd, bwd = dot_precision(k, q), dot_precision(k, q, backward=True)
+        on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)"))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
                               contiguous(None if beta is None else beta.float()),

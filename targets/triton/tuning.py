@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 
 from nlcompile import knobs
+from nlcompile.targets.triton_target import interpreting
 
 from .common import Blocks, block
 
@@ -84,7 +85,7 @@ def _constexpr_args(fn: triton.JITFunction) -> list[str]:
 
 def tuning_enabled(device: torch.device) -> bool:
     """Autotune on CUDA (compiled kernels), unless switched off or a measuring knob fixes the warps."""
-    return (device.type == "cuda" and not os.environ.get("TRITON_INTERPRET")
+    return (device.type == "cuda" and not interpreting()
             and knobs.triton_tune() and knobs.triton_warps() is None)
 
 
@@ -147,7 +148,7 @@ class ChunkKernel:
         compiles them one after another); returns how many compiled.  Not in the interpreter.
         When Triton's disk cache already holds this key's choice, the candidates' binaries are
         in its kernel cache too, so this only loads them."""
-        if os.environ.get("TRITON_INTERPRET"):
+        if interpreting():
             return 0
         configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
 
