@@ -17,11 +17,22 @@
 # the autotuning, which adds each variant's candidates to its first call): the benchmark with two
 # precisions and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about
 # 110 s with 12 workers.
+# Autotuning results (ours and fla's: Triton's *.autotune.json files, keyed on the kernel source, the
+# Triton version, the GPU architecture and the shapes) are copied from Triton's cache to
+# $OUT/triton-autotune after the benchmark; a folder .triton-autotune/ holding such a copy (carried
+# from an earlier run) is put into the cache first, so a rerun skips the tuning of unchanged kernels
+# (its "first fwd call" times are then not cold).  To carry them: copy the returned triton-autotune/
+# to .triton-autotune/ (git-ignored) and add it to the run's carry list beside .whl.
 set -u
 OUT=${OUT:-gpu-logs}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
+if [ -d .triton-autotune ]; then
+    mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton-autotune/. "$TRITON_CACHE_DIR"/
+    echo "autotuning results carried: $(find .triton-autotune -name '*.autotune.json' | wc -l) files"
+fi
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
@@ -41,6 +52,9 @@ if [ "$bench_rc" != 0 ] && [ -s "$OUT/bench.json" ]; then   # cut short: the row
     $PY benchmarks/bench_triton.py --render "$OUT/bench.json" | tee "$OUT/bench.md"
 fi
 grep "^nlcompile: tuned" "$OUT/bench.err" | head -40   # each kernel's tuning time and choice
+saved=$(mkdir -p "$OUT/triton-autotune" && cd "$OUT/triton-autotune" && pwd)
+(cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 | xargs -0 -r cp --parents -t "$saved")
+echo "autotuning results saved: $(find "$OUT/triton-autotune" -name '*.autotune.json' | wc -l) files"
 NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
     tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
     tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
