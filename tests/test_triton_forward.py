@@ -29,7 +29,9 @@ import triton.language as tl
 from _compare import low_precision_kernel_tol
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import forward as fwd
-from nlcompile.targets.triton.common import unit_lower_inverse
+from nlcompile.targets.triton.common import (
+    round_to_tf32, tf32x3_emulated, truncate_to_tf32, unit_lower_inverse,
+)
 from nlcompile.targets.triton.forward import chunk_forward
 
 N = 2
@@ -203,7 +205,7 @@ def _inverse_kernel(a_ptr, out_ptr, C: tl.constexpr):
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_wy_inverse_matches_float64(chunk):
     """The blocked inverse (I + tril(a, -1))^{-1} of the WY form (16x16 diagonal blocks, then
-    Horner over the block levels; on a GPU its products at C = 64 are tf32x3) at fp32 rounding,
+    Horner over the block levels; its products at C = 64 are tf32x3, emulated here) at fp32 rounding,
     also for ill-conditioned matrices (entries of the inverse up to ~1e8 at C = 64); the diagonal
     and upper part of ``a`` are ignored."""
     gen = torch.Generator(torch.get_default_device()).manual_seed(11)
@@ -214,6 +216,35 @@ def test_wy_inverse_matches_float64(chunk):
     _inverse_kernel[(6,)](a.float().contiguous(), out, C=chunk)
     err = (out.double() - expected).abs().amax((1, 2)) / expected.abs().amax((1, 2))
     assert err.max() < 2e-5, err
+
+
+@triton.jit
+def _tf32_kernel(a_ptr, b_ptr, round_ptr, x3_ptr, trunc_ptr, C: tl.constexpr):
+    r = tl.arange(0, C)
+    at = r[:, None] * C + r[None, :]
+    a, b = tl.load(a_ptr + at), tl.load(b_ptr + at)
+    tl.store(round_ptr + at, round_to_tf32(a))
+    tl.store(x3_ptr + at, tf32x3_emulated(a, b))
+    tl.store(trunc_ptr + at, tl.dot(truncate_to_tf32(a), truncate_to_tf32(b), input_precision="ieee"))
+
+
+def test_tf32x3_emulation_is_fp32_accurate():
+    """The interpreter's stand-in for an NVIDIA GPU's "tf32x3" dots (the WY inverse's products at
+    C = 64, ``NLCOMPILE_TRITON_DOT=tf32x3``): operands rounded to tf32 ties away from zero (PTX
+    cvt.rna), and three tf32 products that come within fp32 rounding of the float64 product,
+    far closer than one tf32 product."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
+    a, b = (torch.randn(32, 32, generator=gen) for _ in range(2))
+    a[0, :3] = torch.tensor([1 + 2 ** -11, -(1 + 2 ** -11), 1 + 3 * 2 ** -12])   # ties, and a round-up
+    rounded, x3, trunc = (torch.empty_like(a) for _ in range(3))
+    _tf32_kernel[(1,)](a, b, rounded, x3, trunc, C=32)
+    bits = a.view(torch.int32).long() & 0xFFFFFFFF
+    assert torch.equal(rounded, ((bits + 0x1000) & 0xFFFFE000).to(torch.int32).view(torch.float32))
+    assert rounded[0, :3].tolist() == [1 + 2 ** -10, -(1 + 2 ** -10), 1 + 2 ** -10]
+    exact = a.double() @ b.double()
+    scale = exact.abs().max()
+    assert (x3.double() - exact).abs().max() / scale < 5e-7
+    assert (trunc.double() - exact).abs().max() / scale > 100 * (x3.double() - exact).abs().max() / scale
 
 
 def test_argument_errors():

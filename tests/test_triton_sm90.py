@@ -286,7 +286,9 @@ def test_dot_precision_and_warps_choices(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dot_precision(f32, f32) == "bf16-interpreted"
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "tf32x3")
-    assert dot_precision(f32, f32) == dot_precision(bf16, None, backward=True) == "tf32x3"
+    assert dot_precision(f32, f32) == dot_precision(bf16, None, backward=True) == "tf32x3-interpreted"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert dot_precision(f32, f32) == "tf32x3"
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "fp8")
     with pytest.raises(ValueError, match="NLCOMPILE_TRITON_DOT"):
         dot_precision(f32, None)

@@ -72,6 +72,28 @@ def test_scan_forward_and_gradients_match_sequential(kind, readout):
         assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
 
 
+@pytest.mark.parametrize("kind", ["decay_channel", "delta", "gated_delta", "kda"])
+def test_tf32x3_dots_keep_fp32_exactness(kind, monkeypatch):
+    """``NLCOMPILE_TRITON_DOT=tf32x3`` (three tf32 tensor-core products per dot, emulated here as an
+    NVIDIA GPU computes them) keeps fp32 inputs within DESIGN's exactness bound (1e-4 of scale from
+    float64), forward and gradients: a candidate for fp32's default, whose speed against "ieee"
+    only a GPU can tell."""
+    monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "tf32x3")
+    k, v, kw = scan_inputs(kind)
+    assert dot_precision(k, kw["q"]) == "tf32x3-interpreted"
+    leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
+    for x in leaves:
+        x.requires_grad_(True)
+    o, s = triton_chunkwise_scan(k, v, chunk_size=16, **kw)
+    o_ref, s_ref = reference(k, v, kw)
+    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
+    got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
+    want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) <= 1e-4
+
+
 @pytest.mark.parametrize("kind,readout", [("additive", "before"), ("decay_channel", "after"), ("delta", "before"),
                                           ("gated_delta", "after"), ("kda", "after")])
 def test_query_scale_is_applied_by_the_kernels(kind, readout, monkeypatch):

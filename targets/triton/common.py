@@ -88,12 +88,35 @@ def truncate_to_tf32(x):
 
 
 @triton.jit
+def round_to_tf32(x):
+    """fp32 ``x`` rounded to the nearest tf32 value (10 mantissa bits, ties away from zero: PTX's
+    cvt.rna.tf32.f32), kept in fp32."""
+    return ((x.to(tl.uint32, bitcast=True) + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def tf32x3_emulated(a, b):
+    """What Triton's "tf32x3" dot computes on an NVIDIA GPU, for its CPU interpreter (which would
+    compute fp32 products): each operand split into a tf32 head (rounded) and the rest, the three
+    products small x big, big x small, big x big summed in that order as tf32 products (operands
+    truncated to tf32, exact products, fp32 accumulation); small x small is dropped."""
+    a_big = round_to_tf32(a)
+    b_big = round_to_tf32(b)
+    a_small = truncate_to_tf32(a - a_big)
+    b_small = truncate_to_tf32(b - b_big)
+    acc = tl.dot(a_small, b_big, input_precision="ieee")
+    acc += tl.dot(a_big, b_small, input_precision="ieee")
+    return acc + tl.dot(a_big, b_big, input_precision="ieee")
+
+
+@triton.jit
 def mm(a, b, PREC: tl.constexpr):
     """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
 
     "bf16": both operands rounded to bfloat16 (tensor cores at their bf16 rate); "bf16-interpreted"
-    is the same arithmetic for Triton's CPU interpreter (rounded in fp32, exact fp32 products), and
-    "tf32-interpreted" that of "tf32" on an H100 (operands truncated to tf32).
+    is the same arithmetic for Triton's CPU interpreter (rounded in fp32, exact fp32 products),
+    "tf32-interpreted" that of "tf32" on an H100 (operands truncated to tf32), and
+    "tf32x3-interpreted" that of "tf32x3" (``tf32x3_emulated``).
     """
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
@@ -101,6 +124,8 @@ def mm(a, b, PREC: tl.constexpr):
         return tl.dot(round_to_bf16(a), round_to_bf16(b), input_precision="ieee")
     elif PREC == "tf32-interpreted":
         return tl.dot(truncate_to_tf32(a), truncate_to_tf32(b), input_precision="ieee")
+    elif PREC == "tf32x3-interpreted":
+        return tf32x3_emulated(a, b)
     else:
         return tl.dot(a, b, input_precision=PREC)
 
@@ -111,9 +136,12 @@ def exact_mm(a, b):
     inverse must not carry tf32/bf16 rounding): fp32 FMAs ("ieee") for C <= 32, three tf32
     tensor-core products ("tf32x3", fp32's rounding) above: at C = 64 fp32 FMA products spill
     (sm_90, 8 warps: 255 registers and 3 KB of stack in the prepare kernel), while at C = 32 they
-    need fewer registers than tf32x3 (78 vs 104).  The interpreter computes both in fp32."""
+    need fewer registers than tf32x3 (78 vs 104).  The interpreter emulates tf32x3
+    (``tf32x3_emulated``)."""
     if a.shape[0] <= 32:
         return tl.dot(a, b, input_precision="ieee")
+    elif INTERPRETED:
+        return tf32x3_emulated(a, b)
     else:
         return tl.dot(a, b, input_precision="tf32x3")
 
@@ -302,9 +330,9 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     and fp32 ("ieee") backward.
     fp16: "tf32" in the forward (operands truncated to 10 mantissa bits, as fp16's own) and
     "ieee" in the backward (bf16 operands would round fp16 inputs more coarsely than fp16 does).
-    ``NLCOMPILE_TRITON_DOT`` overrides both.  The CPU interpreter runs "bf16" and "tf32" emulated
-    ("bf16-interpreted", "tf32-interpreted": operands rounded as the GPU rounds them, products in
-    fp32; ``mm``), the other precisions in fp32.
+    ``NLCOMPILE_TRITON_DOT`` overrides both.  The CPU interpreter runs "bf16", "tf32" and "tf32x3"
+    emulated ("bf16-interpreted", "tf32-interpreted", "tf32x3-interpreted": operands rounded or
+    split as the GPU does it, products in fp32; ``mm``), "ieee" in fp32.
     """
     dtypes = {x.dtype for x in (k, q) if x is not None}
     prec = knobs.triton_dot_precision()
@@ -315,7 +343,7 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
             prec = "ieee" if backward else "tf32"
         else:
             prec = "ieee"
-    if prec in ("bf16", "tf32") and interpreting():
+    if prec in ("bf16", "tf32", "tf32x3") and interpreting():
         return f"{prec}-interpreted"
     return prec
 
