@@ -33,7 +33,7 @@ class LoopReport:
     blocking_node: str | None = None
     readouts: tuple[str, ...] = ()
     source_line: str | None = None
-    runs: tuple[str, ...] = ()   # per state, how the target ran its scan in the latest call (triton)
+    runs: tuple[str, ...] = ()   # per state, how the target ran its scan in the latest call
 
     @property
     def kinds(self) -> list[str]:

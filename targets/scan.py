@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -203,6 +203,7 @@ def chunkwise_scan(
     gate_first: bool = False,
     q_scale: float = 1.0,
     out_dtype: Optional[torch.dtype] = None,
+    on_plan: Optional[Callable[[str], None]] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Same function as ``sequential_scan``, computed chunk by chunk (exact, any T >= 1).
 
@@ -216,7 +217,8 @@ def chunkwise_scan(
     exact (see ``scan_decay.GateCum``).  Sequences longer than ``SEGMENT_TOKENS``
     run in passes of that many tokens, the state carried.  The queries are ``q * q_scale``,
     scaled in their one copy into chunk order (no pass of their own).  The readout comes back in
-    ``out_dtype`` when given (the Triton kernels write it so; here it is converted).
+    ``out_dtype`` when given (the Triton kernels write it so; here it is converted).  ``on_plan``
+    is told the chunk length used, in words (``explain``).
     """
     x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first, q_scale)
     n, t, _ = x.k.shape
@@ -227,6 +229,8 @@ def chunkwise_scan(
     c = min(chunk_size, _next_pow2(t))
     if x.per_channel:
         c = 1 << (c.bit_length() - 1)
+    if on_plan is not None:
+        on_plan(f"the PyTorch chunkwise scan, chunk {c}")
     segment = max(c, SEGMENT_TOKENS // c * c)
     grad = records_grad(x.k, x.v, x.q, x.beta, x.write, x.gate, x.log_gate, x.state)
     # outside autograd every pass writes its readout straight into one [N, T (padded), dv] buffer

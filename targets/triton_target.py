@@ -49,7 +49,7 @@ class TritonTarget(InductorTarget):
 
         loop = plan.loop
         return ChunkwiseLoop(loop.body, plan.analysis, loop.step_dims, triton_chunkwise_scan, plan.chunk_size,
-                             kernel_chunk_size, heads_last=True, tells_plan=True)
+                             kernel_chunk_size, heads_last=True)
 
     def finalize(self, program: fx.GraphModule) -> Callable:
         if interpreting():

@@ -37,6 +37,8 @@ def test_zoo_model_compiles_exactly(name):
         assert loop.kind == entry.kind, str(report)
         assert loop.rewrite == "chunkwise", str(report)
         assert [r.endswith(f"({entry.readout} update)") for r in loop.readouts] == [True] * len(loop.readouts)
+        # how the latest call ran each state (T = 1: the scan's chunk is capped at T)
+        assert loop.runs == tuple(f"S{s.index} on the PyTorch chunkwise scan, chunk 1" for s in loop.states), str(report)
 
 
 LOW_PRECISION = [(n, torch.bfloat16, 96) for n in sorted(MODELS)] + [
