@@ -21,8 +21,9 @@
 # Triton version, the GPU architecture and the shapes) are copied from Triton's cache to
 # $OUT/triton-autotune after the benchmark; a folder .triton-autotune/ holding such a copy (carried
 # from an earlier run) is put into the cache first, so a rerun skips the tuning of unchanged kernels
-# (its "first fwd call" times are then not cold).  To carry them: copy the returned triton-autotune/
-# to .triton-autotune/ (git-ignored) and add it to the run's carry list beside .whl.
+# (its "first fwd call" times are then not cold; an H100's results serve an H200 too, both sm_90).
+# To carry them: copy the returned triton-autotune/ to .triton-autotune/ (git-ignored) and add it
+# to the run's carry list beside .whl.
 set -u
 OUT=${OUT:-gpu-logs}
 PY=${PY:-python3}
@@ -30,7 +31,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$HOME/.triton/cache}
 if [ -d .triton-autotune ]; then
-    mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton-autotune/. "$TRITON_CACHE_DIR"/
+    mkdir -p "$TRITON_CACHE_DIR" && cp -r .triton-autotune/. "$TRITON_CACHE_DIR"/ && chmod -R u+w "$TRITON_CACHE_DIR"
     echo "autotuning results carried: $(find .triton-autotune -name '*.autotune.json' | wc -l) files"
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then

@@ -10,6 +10,7 @@ program then skips the defensive copy of those.
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Sequence
 
 import torch
@@ -91,14 +92,15 @@ class ChunkwiseLoop(torch.nn.Module):
     bf16; the kernels choose their precision by it).  The loop then passes [1, T, N, ...] where
     the keys come out contiguous in that layout (leaves computed per step are stacked over a
     leading T; sources laid out [B, T, H, d]): [N, T, ...] would be a transposing copy of each
-    operand, and of the readout.  The scan's ``on_plan`` callback is told how it runs each call,
-    kept per state in ``scan_notes`` for ``explain``.
+    operand, and of the readout.  A scan that takes ``on_plan`` (both of ours; a plugin's may
+    not) is told through it how it runs each call, kept per state in ``scan_notes`` for ``explain``.
     """
 
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
                  chunk_size: int | None, choose_chunk_size, heads_last: bool = False):
         super().__init__()
         self.heads_last = heads_last
+        self.tells_plan = "on_plan" in inspect.signature(scan).parameters
         self.scan_notes: dict[int, str] = {}   # state -> how the scan ran it in the latest call
         gm = body.graph
         phs = _placeholders(gm)
@@ -232,7 +234,8 @@ class ChunkwiseLoop(torch.nn.Module):
             chunk = self.chunk_size or self.choose(
                 k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
             self.chunk_sizes_used[rule.state] = chunk
-            kw["on_plan"] = functools.partial(self.scan_notes.__setitem__, rule.state)
+            if self.tells_plan:
+                kw["on_plan"] = functools.partial(self.scan_notes.__setitem__, rule.state)
             mine = [r for r in self.analysis.readouts if r.state == rule.state]
             final = None
             for r in mine:

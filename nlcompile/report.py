@@ -66,7 +66,7 @@ class Report:
             if lp.readouts:
                 lines.append(f"       readouts: {', '.join(lp.readouts)}")
             for run in lp.runs:
-                lines.append(f"       runs: {run}")
+                lines.append(f"       runs (latest call): {run}")
             if lp.reason:
                 lines.append(f"       left sequential: {lp.reason}")
             if lp.source_line:

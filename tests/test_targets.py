@@ -90,6 +90,37 @@ def test_entry_point_plugin_is_discovered(tmp_path, monkeypatch):
     assert compiled.explain(*args).loops[0].rewrite == "chunkwise"
 
 
+def test_a_target_with_its_own_scan(monkeypatch):
+    """A user target running the chunkwise loops through its own scan function (here the torch
+    scan behind a narrower signature: no ``on_plan``) is called with what it takes."""
+    from nlcompile.loop_ops import ChunkwiseLoop
+    from nlcompile.targets.scan import choose_chunk_size, chunkwise_scan
+    from nlcompile.targets.torch_target import TorchTarget
+
+    calls = []
+
+    def my_scan(k, v, *, q=None, beta=None, write=None, gate=None, log_gate=None, initial_state=None,
+                readout="after", chunk_size=64, gate_first=False, q_scale=1.0, out_dtype=None):
+        calls.append(chunk_size)
+        return chunkwise_scan(k, v, q=q, beta=beta, write=write, gate=gate, log_gate=log_gate,
+                              initial_state=initial_state, readout=readout, chunk_size=chunk_size,
+                              gate_first=gate_first, q_scale=q_scale, out_dtype=out_dtype)
+
+    class OwnScan(TorchTarget):
+        name = "own-scan"
+
+        def loop_module(self, plan):
+            return ChunkwiseLoop(plan.loop.body, plan.analysis, plan.loop.step_dims, my_scan, plan.chunk_size,
+                                 choose_chunk_size)
+
+    nlcompile.register_target("own-scan", OwnScan())
+    compiled = nlcompile.compile(delta_loop, target="own-scan")
+    args = inputs(30)
+    torch.testing.assert_close(compiled(*args), delta_loop(*args), rtol=1e-4, atol=1e-5)
+    loop = compiled.explain(*args).loops[0]
+    assert calls and loop.rewrite == "chunkwise" and loop.runs == ()
+
+
 def test_inductor_target_matches_eager():
     compiled = nlcompile.compile(delta_loop, target="inductor")
     for T in (9, 100):

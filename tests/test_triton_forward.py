@@ -245,6 +245,12 @@ def test_tf32x3_emulation_is_fp32_accurate():
     scale = exact.abs().max()
     assert (x3.double() - exact).abs().max() / scale < 5e-7
     assert (trunc.double() - exact).abs().max() / scale > 100 * (x3.double() - exact).abs().max() / scale
+    # and it is tf32x3, not fp32: x^2 for x = 1 + 2^-11 + 2^-20 (head 1 + 2^-10, rest -2^-11 + 2^-20)
+    # misses the dropped rest x rest product: (1 + 2^-10)(1 + 2^-19) in fp32, not x^2 = 1.000978708...
+    x = torch.zeros(32, 32)
+    x[0, 0] = 1 + 2 ** -11 + 2 ** -20
+    _tf32_kernel[(1,)](x, x, rounded, x3, trunc, C=32)
+    assert x3[0, 0].item() == 1 + 2 ** -10 + 2 ** -19 != (x[0, 0] ** 2).item()
 
 
 def test_argument_errors():

@@ -424,7 +424,7 @@ def test_explain_says_when_a_loop_runs_the_pytorch_scan(monkeypatch):
         assert_close_outputs(compiled(*args), entry.fn(*args), 1e-10)
     (loop,) = compiled.explain(*args).loops
     assert loop.runs == ("S0 on the PyTorch chunkwise scan: float64 inputs (the kernels compute in float32)",)
-    assert "runs: S0 on the PyTorch chunkwise scan: float64" in str(compiled.explain(*args))
+    assert "runs (latest call): S0 on the PyTorch chunkwise scan: float64" in str(compiled.explain(*args))
 
 
 def _spy_on_scans(monkeypatch) -> list[dict]:

@@ -144,6 +144,29 @@ def test_when_tuning_applies(monkeypatch):
     assert not tuning.tuning_enabled(cuda)
 
 
+def test_a_tuning_on_disk_skips_compiling_every_candidate(monkeypatch):
+    """A key whose tuning Triton's disk cache holds (carried by gpu_check.sh) is not precompiled:
+    the autotuner's own lookup is asked, with a benchmark that stops it on a miss before it writes
+    its cache file."""
+    class Autotuner:   # the part of triton's Autotuner the lookup uses
+        cache_results, configs, written = True, tuning.Space(value_blocks=(32, 64)).configs(), []
+
+        def __init__(self, on_disk):
+            self.on_disk = on_disk
+
+        def check_disk_cache(self, key, configs, bench_fn):
+            if self.on_disk:
+                return True
+            bench_fn()
+            self.written.append(key)   # what triton does after benchmarking
+
+    kernel = forward.STATES
+    for on_disk in (True, False):
+        monkeypatch.setattr(kernel, "tuned", Autotuner(on_disk))
+        assert kernel._tuned_on_disk(("key",), (), dict(dv=128, PREC="bf16")) is on_disk
+    assert Autotuner.written == []
+
+
 def test_faulting_candidates_are_pruned():
     """BV = 32 with one pipeline stage under bf16 dots faulted on an H100 (Triton 3.6, the states
     kernel at chunk 64): never timed with bf16 dots, still a candidate otherwise; BV clipped to dv."""

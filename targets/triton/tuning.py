@@ -126,11 +126,13 @@ class ChunkKernel:
                 self.tuned[grid](*args, **meta)
                 return
             start = time.perf_counter()
-            compiled = self._precompile(args, meta, device)
+            on_disk = self._tuned_on_disk(key, args, meta)
+            compiled = 0 if on_disk else self._precompile(args, meta, device)
             self.tuned[grid](*args, **meta)
             if knobs.verbose():
-                print(f"nlcompile: tuned {self.name} in {time.perf_counter() - start:.1f} s ({compiled} candidates "
-                      f"compiled in parallel): {describe(self.tuned.best_config)}", file=sys.stderr)
+                how = "from Triton's disk cache" if on_disk else f"{compiled} candidates compiled in parallel"
+                print(f"nlcompile: tuned {self.name} in {time.perf_counter() - start:.1f} s ({how}): "
+                      f"{describe(self.tuned.best_config)}", file=sys.stderr)
             return
         fixed = dict(num_warps=blocks.num_warps, maxnreg=self.space.maxnreg if device.type == "cuda" else None)
         if self.space.value_blocks:
@@ -143,11 +145,30 @@ class ChunkKernel:
         return (tuple(named[name] for name in self.tuned.keys if name in named)
                 + tuple(str(x.dtype) for x in named.values() if hasattr(x, "dtype")))
 
+    def _tuned_on_disk(self, key: tuple, args: tuple, meta: dict) -> bool:
+        """Whether Triton's disk cache holds this key's tuning (from an earlier run on this machine,
+        or carried from one by benchmarks/gpu_check.sh): the autotuner then takes it and compiles
+        only its choice, so compiling every candidate first would be wasted.  Asked through the
+        autotuner's own lookup (which on a hit also records the choice), with a benchmark that
+        stops it on a miss, before it writes anything; any other Triton answers False."""
+        configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
+        if not getattr(self.tuned, "cache_results", False) or len(configs) < 2:
+            return False
+
+        class Miss(Exception):
+            pass
+
+        def miss() -> None:
+            raise Miss
+
+        try:
+            return bool(self.tuned.check_disk_cache(key, configs, miss))
+        except Exception:   # Miss, or a Triton whose autotuner works otherwise
+            return False
+
     def _precompile(self, args: tuple, meta: dict, device: torch.device) -> int:
         """Compile this key's candidates on a thread pool before the autotuner times them (it
-        compiles them one after another); returns how many compiled.  Not in the interpreter.
-        When Triton's disk cache already holds this key's choice, the candidates' binaries are
-        in its kernel cache too, so this only loads them."""
+        compiles them one after another); returns how many compiled.  Not in the interpreter."""
         if interpreting():
             return 0
         configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
