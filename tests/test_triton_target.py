@@ -51,25 +51,31 @@ def reference(k, v, kw, readout="after"):
     return sequential_scan(d(k), d(v), readout=readout, **{n: d(x) for n, x in kw.items()})
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("readout", ["after", "before"])
-def test_scan_forward_and_gradients_match_sequential(kind, readout):
-    """Every kind runs on the kernels (a fallback warning fails the test)."""
-    k, v, kw = scan_inputs(kind)
+def check_against_float64(k, v, kw, readout="after", q_scale=1.0):
+    """Output, final state and the gradients wrt every tensor input of ``triton_chunkwise_scan``
+    (chunk 16, no fallback: its warning fails the test) within 1e-4 of scale of float64
+    ``sequential_scan`` (queries times ``q_scale`` there)."""
     names = ["k", "v", *(n for n, x in kw.items() if torch.is_tensor(x))]
     leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
     for x in leaves:
         x.requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=16, **kw)
-    o_ref, s_ref = reference(k, v, kw, readout)
+        o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=16, q_scale=q_scale, **kw)
+    o_ref, s_ref = reference(k, v, dict(kw, q=kw["q"] * q_scale), readout)
     assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
     w_o, w_s = torch.randn_like(o), torch.randn_like(s)
     got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
     want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
     for name, g, w in zip(names, got, want):
         assert rel_err(g, w) <= 1e-4, (name, rel_err(g, w))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("readout", ["after", "before"])
+def test_scan_forward_and_gradients_match_sequential(kind, readout):
+    """Every kind runs on the kernels."""
+    check_against_float64(*scan_inputs(kind), readout)
 
 
 @pytest.mark.parametrize("kind", ["decay_channel", "delta", "gated_delta", "kda"])
@@ -81,17 +87,7 @@ def test_tf32x3_dots_keep_fp32_exactness(kind, monkeypatch):
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "tf32x3")
     k, v, kw = scan_inputs(kind)
     assert dot_precision(k, kw["q"]) == "tf32x3-interpreted"
-    leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
-    for x in leaves:
-        x.requires_grad_(True)
-    o, s = triton_chunkwise_scan(k, v, chunk_size=16, **kw)
-    o_ref, s_ref = reference(k, v, kw)
-    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
-    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
-    got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
-    want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) <= 1e-4
+    check_against_float64(k, v, kw)
 
 
 @pytest.mark.parametrize("kind,readout", [("additive", "before"), ("decay_channel", "after"), ("delta", "before"),
@@ -104,18 +100,8 @@ def test_query_scale_is_applied_by_the_kernels(kind, readout, monkeypatch):
     seen, op = [], ops.chunk_scan
     monkeypatch.setattr(ops, "chunk_scan", lambda k, v, q, *rest: seen.append(q) or op(k, v, q, *rest))
     k, v, kw = scan_inputs(kind, T=37)
-    leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
-    for x in leaves:
-        x.requires_grad_(True)
-    o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=16, q_scale=0.3, **kw)
+    check_against_float64(k, v, kw, readout, q_scale=0.3)
     assert seen and seen[0] is kw["q"]
-    o_ref, s_ref = reference(k, v, dict(kw, q=kw["q"] * 0.3), readout)
-    assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
-    w_o, w_s = torch.randn_like(o), torch.randn_like(s)
-    got = torch.autograd.grad((o * w_o).sum() + (s * w_s).sum(), leaves)
-    want = torch.autograd.grad((o_ref * w_o.double()).sum() + (s_ref * w_s.double()).sum(), leaves)
-    for g, w in zip(got, want):
-        assert rel_err(g, w) <= 1e-4
 
 
 @pytest.mark.parametrize("kind", ["delta", "kda"])
