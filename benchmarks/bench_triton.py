@@ -12,8 +12,12 @@ lengths), with the seconds of each variant's first call (compiles, tuning), of t
 ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (when installed: ``pip install
 flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratios measured in one
 run, with the device named, and each output's max error relative to the torch target's fp32 scan on
-the same bf16-rounded inputs. ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to
-check the script itself; its times mean nothing.
+the same bf16-rounded inputs. ``--compiled`` adds what a user of ``nlcompile.compile(model,
+target="triton")`` gets: the zoo's per-token loop of the model (``deltanet_matmul_bthd`` /
+``gated_deltanet_matmul_bthd``, which compute in fp32 inside, so ieee dots) compiled, the loop
+modules and the code around them included (its first call captures and compiles the model).
+``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to check the script itself; its
+times mean nothing.
 """
 from __future__ import annotations
 
@@ -89,6 +93,20 @@ def ours_in_place(x: dict):
     return o
 
 
+def compiled_zoo_model(model: str, D: int):
+    """The zoo's naive loop of ``model`` through ``nlcompile.compile(target="triton")``, on the
+    benchmark's inputs: q times sqrt(D) undoes the zoo model's own D^-0.5 (one elementwise pass,
+    timed), so that every row computes the same function."""
+    import nlcompile
+    from nlcompile.zoo import MODELS
+
+    name = {"DeltaNet": "deltanet_matmul_bthd", "GatedDeltaNet": "gated_deltanet_matmul_bthd"}[model]
+    compiled = nlcompile.compile(MODELS[name].fn, target="triton")
+    if model == "DeltaNet":
+        return lambda x: compiled(x["q"] * D ** 0.5, x["k"], x["v"], x["beta"])
+    return lambda x: compiled(x["q"] * D ** 0.5, x["k"], x["v"], x["g"], x["beta"])
+
+
 def fla_kernel(model: str):
     try:
         if model == "DeltaNet":
@@ -130,7 +148,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
-            profile_T=None, on_row=None) -> list[dict]:
+            profile_T=None, on_row=None, compiled=False) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
     relative to the torch target's fp32 scan on the same (bf16-rounded) inputs.  ``on_row(rows)``
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
@@ -152,6 +170,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         if fla is not None:   # right after our first variant: a run cut short still has a ratio to fla
             first = next(iter(impls.items()))
             impls = dict([first, ("fla", ({}, fla)), *list(impls.items())[1:]])
+        if compiled:
+            impls["nlcompile.compile (zoo loop, fp32 inside)"] = ({}, compiled_zoo_model(model, D))
         impls["torch target"] = ({}, lambda x: ours(x, chunkwise_scan))
         for T in lengths:
             x = make_inputs(model, B, H, T, D, device, dtype)
@@ -249,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
                     "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
     ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
+    ap.add_argument("--compiled", action="store_true", help="also time the zoo's per-token loop of each model "
+                    "compiled with nlcompile.compile(target='triton')")
     ap.add_argument("--render", metavar="JSON", help="only print the table of rows saved by --json (e.g. by a run "
                     "cut short by a time limit)")
     args = ap.parse_args(argv)
@@ -280,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
                    torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
-                   args.profile, on_row=save)
+                   args.profile, on_row=save, compiled=args.compiled)
     print(table(rows, device_name))
     return 0
 

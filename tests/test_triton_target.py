@@ -501,11 +501,12 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     saved = tmp_path / "rows.json"
-    assert bench.main(["--smoke", "--dots", "auto,ieee", "--json", str(saved)]) == 0
+    assert bench.main(["--smoke", "--dots", "auto,ieee", "--compiled", "--json", str(saved)]) == 0
     out = capsys.readouterr().out
     bf16 = torch.empty(0, dtype=torch.bfloat16)   # "auto": the precisions chosen for bf16 inputs, named as chosen
     auto = f"{dot_precision(bf16, None)}/{dot_precision(bf16, None, backward=True)}"
-    for kernel in (f"nlcompile-triton ({auto})", "nlcompile-triton (ieee)", "torch target"):
+    for kernel in (f"nlcompile-triton ({auto})", "nlcompile-triton (ieee)", "torch target",
+                   "nlcompile.compile (zoo loop, fp32 inside)"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
     assert bench.main(["--render", str(saved)]) == 0
     rendered = capsys.readouterr().out
