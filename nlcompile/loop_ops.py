@@ -93,14 +93,16 @@ class ChunkwiseLoop(torch.nn.Module):
     the keys come out contiguous in that layout (leaves computed per step are stacked over a
     leading T; sources laid out [B, T, H, d]): [N, T, ...] would be a transposing copy of each
     operand, and of the readout.  A scan that takes ``on_plan`` (both of ours; a plugin's may
-    not) is told through it how it runs each call, kept per state in ``scan_notes`` for ``explain``.
+    not), or any keyword, is told through it how it runs each call, kept per state in
+    ``scan_notes`` for ``explain``.
     """
 
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
                  chunk_size: int | None, choose_chunk_size, heads_last: bool = False):
         super().__init__()
         self.heads_last = heads_last
-        self.tells_plan = "on_plan" in inspect.signature(scan).parameters
+        self.tells_plan = any(p.name == "on_plan" or p.kind is p.VAR_KEYWORD
+                              for p in inspect.signature(scan).parameters.values())
         self.scan_notes: dict[int, str] = {}   # state -> how the scan ran it in the latest call
         gm = body.graph
         phs = _placeholders(gm)
