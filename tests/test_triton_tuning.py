@@ -84,7 +84,7 @@ def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
     once: ``tuning_key`` is the autotuner's own key (a second identical call finds it cached)."""
     calls = []
 
-    def record(self, args, meta, device):
+    def record(self, args, meta, configs, device):
         calls.append((self.name, self.tuning_key(args, meta)))
         return 0
 
@@ -163,7 +163,8 @@ def test_a_tuning_on_disk_skips_compiling_every_candidate(monkeypatch):
     kernel = forward.STATES
     for on_disk in (True, False):
         monkeypatch.setattr(kernel, "tuned", Autotuner(on_disk))
-        assert kernel._tuned_on_disk(("key",), (), dict(dv=128, PREC="bf16")) is on_disk
+        configs = tuning._clip_value_blocks(Autotuner.configs, {}, dv=128, PREC="bf16")
+        assert kernel._tuned_on_disk(("key",), configs) is on_disk
     assert Autotuner.written == []
 
 

@@ -126,8 +126,10 @@ class ChunkKernel:
                 self.tuned[grid](*args, **meta)
                 return
             start = time.perf_counter()
-            on_disk = self._tuned_on_disk(key, args, meta)
-            compiled = 0 if on_disk else self._precompile(args, meta, device)
+            # the candidates the autotuner will consider for this key (its early prune, our own)
+            configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
+            on_disk = self._tuned_on_disk(key, configs)
+            compiled = 0 if on_disk else self._precompile(args, meta, configs, device)
             self.tuned[grid](*args, **meta)
             if knobs.verbose():
                 how = "from Triton's disk cache" if on_disk else f"{compiled} candidates compiled in parallel"
@@ -145,13 +147,12 @@ class ChunkKernel:
         return (tuple(named[name] for name in self.tuned.keys if name in named)
                 + tuple(str(x.dtype) for x in named.values() if hasattr(x, "dtype")))
 
-    def _tuned_on_disk(self, key: tuple, args: tuple, meta: dict) -> bool:
+    def _tuned_on_disk(self, key: tuple, configs: list[triton.Config]) -> bool:
         """Whether Triton's disk cache holds this key's tuning (from an earlier run on this machine,
         or carried from one by benchmarks/gpu_check.sh): the autotuner then takes it and compiles
         only its choice, so compiling every candidate first would be wasted.  Asked through the
         autotuner's own lookup (which on a hit also records the choice), with a benchmark that
         stops it on a miss, before it writes anything; any other Triton answers False."""
-        configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
         if not getattr(self.tuned, "cache_results", False) or len(configs) < 2:
             return False
 
@@ -166,12 +167,11 @@ class ChunkKernel:
         except Exception:   # Miss, or a Triton whose autotuner works otherwise
             return False
 
-    def _precompile(self, args: tuple, meta: dict, device: torch.device) -> int:
+    def _precompile(self, args: tuple, meta: dict, configs: list[triton.Config], device: torch.device) -> int:
         """Compile this key's candidates on a thread pool before the autotuner times them (it
         compiles them one after another); returns how many compiled.  Not in the interpreter."""
         if interpreting():
             return 0
-        configs = _clip_value_blocks(self.tuned.configs, dict(zip(self.fn.arg_names, args)), **meta)
 
         def compile_one(config: triton.Config) -> None:
             with torch.cuda.device(device):   # the current device is per thread
