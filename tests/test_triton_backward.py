@@ -49,7 +49,7 @@ def _pad(x, rows: int):
 
 def chunk_intermediates(k, v, q, beta, g, h0, C: int, before: bool):
     """The spec's chunk formulas in float64: (o or None, final state, H [N,nc,dk,dv],
-    Vp [N,nc*C,dv], W [N,nc*C,dk]) (Vp, W: empty unless beta is given)."""
+    Vp [N,nc*C,dv], W [N,nc*C,dk], Tm [N,nc*C,C]) (Vp, W, Tm: empty unless beta is given)."""
     d = lambda x: None if x is None else x.double()  # noqa: E731
     k, v, q, beta, g, h = d(k), d(v), d(q), d(beta), d(g), d(h0)
     n, T, dk = k.shape
@@ -60,7 +60,7 @@ def chunk_intermediates(k, v, q, beta, g, h0, C: int, before: bool):
     rows = torch.arange(C)
     strict = rows[:, None] > rows[None, :]
     seen = rows[:, None] > rows[None, :] if before else rows[:, None] >= rows[None, :]
-    Hs, Vps, Ws, Os = [], [], [], []
+    Hs, Vps, Ws, Tms, Os = [], [], [], [], []
     for i in range(nc):
         sl = slice(i * C, (i + 1) * C)
         kc, vc = k[:, sl], v[:, sl]
@@ -79,6 +79,7 @@ def chunk_intermediates(k, v, q, beta, g, h0, C: int, before: bool):
             vp = Tm @ vc - Wc @ h
             Vps.append(vp)
             Ws.append(Wc)
+            Tms.append(Tm)
         if q is not None:
             qc = q[:, sl]
             expo = (Gq[:, :, None, :] - Gk[:, None, :, :]).masked_fill(~seen[:, :, None], float("-inf"))
@@ -89,8 +90,8 @@ def chunk_intermediates(k, v, q, beta, g, h0, C: int, before: bool):
         h = GL.exp().transpose(1, 2) * h + (kc * (GL - Gk).exp()).transpose(1, 2) @ vp
     o = torch.cat(Os, 1)[:, :T] if q is not None else None
     empty = k.new_empty(0)
-    return (o, h, torch.stack(Hs, 1),
-            torch.cat(Vps, 1) if beta is not None else empty, torch.cat(Ws, 1) if beta is not None else empty)
+    rows = lambda xs: torch.cat(xs, 1) if beta is not None else empty  # noqa: E731
+    return o, h, torch.stack(Hs, 1), rows(Vps), rows(Ws), rows(Tms)
 
 
 def reference_grads(x: dict, do, dh_final, before: bool):
@@ -128,9 +129,9 @@ def run_case(kind, T, C, dk, dv, before=False, with_q=True, h0=True, seed=0, gat
     do = torch.randn(N, T, dv, generator=gen) if with_q else None
     dh_final = torch.randn(N, dk, dv, generator=gen)
     h0_ = x["h0"] if h0 else torch.zeros(N, dk, dv)
-    _, _, H, Vp, W = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], h0_, C, before)
+    _, _, H, Vp, W, Tm = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], h0_, C, before)
     f32 = lambda t: t.float()  # noqa: E731
-    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], f32(H), f32(Vp), f32(W),
+    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], f32(H), f32(Vp), f32(W), f32(Tm),
                          do, dh_final, C, before)
     assert_grads_close(got, reference_grads(x, do, dh_final, before))
 
@@ -207,9 +208,9 @@ def test_half_precision_inputs_are_upcast(kind, monkeypatch):
         x[nm] = x[nm].bfloat16()
     gen = torch.Generator(torch.get_default_device()).manual_seed(5)
     do, dh_final = torch.randn(N, 30, 16, generator=gen), torch.randn(N, 16, 16, generator=gen)
-    _, _, H, Vp, W = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
+    _, _, H, Vp, W, Tm = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
     got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H.float(), Vp.float(), W.float(),
-                         do, dh_final, 16, False)
+                         Tm.float(), do, dh_final, 16, False)
     want = reference_grads(x, do, dh_final, False)
     assert [g.dtype for g in got[:3]] == [torch.bfloat16] * 3
     for name, a, b in zip(("dk", "dv", "dq"), got[:3], want[:3]):
@@ -220,11 +221,11 @@ def test_half_precision_inputs_are_upcast(kind, monkeypatch):
 @pytest.mark.parametrize("kind,before", [("gated_delta", False), ("decay_channel", True), ("decay", False),
                                          ("kda", True)])
 def test_chained_with_chunk_forward(kind, before):
-    """chunk_forward's H, V', W feed chunk_backward directly."""
+    """chunk_forward's H, V', W, Tm feed chunk_backward directly."""
     T, C, dk, dv = 37, 16, 16, 24
     x = make_inputs(kind, T, dk, dv)
     gen = torch.Generator(torch.get_default_device()).manual_seed(3)
     do, dh_final = torch.randn(N, T, dv, generator=gen), torch.randn(N, dk, dv, generator=gen)
-    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, before)
-    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, do, dh_final, C, before)
+    o, h_final, H, Vp, W, Tm = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, before)
+    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, Tm, do, dh_final, C, before)
     assert_grads_close(got, reference_grads(x, do, dh_final, before))

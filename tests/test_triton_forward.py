@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from _compare import low_precision_kernel_tol
+from test_triton_backward import chunk_intermediates
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import forward as fwd
 from nlcompile.targets.triton.common import (
@@ -85,7 +86,7 @@ def _assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: float) 
 def _check(x: dict, chunk: int, before: bool = False, tol: float | None = None):
     """Run chunk_forward and compare o, h_final and every H[:, i] with the float64 reference."""
     tol = TOL[x["k"].dtype] if tol is None else tol
-    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], chunk, before)
+    o, h_final, H, Vp, W, Tm = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], chunk, before)
     ref_o, ref_h, scan = _reference(x, before)
     t, dk, dv = x["k"].shape[1], x["k"].shape[2], x["v"].shape[2]
     nc = -(-t // chunk)
@@ -98,10 +99,14 @@ def _check(x: dict, chunk: int, before: bool = False, tol: float | None = None):
     for i in range(nc):
         _assert_close(f"H[:, {i}]", H[:, i], scan(i * chunk)[1], tol)
     if x["beta"] is None:
-        assert Vp.numel() == 0 and W.numel() == 0
+        assert Vp.numel() == 0 and W.numel() == 0 and Tm.numel() == 0
     else:
         assert Vp.shape == (N, nc * chunk, dv) and W.shape == (N, nc * chunk, dk)
         assert torch.isfinite(Vp).all() and torch.isfinite(W).all()
+        # the chunks' WY inverses, kept for the backward (padded rows: identity rows)
+        h0 = x["h0"] if x["h0"] is not None else torch.zeros(N, dk, dv)
+        want = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], h0, chunk, before)[5]
+        _assert_close("Tm", Tm, want, tol)
     return o, h_final, H, Vp, W
 
 

@@ -52,13 +52,13 @@ def test_tuned_launches_match_the_reference(kind, tuned_on_cpu):
     chunk formulas, whichever candidate won (dv = 40: every BV candidate leaves a partial block)."""
     T, C, dk, dv = 37, 16, 16, 40
     x = make_inputs(kind, T, dk, dv)
-    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
-    ref_o, ref_final, ref_H, _, _ = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
+    o, h_final, H, Vp, W, Tm = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
+    ref_o, ref_final, ref_H, *_ = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
     for got, ref in ((o, ref_o), (h_final, ref_final), (H, ref_H)):
         assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
     gen = torch.Generator(torch.get_default_device()).manual_seed(3)
     do, dh_final = torch.randn(2, T, dv, generator=gen), torch.randn(2, dk, dv, generator=gen)
-    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, do, dh_final, C, False)
+    got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, Tm, do, dh_final, C, False)
     assert_grads_close(got, reference_grads(x, do, dh_final, False), tol=1e-4)
     assert forward.STATES.chosen() and backward.GRADS.chosen()  # the tuned path ran
 
@@ -72,9 +72,9 @@ def test_tuning_leaves_the_callers_tensors_alone(kind, tuned_on_cpu):
     x = make_inputs(kind, T, dk, dv)
     given = {name: t for name, t in x.items() if t is not None}
     versions = {name: t._version for name, t in given.items()}
-    o, h_final, H, Vp, W = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
+    o, h_final, H, Vp, W, Tm = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
     do, dh_final = torch.ones_like(o), torch.ones_like(h_final)
-    chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, do, dh_final, C, False)
+    chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, Tm, do, dh_final, C, False)
     assert {name: t._version for name, t in given.items()} == versions
     assert do._version == dh_final._version == 0
 

@@ -32,11 +32,21 @@ dA = dO V'^T, dKt = V' dHn^T, dD = rowsum(dHn * H) and, for the delta family, dW
 gradient becomes dg by a reverse cumsum within the chunk (G = cumsum(g)); the readout
 "before" adds -dGq to dg (Gq = G - g).
 
-``_wy_grads_kernel`` (delta family; grid (chunks, N)) goes back through the WY form (Tm
-recomputed, not stored): dV = Tm^T dV', dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T,
+``_wy_grads_kernel`` (delta family; grid (chunks, N)) goes back through the WY form, with the
+Tm the forward stored: dV = Tm^T dV', dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T,
 dAkk = -tril_{-1}(Tm^T dTm Tm^T), then through Akk and Kb into dbeta and its parts of dk and
 dg, which it adds.  (One kernel for both held every accumulator at once and spilled 1.8-7 KB
 per thread on sm_90.)
+
+Sums of a score gradient against the scores' own Gram matrix (dbeta and dg need
+sum_s dAkk_rs (k_r . k_s), the scalar gate's dg sum_s dA_rs (q_r . k_s)) are read off the
+products the key and query gradients already form, sum_s dX_rs (a_r . b_s) = a_r . (dX B)_r,
+instead of forming K K^T or Q K^T again.  Tiles are loaded where they are first needed, after
+the dv loops, not held through them.  Measured statically on sm_90 (d = 128, bf16 dots, 8 warps,
+``python tests/test_triton_sm90.py --space``), against recomputing Tm and the Gram matrices:
+wy_grads at chunk 32 ~2.1-2.4 K instructions a program -> ~1.5-1.6 K, at chunk 64 ~5.7-6.4 K
+-> ~2.2-2.4 K and no spills (were 344-416 B per thread); Gated DeltaNet's grads kernel at
+chunk 32 no spills (were 96-104 B).
 Every exponent is masked (to -inf) before exp and is <= 0 for gates in (0, 1], so
 nothing overflows. Positions t >= T load as zeros (neutral steps), give zero
 gradients and are never stored.
@@ -51,9 +61,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram,
+    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, dot_precision, gram,
     kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
-    seq_start, sequences, store_steps, store_tile, wy_factors,
+    seq_start, sequences, store_steps, store_tile,
 )
 from .tuning import ChunkKernel, Space
 
@@ -177,7 +187,6 @@ def _grads_kernel(
     vp_seq = vp_ptr + n * NC * C * dv
     dvp_seq = dvp_ptr + n * NC * C * dv
     state = (n * NC + i) * dk * dv
-    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
     g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
 
     # Sums over dv, one block of BV value columns at a time.
@@ -202,10 +211,13 @@ def _grads_kernel(
             dA += mm(do, tl.trans(vp), PREC)
         if DELTA:
             dW -= mm(load_tile(dvp_seq, rows, cols_v, T, dv, dv), tl.trans(h), PREC)
+    if DELTA:      # stored now: not held through the rest
+        store_tile(dw_ptr + n * NC * C * dk, dW, rows, cols_k, T, dk, dk)
     dQt *= scale   # the readout is S^T (scale q): dO enters scaled
     dA *= scale
 
     # Kt = K e^{G_L - G} and D = e^{G_L}.
+    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
     eKt = tl.exp(GL - G)
     dK = dKt * eKt
     dG = -_per_gate(dKt * k * eKt, GATE)
@@ -227,18 +239,17 @@ def _grads_kernel(
             dG -= k * dKA
         else:          # A = (Q K^T) * e^{Gq_r - G_s}
             dAg = dA * pair_decay(Gq, G, mask)
-            dQ += mm(dAg, k, PREC)
-            dK += mm(tl.trans(dAg), q, PREC)
-            if GATE == 1:
-                dAA = dAg * gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
-                dGq += tl.sum(dAA, 1, keep_dims=True)
-                dG -= tl.trans(tl.sum(dAA, 0, keep_dims=True))
+            dQA = mm(dAg, k, PREC)                                        # row r: sum_s dAg_rs k_s
+            dKA = mm(tl.trans(dAg), q, PREC)                              # row s: sum_r dAg_rs q_r
+            dQ += dQA
+            dK += dKA
+            if GATE == 1:  # dA * A summed over s (dGq) and over r (-dG), with Q K^T not formed again
+                dGq += tl.sum(q * dQA, 1, keep_dims=True)
+                dG -= tl.sum(k * dKA, 1, keep_dims=True)
         dG += dGq
         store_tile(seq_start(dq_ptr, n, T, HEADS, dk), dQ, rows, cols_k, T, dk, HEADS * dk)
 
     store_tile(seq_start(dk_ptr, n, T, HEADS, dk), dK, rows, cols_k, T, dk, HEADS * dk)
-    if DELTA:
-        store_tile(dw_ptr + n * NC * C * dk, dW, rows, cols_k, T, dk, dk)
 
     if GATE > 0:  # G_L is G's last row; G = cumsum(g); before: Gq = G - g
         dG += tl.where(r[:, None] == C - 1, dGL, 0.0)
@@ -258,13 +269,13 @@ def _grads_kernel(
 
 @triton.jit(do_not_specialize=["N"])
 def _wy_grads_kernel(
-    k_ptr, v_ptr, b_ptr, coef_ptr, g_ptr, dvp_ptr, dw_ptr,     # inputs
+    k_ptr, v_ptr, b_ptr, coef_ptr, g_ptr, tm_ptr, dvp_ptr, dw_ptr,     # inputs
     dk_ptr, dv_ptr, db_ptr, dcoef_ptr, dg_ptr,                 # outputs (dk, dg: added to)
     T, N, HEADS, NC, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
 ):
-    """The delta family's gradients of one chunk through its WY form (Tm recomputed, not stored),
+    """The delta family's gradients of one chunk through its WY form (Tm as the forward stored it),
     from dV' and dW: dv = Tm^T dV' and dbeta, and their parts of dk and dg, added to what
     ``_grads_kernel`` stored.  W = Tm Kb (Kb = diag(b e^G) K), U = Tm V, Tm = (I + Akk)^{-1}:
     dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T, dAkk = -tril_{-1}(Tm^T dTm Tm^T).  HAS_COEF: the forward
@@ -280,16 +291,11 @@ def _wy_grads_kernel(
     v_seq = seq_start(v_ptr, n, T, HEADS, dv)
     dv_seq = seq_start(dv_ptr, n, T, HEADS, dv)
     dvp_seq = dvp_ptr + n * NC * C * dv
-    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
     _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
     b = load_steps(seq_start(b_ptr, n, T, HEADS, 1), rows, T, HEADS)
     strict = r[:, None] > r[None, :]
-    if GATE == 2:  # kk_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r), eb = b e^G [C,BK]
-        kk, Tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
-    else:
-        kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
-        E, Tm, eb = wy_factors(kk, b, G, C)                           # eb = b e^G [C,1]
-    kb = k * eb
+    Tm = load_tile(tm_ptr + n * NC * C * C, rows, r, NC * C, C, C)
+    eb = b[:, None] * tl.exp(G)                                       # [C,1], or [C,BK] per channel
 
     dTm = tl.zeros([C, C], dtype=tl.float32)
     if HAS_COEF:
@@ -310,27 +316,34 @@ def _wy_grads_kernel(
     if HAS_COEF:
         store_steps(seq_start(dcoef_ptr, n, T, HEADS, 1), dc, rows, T, HEADS)
 
+    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
     dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
-    dTm += mm(dW, tl.trans(kb), PREC)
+    dTm += mm(dW, tl.trans(k * eb), PREC)
     dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC)
-    if GATE == 2:  # Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r)
+    # Each [C, BK] tile is folded into dK, db, dG as soon as it is formed (fewer live at once).
+    dK = dKb * eb
+    if GATE == 2:  # Akk_rs = b_r kk_rs, kk_rs = sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r)
+        kk = channel_scores(k_seq, k_seq, g_seq, rows, T, dk, HEADS, strict, C, BK, BKC, False)
+        dG = dKb * k * eb                                             # Kb = b e^G K per channel
+        db = tl.sum(dKb * k * tl.exp(G), 1)
         dAkk = tl.where(strict, dAkk, 0.0)
+        db += tl.sum(dAkk * kk, 1)
         dAb = dAkk * b[:, None]
         E3 = channel_decay(G, G, strict)
         dKr = tl.sum(dAb[:, :, None] * k[None, :, :] * E3, 1)          # sum_s dAb_rs k_sc E_rsc
         dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)          # sum_r dAb_rs k_rc E_rsc
-        dK = dKr + dKs + dKb * eb
-        dG = k * (dKr - dKs) + dKb * kb                               # Kb = b e^G K per channel
-        db = tl.sum(dAkk * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
-    else:
-        dAE = tl.where(strict, dAkk, 0.0) * E                         # dAkk_rs e^{G_r - G_s}
-        dK = b[:, None] * mm(dAE, k, PREC) + mm(tl.trans(dAE * b[:, None]), k, PREC) + dKb * eb
-        db = tl.sum(dAE * kk, 1) + tl.sum(dKb * k * tl.exp(G), 1)
-        if GATE == 1:
-            M = dAE * b[:, None] * kk                                # dAkk * Akk
-            dG = tl.sum(M, 1, keep_dims=True) - tl.trans(tl.sum(M, 0, keep_dims=True))
-            dG += tl.sum(dKb * kb, 1, keep_dims=True)
+        dK += dKr + dKs
+        dG += k * (dKr - dKs)
+    else:          # Akk = diag(b) (K K^T * E), E_rs = e^{G_r - G_s} (s < r)
+        dAE = tl.where(strict, dAkk, 0.0) * pair_decay(G, G, strict)  # dAkk_rs e^{G_r - G_s}
+        dAK = mm(dAE, k, PREC)                                        # row r: sum_s dAE_rs k_s
+        dAbK = mm(tl.trans(dAE * b[:, None]), k, PREC)                # row s: sum_r dAE_rs b_r k_r
+        dK += b[:, None] * dAK + dAbK
+        kdAK = tl.sum(k * dAK, 1)                                     # sum_s dAE_rs (K K^T)_rs
+        db = kdAK + tl.sum(dKb * k, 1) * tl.exp(tl.sum(G, 1))
+        if GATE == 1:  # dG_r = sum_s M_rs - sum_s M_sr (M = dAkk * Akk) + the Kb = b e^G K part
+            dG = (b * kdAK - tl.sum(k * dAbK, 1))[:, None] + tl.sum(dKb * k, 1, keep_dims=True) * eb
     store_steps(seq_start(db_ptr, n, T, HEADS, 1), db, rows, T, HEADS)
     dk_seq = seq_start(dk_ptr, n, T, HEADS, dk)
     store_tile(dk_seq, load_tile(dk_seq, rows, cols_k, T, dk, HEADS * dk) + dK, rows, cols_k, T, dk, HEADS * dk)
@@ -371,6 +384,7 @@ def chunk_backward(
     H: Tensor,
     Vp: Tensor,
     W: Tensor,
+    Tm: Tensor,
     do: Optional[Tensor],
     dh_final: Optional[Tensor],
     chunk: int,
@@ -379,8 +393,9 @@ def chunk_backward(
     scale: float = 1.0,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef) of the chunkwise scan, given the forward's
-    intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv] and
-    W [N,nc*C,dk] (delta family only; ignored otherwise), the output gradient ``do``
+    intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv],
+    W [N,nc*C,dk] and Tm [N,nc*C,C] (the chunks' WY inverses; these three for the delta family
+    only, ignored otherwise), the output gradient ``do``
     [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).  The per-step
     inputs and ``do`` may also be in flash-linear-attention's [B,T,H,.] layout
     (``common.sequences``), read and written in place.  ``coef``: the write coefficient the
@@ -459,7 +474,7 @@ def chunk_backward(
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
-                        (k, v, beta_, beta_ if coef is None else c(coef), g_, dvp, dw, dk, dv, dbeta,
+                        (k, v, beta_, beta_ if coef is None else c(coef), g_, c(Tm), dvp, dw, dk, dv, dbeta,
                          unused if coef is None else dcoef, dg_, t, n, heads, nc, key_dim, value_dim),
                         dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate,
                              HAS_COEF=coef is not None, PREC=prec),

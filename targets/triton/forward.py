@@ -48,7 +48,7 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
-    k_ptr, v_ptr, beta_ptr, coef_ptr, g_ptr, w_ptr, u_ptr,
+    k_ptr, v_ptr, beta_ptr, coef_ptr, g_ptr, w_ptr, u_ptr, tm_ptr,
     T, N, HEADS, L, dk, dv,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
@@ -58,7 +58,8 @@ def _prepare_kernel(
     Akk_rs = b_r (k_r . k_s) e^{G_r - G_s} for s < r; Tm = (I + Akk)^{-1};
     W = Tm diag(b e^G) K and U = Tm V.  Written to rows i*C .. i*C+C-1 of the
     padded [N, L = nc*C, .] buffers (U into the V' buffer, which the states
-    kernel then corrects in place).  GATE: 0 none, 1 scalar, 2 per key channel in the
+    kernel then corrects in place), and Tm too ([N, L, C]: the backward's WY kernel reads it
+    instead of inverting again; rounded to the dots' operand dtype, as every product here uses it).  GATE: 0 none, 1 scalar, 2 per key channel in the
     "gate first" order S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T (Kimi Delta
     Attention): then Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc} (built like the per-channel
     readout scores, BKC channels at a time) and W = Tm (b e^G * K) with e^G per channel.
@@ -84,6 +85,7 @@ def _prepare_kernel(
         _, tm, eb = wy_factors(kk, b, G, C)
     store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
+    store_tile(tm_ptr + n * L * C, tm, rows, tl.arange(0, C), L, C, C)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -206,7 +208,7 @@ def chunk_forward(
     coef: Optional[Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     scale: float = 1.0,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the chunkwise scan forward.
 
     k [N,T,dk], v [N,T,dv], q [N,T,dk] or None (fp32 / bf16 / fp16, computed in fp32),
@@ -224,8 +226,9 @@ def chunk_forward(
 
     Returns (o [N,T,dv] (or [B,T,H,dv]) or torch.empty(0) without q, h_final [N,dk,dv],
     H [N,nc,dk,dv] (the state entering each chunk), Vp [N,nc*C,dv] (V', delta
-    only) and W [N,nc*C,dk] (delta only); Vp and W are torch.empty(0) otherwise).  o in
-    ``out_dtype``; the rest fp32, except H, Vp and W with bf16 dots: bf16 (``common.operand_dtype``).
+    only), W [N,nc*C,dk] and Tm [N,nc*C,C] (delta only: rows i*C.. hold chunk i's
+    (I + Akk)^{-1}); Vp, W and Tm are torch.empty(0) otherwise).  o in ``out_dtype``; the rest fp32,
+    except H, Vp, W and Tm with bf16 dots: bf16 (``common.operand_dtype``).
     """
     n, t, heads, prefix = sequences(k)
     if not isinstance(v, Tensor) or v.dim() != len(prefix) + 1 or tuple(v.shape[:-1]) != prefix:
@@ -278,16 +281,17 @@ def chunk_forward(
     h_final = torch.empty(n, dk, dv, **f32)
     Vp = torch.empty(n, L, dv, **operands) if delta else torch.empty(0, **f32)
     W = torch.empty(n, L, dk, **operands) if delta else torch.empty(0, **f32)
+    Tm = torch.empty(n, L, c, **operands) if delta else torch.empty(0, **f32)
     if t == 0 or n == 0:
         h_final.copy_(h0)
-        return o, h_final, H, Vp, W
+        return o, h_final, H, Vp, W, Tm
 
     meta = dict(C=c, BK=blocks.BK, GATE=gate, PREC=prec)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
     if delta:
-        PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, t, n, heads, L,
-                                           dk, dv),
+        PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, Tm, t, n, heads,
+                                           L, dk, dv),
                        dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD, HAS_COEF=coef is not None),
                        blocks, dev)
     src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
@@ -299,4 +303,4 @@ def chunk_forward(
         OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),
                       (q, k, src, g_arg, H, o, t, n, heads, src_rows, src_heads, nc, dk, dv, float(scale)),
                       dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)
-    return o, h_final, H, Vp, W
+    return o, h_final, H, Vp, W, Tm

@@ -1,10 +1,14 @@
 """The Triton chunk kernels as ``torch.library`` custom ops, and the scan built on them.
 
-``nlcompile::chunk_scan`` (forward) and ``nlcompile::chunk_scan_backward`` are
+``nlcompile::chunk_scan_v2`` (forward) and ``nlcompile::chunk_scan_backward_v2`` are
 opaque to ``torch.compile`` / ``torch.export``: each has a fake (meta)
 implementation giving output shapes, and the forward's autograd formula calls
 the backward op, so a compiled graph keeps them as single nodes and Inductor
-fuses the code around them.
+fuses the code around them.  The version in their names changes with their schemas: a graph
+that torch.compile cached (AOTAutograd's cache, keyed on the traced graph, not on the schemas of
+the ops it calls) calls the ops as they were when it was compiled, so a changed op takes a new
+name rather than meet an old cache entry (seen here: v2 added the WY inverses to the forward's
+outputs, and a cached backward called the new op with the old arguments).
 
 ``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan`` (the loop modules
 call either); it prepares the kernel inputs with ordinary, differentiable torch ops (gates to log
@@ -34,12 +38,13 @@ from nlcompile.targets.triton.forward import chunk_forward
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("nlcompile::chunk_scan", mutates_args=())
+@torch.library.custom_op("nlcompile::chunk_scan_v2", mutates_args=())
 def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
                out_dtype: Optional[torch.dtype] = None, scale: float = 1.0
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(o, final state, states entering each chunk, corrected values, W); see ``forward.chunk_forward``."""
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(o, final state, states entering each chunk, corrected values, W, the chunks' WY inverses Tm);
+    see ``forward.chunk_forward``."""
     return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale)
 
 
@@ -52,24 +57,23 @@ def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0)
     operands = dict(dtype=operand_dtype(dot_precision(k, q)), device=k.device)
     o = k.new_empty((*prefix, dv), dtype=out_dtype or torch.float32) if q is not None else k.new_empty(_EMPTY, **f32)
     delta = beta is not None
-    return (o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands),
-            k.new_empty((n, nc * chunk, dv), **operands) if delta else k.new_empty(_EMPTY, **f32),
-            k.new_empty((n, nc * chunk, dk), **operands) if delta else k.new_empty(_EMPTY, **f32))
+    rows = lambda width: k.new_empty((n, nc * chunk, width), **operands) if delta else k.new_empty(_EMPTY, **f32)  # noqa: E731
+    return o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands), rows(dv), rows(dk), rows(chunk)
 
 
-@torch.library.custom_op("nlcompile::chunk_scan_backward", mutates_args=())
+@torch.library.custom_op("nlcompile::chunk_scan_backward_v2", mutates_args=())
 def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
-                        h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, do: Optional[Tensor],
+                        h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, tm: Tensor, do: Optional[Tensor],
                         dh_final: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
                         scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef); an absent input's gradient is an empty tensor
     (``backward.chunk_backward``: dk, dv, dq in the inputs' dtypes, the others fp32)."""
-    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef, scale)
+    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef, scale)
     return tuple(k.new_empty(_EMPTY, dtype=torch.float32) if x is None else x for x in grads)
 
 
 @chunk_scan_backward.register_fake
-def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=None, scale=1.0):
+def _(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef=None, scale=1.0):
     like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
     own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=x.dtype)  # noqa: E731
     return (own(k), own(v), own(q), *(like(x) for x in (beta, g, h0, coef)))
@@ -77,19 +81,19 @@ def _(k, v, q, beta, g, h0, states, v_new, w, do, dh_final, chunk, before, coef=
 
 def _setup_context(ctx, inputs, output):
     k, v, q, beta, g, h0, chunk, before, coef, _, scale = inputs
-    _, _, states, v_new, w = output
-    ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w, coef)
+    _, _, states, v_new, w, tm = output
+    ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w, tm, coef)
     ctx.chunk, ctx.before, ctx.scale = chunk, before, scale
-    ctx.mark_non_differentiable(states, v_new, w)
+    ctx.mark_non_differentiable(states, v_new, w, tm)
 
 
 def _backward(ctx, do, dh_final, *_intermediates):
-    k, v, q, beta, g, h0, states, v_new, w, coef = ctx.saved_tensors
+    k, v, q, beta, g, h0, states, v_new, w, tm, coef = ctx.saved_tensors
     if dh_final is None:
         dh_final = torch.zeros_like(h0, dtype=torch.float32)
     if q is not None and do is None:
         do = k.new_zeros(*k.shape[:-1], v.shape[-1], dtype=torch.float32)
-    grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, do if q is not None else None,
+    grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, tm, do if q is not None else None,
                                 dh_final, ctx.chunk, ctx.before, coef, ctx.scale)
     inputs = (k, v, q, beta, g, h0, coef)
     dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
