@@ -11,8 +11,9 @@ several tl.dot precisions, fixed warps per program (or untuned: ``--warps fixed`
 lengths), with the seconds of each variant's first call (compiles, tuning), of the ``fla`` package's
 ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (when installed: ``pip install
 flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratios measured in one
-run, with the device named, and each output's max error relative to the torch target's fp32 scan on
-the same bf16-rounded inputs. ``--compiled`` adds what a user of ``nlcompile.compile(model,
+run, with the device named, each output's max error relative to the torch target's fp32 scan on
+the same bf16-rounded inputs, and the device memory a forward+backward step holds at its peak
+beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's temporaries). ``--compiled`` adds what a user of ``nlcompile.compile(model,
 target="triton")`` gets: the zoo's per-token loop of the model (``deltanet_matmul_bthd`` /
 ``gated_deltanet_matmul_bthd``, which compute in fp32 inside, so ieee dots) compiled, the loop
 modules and the code around them included (its first call captures and compiles the model).
@@ -41,6 +42,21 @@ def first_call(fn, device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
+
+
+def peak_memory(fn, device: torch.device):
+    """MiB of device memory at the peak of ``fn()`` beyond what was allocated before it; None off
+    CUDA.  For the benchmark's step (forward, loss, backward): what the forward saves for the
+    backward, the kernels' scratch, and the loss's temporaries (the same loss for every row, on
+    the output cast to fp32: a bf16 output adds an fp32 copy that an fp32 one does not)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -192,6 +208,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         if name != "fla":
                             raise
                         row["fwd_bwd"], row["note"] = None, str(e).splitlines()[0]
+                    if row["fwd_bwd"] is not None:
+                        row["peak_mib"] = peak_memory(step, device)
                     if profile_T == T:
                         row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
@@ -199,6 +217,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                 if on_row is not None:
                     on_row(rows)
                 both = "-" if row["fwd_bwd"] is None else f"{row['fwd_bwd'] * 1e3:.2f} ms"
+                if row.get("peak_mib") is not None:
+                    both += f" (peak {row['peak_mib']:.0f} MiB)"
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
                       f"error {row['err']:.1e}, first fwd call {row['first_s']:.1f} s", file=sys.stderr, flush=True)
     return rows
@@ -237,16 +257,17 @@ def table(rows: list[dict], device_name: str) -> str:
     fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
     lines = [f"device: {device_name}", "",
              "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 "
-             "| first fwd call (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| first fwd call (s) | fwd+bwd peak memory (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
     for r in rows:
         ref = fla.get((r["model"], r["T"]), {})
         ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {ratio(r['fwd_bwd'], ref.get('fwd_bwd'))}"
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
         lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
-                     f"{r['err']:.1e} | {r['first_s']:.1f} |")
+                     f"{r['err']:.1e} | {r['first_s']:.1f} | {peak} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
         if "profile" in r:

@@ -1,8 +1,8 @@
 """Backward Triton kernels (``targets.triton.backward.chunk_backward``) against autograd
 through ``sequential_scan`` in float64.
 
-The forward intermediates the backward needs (H: state entering each chunk, V' and W
-of the delta family) come from ``chunk_intermediates`` below, a float64 PyTorch
+The forward intermediates the backward needs (H: state entering each chunk, V', W and the
+WY inverses Tm of the delta family) come from ``chunk_intermediates`` below, a float64 PyTorch
 transcription of the chunk formulas, itself checked against ``sequential_scan``.
 Without a GPU the kernels run in Triton's interpreter (tests/conftest.py), so shapes are small.
 """
@@ -138,7 +138,7 @@ def run_case(kind, T, C, dk, dv, before=False, with_q=True, h0=True, seed=0, gat
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_chunk_intermediates_match_sequential(kind):
-    """The test's own chunk forward (source of H, V', W) is the scan it claims to be."""
+    """The test's own chunk forward (source of H, V', W, Tm) is the scan it claims to be."""
     x = make_inputs(kind, 37, 16, 24)
     for before in (False, True):
         o, s, *_ = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, before)

@@ -41,12 +41,13 @@ per thread on sm_90.)
 Sums of a score gradient against the scores' own Gram matrix (dbeta and dg need
 sum_s dAkk_rs (k_r . k_s), the scalar gate's dg sum_s dA_rs (q_r . k_s)) are read off the
 products the key and query gradients already form, sum_s dX_rs (a_r . b_s) = a_r . (dX B)_r,
-instead of forming K K^T or Q K^T again.  Tiles are loaded where they are first needed, after
-the dv loops, not held through them.  Measured statically on sm_90 (d = 128, bf16 dots, 8 warps,
-``python tests/test_triton_sm90.py --space``), against recomputing Tm and the Gram matrices:
-wy_grads at chunk 32 ~2.1-2.4 K instructions a program -> ~1.5-1.6 K, at chunk 64 ~5.7-6.4 K
--> ~2.2-2.4 K and no spills (were 344-416 B per thread); Gated DeltaNet's grads kernel at
-chunk 32 no spills (were 96-104 B).
+instead of forming K K^T or Q K^T again (the readout_dv kernel still forms the scores A
+themselves, and with a per-channel gate the WY kernel its channel-decayed K K^T).  Tiles are
+loaded where they are first needed, after the dv loops, not held through them.  Measured
+statically on sm_90 (d = 128, bf16 dots, 8 warps, ``python tests/test_triton_sm90.py --space``),
+against recomputing Tm and the Gram matrices: wy_grads at chunk 32 ~2.1-2.6 K instructions a
+program -> ~1.4-1.8 K, at chunk 64 ~5.7-6.4 K -> ~2.1-2.3 K and no spills (were 344-416 B per
+thread); Gated DeltaNet's grads kernel at chunk 32 no spills (were 96-104 B).
 Every exponent is masked (to -inf) before exp and is <= 0 for gates in (0, 1], so
 nothing overflows. Positions t >= T load as zeros (neutral steps), give zero
 gradients and are never stored.
@@ -295,7 +296,6 @@ def _wy_grads_kernel(
     b = load_steps(seq_start(b_ptr, n, T, HEADS, 1), rows, T, HEADS)
     strict = r[:, None] > r[None, :]
     Tm = load_tile(tm_ptr + n * NC * C * C, rows, r, NC * C, C, C)
-    eb = b[:, None] * tl.exp(G)                                       # [C,1], or [C,BK] per channel
 
     dTm = tl.zeros([C, C], dtype=tl.float32)
     if HAS_COEF:
@@ -317,6 +317,7 @@ def _wy_grads_kernel(
         store_steps(seq_start(dcoef_ptr, n, T, HEADS, 1), dc, rows, T, HEADS)
 
     k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
+    eb = b[:, None] * tl.exp(G)                              # [C,1], or [C,BK] per channel
     dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
     dTm += mm(dW, tl.trans(k * eb), PREC)

@@ -287,28 +287,24 @@ def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C: tl.constexp
 @triton.jit
 def wy_factors(kk, b, G, C: tl.constexpr):
     """The delta rule's chunk factors from kk = K K^T [C,C], b [C] and a scalar (or no) gate
-    G [C,1]: (E, Tm, eb) with E_rs = e^{G_r - G_s} (s < r, else 0), Akk = diag(b) K K^T * E,
+    G [C,1]: (Tm, eb) with Akk = diag(b) K K^T * E, E_rs = e^{G_r - G_s} (s < r, else 0),
     Tm = (I + Akk)^{-1} and eb = b e^G [C,1], so W = Tm (K * eb) and U = Tm V."""
     r = tl.arange(0, C)
-    E = pair_decay(G, G, r[:, None] > r[None, :])
-    Tm = unit_lower_inverse(b[:, None] * kk * E, C)
-    eb = b[:, None] * tl.exp(G)
-    return E, Tm, eb
+    Tm = unit_lower_inverse(b[:, None] * kk * pair_decay(G, G, r[:, None] > r[None, :]), C)
+    return Tm, b[:, None] * tl.exp(G)
 
 
 @triton.jit
 def channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr,
                        BKC: tl.constexpr):
     """The delta rule's chunk factors for a per-key-channel gate in the "gate first" order
-    (S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T): (kkg, Tm, eb) with
+    (S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T): (Tm, eb) with
     kkg_rs = sum_c k_rc k_sc e^{G_rc - G_sc} (s < r, else 0; from [C, C, BKC] products,
     masked before exp), Akk = diag(b) kkg, Tm = (I + Akk)^{-1} and eb = b e^G [C, BK] per
     channel, so W = Tm (K * eb) and U = Tm V."""
     r = tl.arange(0, C)
     kkg = channel_scores(k_seq, k_seq, g_seq, rows, T, dk, HEADS, r[:, None] > r[None, :], C, BK, BKC, False)
-    Tm = unit_lower_inverse(b[:, None] * kkg, C)
-    eb = b[:, None] * tl.exp(G)
-    return kkg, Tm, eb
+    return unit_lower_inverse(b[:, None] * kkg, C), b[:, None] * tl.exp(G)
 
 
 # --------------------------------------------------------------------------- launch choices

@@ -16,7 +16,8 @@ cumsum of g inside the chunk, G_L its value at the last row, Gq = G or G - g)::
     O_i     = (Q e^{Gq}) H_i + A V',  A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc}  (s <= r, or s < r "before")
             (times ``scale``, the queries' factor: the readout is S^T (scale q))
 
-Three kernels: ``_prepare_kernel`` (delta only, parallel over chunks: W and U),
+Three kernels: ``_prepare_kernel`` (delta only, parallel over chunks: W, U and the WY inverse Tm,
+which the backward reads),
 ``_states_kernel`` (sequential over chunks, parallel over sequences and value
 blocks: stores H_i and overwrites U with V') and ``_output_kernel`` (parallel
 over chunks: O).  Positions t >= T are masked to k = v = q = 0, b = 0, g = 0,
@@ -79,10 +80,10 @@ def _prepare_kernel(
     b = load_steps(seq_start(beta_ptr, n, T, HEADS, 1), rows, T, HEADS)
     _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
     if GATE == 2:
-        _, tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
+        tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
     else:
         kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
-        _, tm, eb = wy_factors(kk, b, G, C)
+        tm, eb = wy_factors(kk, b, G, C)
     store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
     store_tile(tm_ptr + n * L * C, tm, rows, tl.arange(0, C), L, C, C)
