@@ -60,9 +60,9 @@ def _prepare_kernel(
     W = Tm diag(b e^G) K and U = Tm V.  Written to rows i*C .. i*C+C-1 of the
     padded [N, L = nc*C, .] buffers (U into the V' buffer, which the states
     kernel then corrects in place), and Tm too ([N, L, C]: the backward's WY kernel reads it
-    instead of inverting again; rounded to the dots' operand dtype, as every product here uses it).  GATE: 0 none, 1 scalar, 2 per key channel in the
-    "gate first" order S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T (Kimi Delta
-    Attention): then Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc} (built like the per-channel
+    instead of inverting again; rounded to the dots' operand dtype, as every product here uses
+    it).  GATE: 0 none, 1 scalar, 2 per key channel in the "gate first" order
+    S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T (Kimi Delta Attention): then Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc} (built like the per-channel
     readout scores, BKC channels at a time) and W = Tm (b e^G * K) with e^G per channel.
     HAS_COEF: v is scaled here by the write coefficient ``coef`` (U = Tm diag(coef) V), not before.
     """

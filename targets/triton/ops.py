@@ -57,7 +57,10 @@ def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0)
     operands = dict(dtype=operand_dtype(dot_precision(k, q)), device=k.device)
     o = k.new_empty((*prefix, dv), dtype=out_dtype or torch.float32) if q is not None else k.new_empty(_EMPTY, **f32)
     delta = beta is not None
-    rows = lambda width: k.new_empty((n, nc * chunk, width), **operands) if delta else k.new_empty(_EMPTY, **f32)  # noqa: E731
+
+    def rows(width: int) -> Tensor:   # V', W, Tm: delta family only
+        return k.new_empty((n, nc * chunk, width), **operands) if delta else k.new_empty(_EMPTY, **f32)
+
     return o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands), rows(dv), rows(dk), rows(chunk)
 
 
