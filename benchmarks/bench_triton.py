@@ -14,7 +14,8 @@ flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratio
 run, with the device named, each output's max error relative to the torch target's fp32 scan on
 the same bf16-rounded inputs, and the device memory a forward+backward step holds at its peak
 beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's
-temporaries). ``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")`` gets: the zoo's per-token loop of the model (``deltanet_matmul_bthd`` /
+temporaries). ``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")``
+gets: the zoo's per-token loop of the model (``deltanet_matmul_bthd`` /
 ``gated_deltanet_matmul_bthd``, which compute in fp32 inside, so ieee dots) compiled, the loop
 modules and the code around them included (its first call captures and compiles the model).
 ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to check the script itself; its

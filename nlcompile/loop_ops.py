@@ -74,9 +74,6 @@ def _placeholders(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
-_ONE = Operand(1.0, ())
-
-
 class ChunkwiseLoop(torch.nn.Module):
     """Run a loop whose every state has an exact chunkwise form.
 
@@ -203,7 +200,7 @@ class ChunkwiseLoop(torch.nn.Module):
     def _implied_write(rule) -> bool:
         """Whether the scans' default write coefficient is the rule's (beta in the delta family, else
         1): then none is passed (no copy of the same values, no tensor of ones)."""
-        return rule.write is None or rule.write == (rule.beta if rule.beta is not None else _ONE)
+        return rule.write is None or rule.write == (rule.beta if rule.beta is not None else L.ONE)
 
     def _operand(self, layout, values, time_major: bool, op, role: str, **how) -> torch.Tensor:
         """One scan input: [N, T, ...], or [1, T, N, ...] when ``time_major`` (``operand_for_kernel``)."""

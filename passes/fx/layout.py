@@ -372,6 +372,9 @@ def _float(d: torch.dtype) -> torch.dtype:
     return d if d.is_floating_point else torch.float32
 
 
+ONE = Operand(1.0, ())   # no factor: what an absent value or write coefficient stands for
+
+
 def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, values: Mapping[str, torch.Tensor],
                        per_channel: bool | None = None, time_major: bool = False,
                        keep_dtype: bool = False) -> torch.Tensor:
@@ -379,7 +382,7 @@ def operand_for_kernel(op: Operand | None, layout: StateLayout, role: str, value
     ``time_major``: [T, N, ...] instead, which for the per-step values (stacked over a leading T)
     is a view where the flat layout is a transposing copy.  ``keep_dtype``: keys and values that
     are one value as it is keep its dtype (bf16 stays bf16), the rest is at least fp32."""
-    op = op if op is not None else Operand(1.0, ())
+    op = op if op is not None else ONE
     sizes = dict(layout.sizes)
     if role == "gate" and per_channel is None:
         per_channel = layout.key in {a for f in op.factors for a in f.indices}
