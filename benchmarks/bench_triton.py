@@ -12,12 +12,15 @@ lengths), with the seconds of each variant's first call (compiles, tuning), of t
 ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (when installed: ``pip install
 flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratios measured in one
 run, with the device named, each output's max error relative to the torch target's fp32 scan on
-the same bf16-rounded inputs, and the device memory a forward+backward step holds at its peak
+the same bf16-rounded inputs, the device memory a forward+backward step holds at its peak
 beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's
-temporaries). ``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")``
-gets: the zoo's per-token loop of the model (``deltanet_matmul_bthd`` /
-``gated_deltanet_matmul_bthd``, which compute in fp32 inside, so ieee dots) compiled, the loop
-modules and the code around them included (its first call captures and compiles the model).
+temporaries) and what autograd keeps from the forward for the backward beyond the inputs
+(``kept_memory``; on any device). ``--recompute`` adds each variant of our kernels with
+``recompute=True`` (only the inputs kept; the chunk states formed again in the backward).
+``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")`` gets: the zoo's
+per-token loop of the model (``deltanet_matmul_bthd`` / ``gated_deltanet_matmul_bthd``, which
+compute in fp32 inside, so ieee dots) compiled, the loop modules and the code around them
+included (its first call captures and compiles the model).
 ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to check the script itself; its
 times mean nothing.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import os
@@ -58,6 +62,22 @@ def peak_memory(fn, device: torch.device):
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+
+
+def kept_memory(fn, inputs) -> float:
+    """MiB that autograd keeps from ``fn()`` for the backward (the tensors it saves, each storage
+    once), beyond the storages of ``inputs`` (held by the caller anyway)."""
+    own = {x.untyped_storage().data_ptr() for x in inputs}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in own:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(saved.values()) / 2 ** 20
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -100,13 +120,13 @@ def ours(x: dict, scan):
     return o.view(B, H, T, -1).transpose(1, 2)  # back to [B, T, H, D]
 
 
-def ours_in_place(x: dict):
+def ours_in_place(x: dict, recompute: bool = False):
     """Our kernels on fla's [B, T, H, D] inputs, read in place (``triton_chunkwise_scan``), the
     output in the inputs' dtype as fla's is."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     o, _ = triton_chunkwise_scan(x["k"], x["v"], q=x["q"], beta=x["beta"], log_gate=x.get("g"),
-                                 out_dtype=x["q"].dtype)
+                                 out_dtype=x["q"].dtype, recompute=recompute)
     return o
 
 
@@ -165,7 +185,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
-            profile_T=None, on_row=None, compiled=False) -> list[dict]:
+            profile_T=None, on_row=None, compiled=False, recompute=False) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
     relative to the torch target's fp32 scan on the same (bf16-rounded) inputs.  ``on_row(rows)``
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
@@ -178,11 +198,11 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         impls = {}
         probe = torch.empty(0, dtype=dtype)
         chosen = "/".join((auto_precision(probe, None), auto_precision(probe, None, backward=True)))
-        for prec, w, chunk in itertools.product(dots, warps, chunks):
+        for prec, w, chunk, lean in itertools.product(dots, warps, chunks, (False, True)[:1 + recompute]):
             label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
             label += {"auto": ", tuned" if tuning_enabled(device) else "", "fixed": ", untuned"}.get(w, f", {w} warps")
-            label += ")" if chunk == "auto" else f", C={chunk})"
-            impls[label] = (variant_knobs(prec, w, chunk), ours_in_place)
+            label += ("" if chunk == "auto" else f", C={chunk}") + (", recompute" if lean else "") + ")"
+            impls[label] = (variant_knobs(prec, w, chunk), functools.partial(ours_in_place, recompute=lean))
         fla = fla_kernel(model)
         if fla is not None:   # right after our first variant: a run cut short still has a ratio to fla
             first = next(iter(impls.items()))
@@ -211,6 +231,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         row["fwd_bwd"], row["note"] = None, str(e).splitlines()[0]
                     if row["fwd_bwd"] is not None:
                         row["peak_mib"] = peak_memory(step, device)
+                        row["kept_mib"] = kept_memory(lambda: fn(grads), grads.values())
                     if profile_T == T:
                         row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
@@ -220,6 +241,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                 both = "-" if row["fwd_bwd"] is None else f"{row['fwd_bwd'] * 1e3:.2f} ms"
                 if row.get("peak_mib") is not None:
                     both += f" (peak {row['peak_mib']:.0f} MiB)"
+                if row.get("kept_mib") is not None:
+                    both += f", kept for the backward {row['kept_mib']:.1f} MiB"
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
                       f"error {row['err']:.1e}, first fwd call {row['first_s']:.1f} s", file=sys.stderr, flush=True)
     return rows
@@ -258,8 +281,8 @@ def table(rows: list[dict], device_name: str) -> str:
     fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
     lines = [f"device: {device_name}", "",
              "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 "
-             "| first fwd call (s) | fwd+bwd peak memory (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| first fwd call (s) | fwd+bwd peak memory (MiB) | kept for bwd (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -267,8 +290,9 @@ def table(rows: list[dict], device_name: str) -> str:
         ref = fla.get((r["model"], r["T"]), {})
         ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {ratio(r['fwd_bwd'], ref.get('fwd_bwd'))}"
         peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        kept = "-" if r.get("kept_mib") is None else f"{r['kept_mib']:.1f}"
         lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
-                     f"{r['err']:.1e} | {r['first_s']:.1f} | {peak} |")
+                     f"{r['err']:.1e} | {r['first_s']:.1f} | {peak} | {kept} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
         if "profile" in r:
@@ -291,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
                     "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
     ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
+    ap.add_argument("--recompute", action="store_true", help="also time each variant of our kernels with "
+                    "recompute=True (the chunk states formed again in the backward, only the inputs kept)")
     ap.add_argument("--compiled", action="store_true", help="also time the zoo's per-token loop of each model "
                     "compiled with nlcompile.compile(target='triton')")
     ap.add_argument("--render", metavar="JSON", help="only print the table of rows saved by --json (e.g. by a run "
@@ -324,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
                    torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
-                   args.profile, on_row=save, compiled=args.compiled)
+                   args.profile, on_row=save, compiled=args.compiled, recompute=args.recompute)
     print(table(rows, device_name))
     return 0
 

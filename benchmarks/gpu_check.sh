@@ -11,7 +11,8 @@
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
 # program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
 # launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows; PROFILE=T adds each
-# kernel's device time at that T; COMPILED=1 adds the zoo's loop compiled by nlcompile.compile.  The
+# kernel's device time at that T; COMPILED=1 adds the zoo's loop compiled by nlcompile.compile;
+# RECOMPUTE=1 adds each variant of our kernels with the chunk states recomputed in the backward.  The
 # tests run the untuned launch (NLCOMPILE_TRITON_TUNE=0: tuning every test shape would take minutes)
 # and test_triton_tuning.py the tuned one, every candidate.  Seen on an H100 (2026-11-26, before
 # the autotuning, which adds each variant's candidates to its first call): the benchmark with two
@@ -45,7 +46,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', trit
 NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
     --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
     --json "$OUT/bench.json" \
-    ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} \
+    ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"
 bench_rc=${PIPESTATUS[0]}
 echo "bench rc=$bench_rc"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5

@@ -128,19 +128,25 @@ def _input_names(target: Callable, args: tuple, kwargs: dict) -> list[str]:
 
 
 def compile(model_or_fn: Callable, *, target: str = "torch", example_inputs: Sequence | None = None,
-            chunk_size: int | None = None, relax: Sequence[str] = ()) -> CompiledFunction:
+            chunk_size: int | None = None, relax: Sequence[str] = (), recompute: bool = False) -> CompiledFunction:
     """Compile the update loops of ``model_or_fn`` into exact chunkwise programs.
 
     Returns a callable with the same signature and output structure.  It
     compiles on the first call (or now, when ``example_inputs`` is given) and
     caches per input signature; the time axis may change length freely.
     ``relax`` names opt-in relaxations (none exist yet: any name is rejected).
+    ``recompute=True`` trades time for training memory: each chunkwise scan's backward
+    recomputes its intermediates (per-chunk states and the like, several times the size of the
+    keys) from the scan's inputs instead of keeping them from the forward, as
+    flash-linear-attention's kernels do; same gradients (``loop_ops.ChunkwiseLoop``).
     """
     if relax:
         raise ValueError(f"unknown relaxation(s) {list(relax)}; none are available yet")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    compiled = CompiledFunction(model_or_fn, CompileOptions(target, chunk_size, tuple(relax)))
+    if not isinstance(recompute, bool):
+        raise TypeError(f"recompute must be True or False, got {recompute!r}")
+    compiled = CompiledFunction(model_or_fn, CompileOptions(target, chunk_size, tuple(relax), recompute))
     if example_inputs is not None:
         compiled.compiled_for(*example_inputs)
     return compiled

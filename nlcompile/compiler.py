@@ -39,6 +39,7 @@ class CompileOptions:
     target: str = "torch"
     chunk_size: int | None = None
     relax: tuple[str, ...] = ()
+    recompute: bool = False
 
 
 @dataclass
@@ -184,7 +185,7 @@ def _try_axis(traceable, fn, params, tensors, group, target: Target, options: Co
         decisions = []
 
         def make_loop(loop):
-            module, decision = plan_loop(loop, target, options.chunk_size, force)
+            module, decision = plan_loop(loop, target, options.chunk_size, force, options.recompute)
             decisions.append(decision)
             return module
 

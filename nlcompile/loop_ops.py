@@ -14,6 +14,7 @@ import inspect
 from typing import Sequence
 
 import torch
+import torch.utils.checkpoint
 
 from nlcompile.ir import LoopBody, Operand
 from nlcompile.passes.fx import layout as L
@@ -92,14 +93,22 @@ class ChunkwiseLoop(torch.nn.Module):
     operand, and of the readout.  A scan that takes ``on_plan`` (both of ours; a plugin's may
     not), or any keyword, is told through it how it runs each call, kept per state in
     ``scan_notes`` for ``explain``.
+
+    ``recompute`` (``compile(recompute=True)``): under autograd each scan's backward recomputes
+    what it needs from the scan's inputs instead of keeping it from the forward, so that only the
+    inputs are held between the two: a scan taking a ``recompute`` keyword (the Triton kernels' op
+    keeps only its inputs and reruns its state kernels) is asked to; any other runs under
+    ``torch.utils.checkpoint`` (its whole forward again in the backward).
     """
 
     def __init__(self, body: LoopBody, analysis, step_dims: Sequence[tuple[int, bool]], scan,
-                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False):
+                 chunk_size: int | None, choose_chunk_size, heads_last: bool = False, recompute: bool = False):
         super().__init__()
         self.heads_last = heads_last
-        self.tells_plan = any(p.name == "on_plan" or p.kind is p.VAR_KEYWORD
-                              for p in inspect.signature(scan).parameters.values())
+        params = inspect.signature(scan).parameters
+        self.tells_plan = any(p.name == "on_plan" or p.kind is p.VAR_KEYWORD for p in params.values())
+        self.recompute = recompute
+        self.scan_recomputes = "recompute" in params
         self.scan_notes: dict[int, str] = {}   # state -> how the scan ran it in the latest call
         gm = body.graph
         phs = _placeholders(gm)
@@ -207,9 +216,23 @@ class ChunkwiseLoop(torch.nn.Module):
         x = L.operand_for_kernel(op, layout, role, values, time_major=time_major, keep_dtype=self.heads_last, **how)
         return x.unsqueeze(0) if time_major else x
 
+    def _note(self, state: int, suffix: str, note: str) -> None:
+        self.scan_notes[state] = note + suffix
+
+    def _scan_for_call(self):
+        """``self.scan`` as this call runs it ((scan, note suffix)): asked to recompute, or under
+        ``torch.utils.checkpoint``, when recomputing under autograd."""
+        if not (self.recompute and torch.is_grad_enabled()):
+            return self.scan, ""
+        if self.scan_recomputes:
+            return functools.partial(self.scan, recompute=True), ""
+        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, self.scan, use_reentrant=False)
+        return checkpointed, ", recomputed in the backward (activation checkpoint)"
+
     def forward(self, *args: torch.Tensor):
         sources, inits, invariants = _split(args, len(self.step_dims), self.n_states)
         values = self._leaves(sources, invariants)
+        scan, note_suffix = self._scan_for_call()
         finals: list[torch.Tensor | None] = [None] * self.n_states
         readouts: dict[str, torch.Tensor] = {}
         for rule in self.analysis.rules:
@@ -234,7 +257,7 @@ class ChunkwiseLoop(torch.nn.Module):
                 k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
             self.chunk_sizes_used[rule.state] = chunk
             if self.tells_plan:
-                kw["on_plan"] = functools.partial(self.scan_notes.__setitem__, rule.state)
+                kw["on_plan"] = functools.partial(self._note, rule.state, note_suffix)
             mine = [r for r in self.analysis.readouts if r.state == rule.state]
             final = None
             for r in mine:
@@ -249,12 +272,12 @@ class ChunkwiseLoop(torch.nn.Module):
                 # a readout the node takes as it is (no factor after S^T q, nothing summed) is
                 # written by the scan in the node's dtype
                 typed = r.post is None and not r.summed and not r.constant
-                o, final = self.scan(k, v, q=q, readout=r.when, chunk_size=chunk, q_scale=scale,
-                                     out_dtype=val.dtype if typed else None, **kw)
+                o, final = scan(k, v, q=q, readout=r.when, chunk_size=chunk, q_scale=scale,
+                                out_dtype=val.dtype if typed else None, **kw)
                 o = o[0] if major else o
                 readouts[r.node] = L.readout_to_node(r, lay, o, values, tuple(val.shape), major).to(val.dtype)
             if not mine:
-                _, final = self.scan(k, v, chunk_size=chunk, **kw)
+                _, final = scan(k, v, chunk_size=chunk, **kw)
             val = self.state_vals[rule.state]
             finals[rule.state] = L.state_from_kernel(lay, final, tuple(val.shape)).to(val.dtype)
         if self.const_gm is not None:

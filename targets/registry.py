@@ -21,11 +21,14 @@ from nlcompile.ir import LoopAnalysis, RuleKind
 @dataclass(frozen=True)
 class LoopPlan:
     """What the rewrite decided for one loop: the body, its analysis (None when
-    the analysis failed) and the chunk size asked for (None: the target chooses)."""
+    the analysis failed), the chunk size asked for (None: the target chooses) and
+    whether the backward is to recompute the scans' intermediates (``compile(recompute=True)``;
+    ``ChunkwiseLoop(recompute=...)`` does it for any scan)."""
 
     loop: object            # passes.fx.reroll.RerolledLoop
     analysis: LoopAnalysis | None
     chunk_size: int | None
+    recompute: bool = False
 
 
 @runtime_checkable

@@ -29,7 +29,8 @@ class TorchTarget:
         tune_heap()  # before the chunk chooser times anything
         loop = plan.loop
         dims = loop.step_dims
-        return ChunkwiseLoop(loop.body, plan.analysis, dims, chunkwise_scan, plan.chunk_size, choose_chunk_size)
+        return ChunkwiseLoop(loop.body, plan.analysis, dims, chunkwise_scan, plan.chunk_size, choose_chunk_size,
+                             recompute=plan.recompute)
 
     def finalize(self, program: fx.GraphModule) -> Callable:
         return program

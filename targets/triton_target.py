@@ -1,6 +1,6 @@
 """The ``triton`` target: Triton kernels for the recurrences, Inductor for the rest.
 
-Every loop with a chunkwise form runs through the ``nlcompile::chunk_scan_v2``
+Every loop with a chunkwise form runs through the ``nlcompile::chunk_scan_v3``
 custom op (``targets/triton``); on a CUDA device the code around the loops
 goes through ``torch.compile`` as in the ``inductor`` target (the loop modules
 themselves are left out of the compiled region: they launch the kernels).  Without a GPU the target is unavailable, except under
@@ -49,7 +49,7 @@ class TritonTarget(InductorTarget):
 
         loop = plan.loop
         return ChunkwiseLoop(loop.body, plan.analysis, loop.step_dims, triton_chunkwise_scan, plan.chunk_size,
-                             kernel_chunk_size, heads_last=True)
+                             kernel_chunk_size, heads_last=True, recompute=plan.recompute)
 
     def finalize(self, program: fx.GraphModule) -> Callable:
         if interpreting():

@@ -121,6 +121,62 @@ def test_a_target_with_its_own_scan(monkeypatch):
     assert calls and loop.rewrite == "chunkwise" and loop.runs == ()
 
 
+def _kept_bytes(fn):
+    """``fn()`` and the bytes autograd saved for the backward while it ran (each storage once)."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(saved.values())
+
+
+def test_recompute_checkpoints_a_scan_that_cannot_recompute_itself():
+    """The torch target's scan has no ``recompute`` of its own: with ``compile(recompute=True)`` it
+    runs under activation checkpointing (less kept for the backward, the same gradients), and
+    explain says so."""
+    args = inputs(70)
+    runs = {}
+    for recompute in (False, True):
+        compiled = nlcompile.compile(delta_loop, target="torch", recompute=recompute)
+        compiled(*args)
+        leaves = [x.detach().requires_grad_(True) for x in args]
+        out, kept = _kept_bytes(lambda: compiled(*leaves))
+        runs[recompute] = torch.autograd.grad(out.square().sum(), leaves), kept
+        note = compiled.explain(*args).loops[0].runs[0]
+        assert note.endswith(", recomputed in the backward (activation checkpoint)") == recompute, note
+    (grads, kept), (again, lean) = runs[False], runs[True]
+    assert lean < kept / 2, (lean, kept)
+    for g, w in zip(again, grads):
+        assert torch.equal(g, w)
+
+
+def test_recompute_warns_when_a_target_ignores_it():
+    """A plugin target whose loop modules do not recompute is named: its backward keeps what its
+    forward saved."""
+    from nlcompile.targets.torch_target import TorchTarget
+
+    class Keeps(TorchTarget):
+        name = "keeps"
+
+        def loop_module(self, plan):
+            return SequentialLoop(plan.loop.body, plan.loop.step_dims)
+
+    nlcompile.register_target("keeps", Keeps())
+    args = inputs(9)
+    with pytest.warns(UserWarning, match="target 'keeps' builds loop modules that do not recompute"):
+        out = nlcompile.compile(delta_loop, target="keeps", recompute=True)(*args)
+    torch.testing.assert_close(out, delta_loop(*args), rtol=1e-4, atol=1e-5)
+
+
+def test_recompute_must_be_a_bool():
+    with pytest.raises(TypeError, match="recompute must be True or False"):
+        nlcompile.compile(delta_loop, recompute="yes")
+
+
 def test_inductor_target_matches_eager():
     compiled = nlcompile.compile(delta_loop, target="inductor")
     for T in (9, 100):

@@ -219,6 +219,45 @@ def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     torch.library.opcheck(chunk_scan, args)
 
 
+def saved_for_backward(fn):
+    """``fn()`` and what autograd saved for its backward while it ran ({storage address: tensor})."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_recompute_keeps_only_the_inputs_and_gives_the_same_gradients(kind):
+    """With ``recompute`` the op saves exactly its tensor inputs (not the chunk states H, nor V', W
+    and the WY inverses), and its backward, forming those again with the forward's kernels, gives
+    bit-identical gradients."""
+    k, v, kw = scan_inputs(kind, T=37)
+    g = kw.get("log_gate", kw["gate"].log() if "gate" in kw else None)
+    given = [k, v, kw["q"], kw.get("beta"), g, kw["initial_state"]]
+    runs = {}
+    for recompute in (False, True):
+        leaves = [None if x is None else x.detach().requires_grad_(True) for x in given]
+        (o, s, states, *_), saved = saved_for_backward(
+            lambda: chunk_scan(*leaves, 16, False, None, None, 0.5, recompute))
+        gen = torch.Generator(torch.get_default_device()).manual_seed(1)
+        loss = (o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
+        tensors = [x for x in leaves if x is not None]
+        inputs = {x.untyped_storage().data_ptr() for x in tensors}
+        runs[recompute] = torch.autograd.grad(loss, tensors)
+        if recompute:
+            assert set(saved) == inputs
+        else:
+            assert set(saved) >= inputs | {states.untyped_storage().data_ptr()}
+    for kept, again in zip(runs[False], runs[True]):
+        assert torch.equal(kept, again)
+
+
 def test_torch_export_keeps_the_op():
     """torch.export traces the op whole through its fake implementation: one node in the exported
     graph, and the exported program computes what the eager module does."""
@@ -232,7 +271,7 @@ def test_torch_export_keeps_the_op():
 
     exported = torch.export.export(Layer(), args)
     ops = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.nlcompile.chunk_scan_v2.default) == 1, ops
+    assert ops.count(torch.ops.nlcompile.chunk_scan_v3.default) == 1, ops
     for got, want in zip(exported.module()(*args), Layer()(*args)):
         assert rel_err(got, want) == 0
 
@@ -490,10 +529,33 @@ def test_zoo_layers_train_through_the_kernels(name):
         assert rel_err(g, w) <= 1e-4
 
 
+def test_compiled_layer_recomputes_on_request():
+    """``compile(recompute=True)``: the layer trains to bit-identical parameter gradients, autograd
+    keeps less between forward and backward (no chunk states), and explain says so."""
+    entry = LAYERS["deltanet_layer"]
+    model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=16).to(torch.get_default_device())
+    (x,) = entry.make_inputs(B=1, T=70, d_model=32)
+    runs = {}
+    for recompute in (False, True):
+        compiled = nlcompile.compile(model, target="triton", recompute=recompute)
+        compiled(x)   # compiles (the probes and checks run without autograd's saving)
+        out, saved = saved_for_backward(lambda: compiled(x))
+        grads = torch.autograd.grad(as_tuple(out)[0].square().sum(), list(model.parameters()))
+        runs[recompute] = grads, sum(t.numel() * t.element_size() for t in saved.values())
+        (loop,) = compiled.explain(x).loops
+        assert loop.runs[0].endswith(", chunk states recomputed in the backward") == recompute, loop.runs
+    (kept, kept_bytes), (again, lean_bytes) = runs[False], runs[True]
+    assert lean_bytes < kept_bytes, (lean_bytes, kept_bytes)
+    for g, w in zip(again, kept):
+        assert torch.equal(g, w)
+
+
 def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script),
-    and its table rendered again from the rows it saved."""
+    and its table rendered again from the rows it saved; with recompute the kernels keep less for
+    the backward."""
     import importlib.util
+    import json
     import pathlib
 
     path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_triton.py"
@@ -501,13 +563,16 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     saved = tmp_path / "rows.json"
-    assert bench.main(["--smoke", "--dots", "auto,ieee", "--compiled", "--json", str(saved)]) == 0
+    assert bench.main(["--smoke", "--dots", "auto,ieee", "--compiled", "--recompute", "--json", str(saved)]) == 0
     out = capsys.readouterr().out
     bf16 = torch.empty(0, dtype=torch.bfloat16)   # "auto": the precisions chosen for bf16 inputs, named as chosen
     auto = f"{dot_precision(bf16, None)}/{dot_precision(bf16, None, backward=True)}"
-    for kernel in (f"nlcompile-triton ({auto})", "nlcompile-triton (ieee)", "torch target",
-                   "nlcompile.compile (zoo loop, fp32 inside)"):
+    for kernel in (f"nlcompile-triton ({auto})", "nlcompile-triton (ieee)", "nlcompile-triton (ieee, recompute)",
+                   "torch target", "nlcompile.compile (zoo loop, fp32 inside)"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
+    kept = {(r["model"], r["kernel"]): r["kept_mib"] for r in json.loads(saved.read_text())["rows"]}
+    for model in ("DeltaNet", "GatedDeltaNet"):
+        assert kept[model, f"nlcompile-triton ({auto}, recompute)"] < kept[model, f"nlcompile-triton ({auto})"] / 5
     assert bench.main(["--render", str(saved)]) == 0
     rendered = capsys.readouterr().out
     assert [line for line in rendered.splitlines() if line.startswith("| ")] == \

@@ -9,6 +9,7 @@ that cannot be analysed keeps its reason for ``explain``.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,11 @@ def _why_not(analysis: LoopAnalysis, target: Target) -> str | None:
     return None
 
 
-def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: str | None = None
-              ) -> tuple[torch.nn.Module, LoopDecision]:
-    """The loop module for ``loop`` on ``target``, and the decision record."""
+def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: str | None = None,
+              recompute: bool = False) -> tuple[torch.nn.Module, LoopDecision]:
+    """The loop module for ``loop`` on ``target``, and the decision record.  With ``recompute``, a
+    target's loop module that does not say it recomputes (``recompute`` attribute, as
+    ``ChunkwiseLoop`` has) is warned about: its backward keeps what its forward saved."""
     dims = loop.step_dims
     try:
         analysis = analyse_body(loop.body)
@@ -52,7 +55,11 @@ def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: st
     reason = force_sequential or _why_not(analysis, target)
     if analysis.rules and reason is None:
         try:
-            module = target.loop_module(LoopPlan(loop, analysis, chunk_size))
+            module = target.loop_module(LoopPlan(loop, analysis, chunk_size, recompute))
+            if recompute and not getattr(module, "recompute", False):
+                warnings.warn(f"nlcompile: target {target.name!r} builds loop modules that do not recompute "
+                              "(LoopPlan.recompute is ignored): their backward keeps what the forward saved; "
+                              "build them as ChunkwiseLoop(..., recompute=plan.recompute)", stacklevel=2)
             return module, LoopDecision(analysis, "chunkwise", None)
         except UnsupportedLoop as exc:
             reason = str(exc)

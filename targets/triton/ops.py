@@ -1,6 +1,6 @@
 """The Triton chunk kernels as ``torch.library`` custom ops, and the scan built on them.
 
-``nlcompile::chunk_scan_v2`` (forward) and ``nlcompile::chunk_scan_backward_v2`` are
+``nlcompile::chunk_scan_v3`` (forward) and ``nlcompile::chunk_scan_backward_v2`` are
 opaque to ``torch.compile`` / ``torch.export``: each has a fake (meta)
 implementation giving output shapes, and the forward's autograd formula calls
 the backward op, so a compiled graph keeps them as single nodes and Inductor
@@ -8,7 +8,13 @@ fuses the code around them.  The version in their names changes with their schem
 that torch.compile cached (AOTAutograd's cache, keyed on the traced graph, not on the schemas of
 the ops it calls) calls the ops as they were when it was compiled, so a changed op takes a new
 name rather than meet an old cache entry (seen here: v2 added the WY inverses to the forward's
-outputs, and a cached backward called the new op with the old arguments).
+outputs, and a cached backward called the new op with the old arguments; v3 added ``recompute``).
+
+What the backward needs beyond the inputs (the states entering each chunk H, the corrected values
+V', W and the WY inverses: at chunk 32 and d = 128 about 6x the keys' size, H alone 4x) is kept
+from the forward, or with ``recompute`` formed again in the backward by the forward's prepare and
+states kernels (as flash-linear-attention does): then only the inputs are saved, bit-identical
+gradients for one more pass of those two kernels.
 
 ``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan`` (the loop modules
 call either); it prepares the kernel inputs with ordinary, differentiable torch ops (gates to log
@@ -38,18 +44,19 @@ from nlcompile.targets.triton.forward import chunk_forward
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("nlcompile::chunk_scan_v2", mutates_args=())
+@torch.library.custom_op("nlcompile::chunk_scan_v3", mutates_args=())
 def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
-               out_dtype: Optional[torch.dtype] = None, scale: float = 1.0
+               out_dtype: Optional[torch.dtype] = None, scale: float = 1.0, recompute: bool = False
                ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final state, states entering each chunk, corrected values, W, the chunks' WY inverses Tm);
-    see ``forward.chunk_forward``."""
+    see ``forward.chunk_forward``.  ``recompute``: the autograd formula saves only the inputs and
+    forms the last four again in the backward (the forward computes the same either way)."""
     return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale)
 
 
 @chunk_scan.register_fake
-def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0):
+def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0, recompute=False):
     n, t, _, prefix = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(t, chunk)
@@ -83,15 +90,18 @@ def _(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, c
 
 
 def _setup_context(ctx, inputs, output):
-    k, v, q, beta, g, h0, chunk, before, coef, _, scale = inputs
-    _, _, states, v_new, w, tm = output
-    ctx.save_for_backward(k, v, q, beta, g, h0, states, v_new, w, tm, coef)
+    k, v, q, beta, g, h0, chunk, before, coef, _, scale, recompute = inputs
+    intermediates = output[2:]   # states, v_new, w, tm
+    ctx.save_for_backward(k, v, q, beta, g, h0, coef, *(() if recompute else intermediates))
     ctx.chunk, ctx.before, ctx.scale = chunk, before, scale
-    ctx.mark_non_differentiable(states, v_new, w, tm)
+    ctx.mark_non_differentiable(*intermediates)
 
 
 def _backward(ctx, do, dh_final, *_intermediates):
-    k, v, q, beta, g, h0, states, v_new, w, tm, coef = ctx.saved_tensors
+    k, v, q, beta, g, h0, coef, *intermediates = ctx.saved_tensors
+    if not intermediates:   # recompute: the forward's prepare and states kernels again (no readout)
+        intermediates = chunk_scan(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef)[2:]
+    states, v_new, w, tm = intermediates
     if dh_final is None:
         dh_final = torch.zeros_like(h0, dtype=torch.float32)
     if q is not None and do is None:
@@ -100,7 +110,7 @@ def _backward(ctx, do, dh_final, *_intermediates):
                                 dh_final, ctx.chunk, ctx.before, coef, ctx.scale)
     inputs = (k, v, q, beta, g, h0, coef)
     dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
-    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None, None
+    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None, None, None
 
 
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
@@ -164,10 +174,13 @@ def triton_chunkwise_scan(
     q_scale: float = 1.0,
     out_dtype: Optional[torch.dtype] = None,
     on_plan: Optional[Callable[[str], None]] = None,
+    recompute: bool = False,
 ) -> tuple[Optional[Tensor], Tensor]:
     """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results; o in
     ``out_dtype`` when given, e.g. the model's bf16, written so by the kernels, else fp32;
-    ``q_scale`` applied by the kernels to o, and to dO in the backward, not to a copy of q).
+    ``q_scale`` applied by the kernels to o, and to dO in the backward, not to a copy of q;
+    ``recompute``: the backward forms the chunk states again instead of keeping them from the
+    forward, so autograd holds only the inputs between the two, see ``chunk_scan``).
 
     Also takes flash-linear-attention's layout, the heads after time: k [B,T,H,dk], v [B,T,H,dv],
     q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
@@ -206,10 +219,11 @@ def triton_chunkwise_scan(
     c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
     if on_plan is not None:
         fwd, bwd = dot_precision(k, q), dot_precision(k, q, backward=True)
-        on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)"))
+        on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
+                + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
                               contiguous(None if beta is None else beta.float()),
                               contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before",
-                              contiguous(coef), out_dtype, q_scale)
+                              contiguous(coef), out_dtype, q_scale, bool(recompute))
     return (o if q is not None else None), final
