@@ -172,6 +172,27 @@ def test_recompute_warns_when_a_target_ignores_it():
     torch.testing.assert_close(out, delta_loop(*args), rtol=1e-4, atol=1e-5)
 
 
+def test_recompute_benchmark_runs_in_smoke_mode(capsys, tmp_path):
+    """benchmarks/bench_recompute.py on tiny shapes: both zoo layers keep less for the backward
+    with recompute, and the table shows the two side by side."""
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_recompute.py"
+    spec = importlib.util.spec_from_file_location("bench_recompute", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    saved = tmp_path / "rows.json"
+    assert bench.main(["--smoke", "--json", str(saved)]) == 0
+    out = capsys.readouterr().out
+    rows = json.loads(saved.read_text())["rows"]
+    assert [r["layer"] for r in rows] == ["deltanet_layer", "gla_layer"]
+    for r in rows:
+        assert 0 < r["recompute_kept_mib"] < r["keep_kept_mib"] / 2, r
+        assert f"| {r['layer']} | 40 | torch | {r['keep_kept_mib']:.1f} |" in out
+
+
 def test_recompute_must_be_a_bool():
     with pytest.raises(TypeError, match="recompute must be True or False"):
         nlcompile.compile(delta_loop, recompute="yes")

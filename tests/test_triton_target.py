@@ -276,28 +276,42 @@ def test_torch_export_keeps_the_op():
         assert rel_err(got, want) == 0
 
 
-def test_torch_compile_keeps_the_op_and_its_gradient():
+@pytest.mark.parametrize("recompute", [False, True])
+def test_torch_compile_keeps_the_op_and_its_gradient(recompute):
     """Fake implementations and autograd let torch.compile trace the op whole (fullgraph);
-    the scan around it (which checks gate values) compiles with a graph break."""
+    the scan around it (which checks gate values) compiles with a graph break.  With ``recompute``
+    the compiled backward calls the forward op again (AOTAutograd traces the autograd formula)."""
     k, v, kw = scan_inputs("gated_delta", T=30)
     for x in (k, v, kw["q"]):
         x.requires_grad_(True)
     args = (k, v, kw["q"], kw["beta"], kw["log_gate"], kw["initial_state"])
 
     def layer_op(k, v, q, beta, log_gate, h0):
-        o, s, *_ = chunk_scan(k, v * beta.unsqueeze(-1), q, beta, log_gate, h0, 16, False)
+        o, s, *_ = chunk_scan(k, v * beta.unsqueeze(-1), q, beta, log_gate, h0, 16, False, recompute=recompute)
         return (o.tanh() * 2).sum() + s.square().sum()
 
     def layer_scan(k, v, q, beta, log_gate, h0):
-        o, s = triton_chunkwise_scan(k, v, q=q, beta=beta, log_gate=log_gate, initial_state=h0)
+        o, s = triton_chunkwise_scan(k, v, q=q, beta=beta, log_gate=log_gate, initial_state=h0, recompute=recompute)
         return (o.tanh() * 2).sum() + s.square().sum()
 
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    backward_ops = []
+
+    def keep_backward(gm, _):
+        backward_ops.extend(n.target for n in gm.graph.nodes if n.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=keep_backward)
     for layer, fullgraph in ((layer_op, True), (layer_scan, False)):
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=fullgraph)
+        compiled = torch.compile(layer, backend=backend, fullgraph=fullgraph)
         want = torch.autograd.grad(layer(*args), (k, v, args[2]))
         got = torch.autograd.grad(compiled(*args), (k, v, args[2]))
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert backward_ops.count(torch.ops.nlcompile.chunk_scan_backward_v2.default) == 2, backward_ops
+    assert backward_ops.count(torch.ops.nlcompile.chunk_scan_v3.default) == (2 if recompute else 0), backward_ops
 
 
 def test_inductor_compiles_the_code_around_the_op():
