@@ -86,13 +86,15 @@ class ChunkwiseLoop(torch.nn.Module):
 
     ``scan`` takes the keyword API of ``targets.scan.chunkwise_scan``, and per-step tensors as
     [N, T, ...]; with ``heads_last`` also as [B, T, H, ...] (flash-linear-attention's layout, which
-    the Triton kernels read in place) and in the dtype of the values (a bf16 loop's keys stay
-    bf16; the kernels choose their precision by it).  The loop then passes [1, T, N, ...] where
+    the Triton kernels read in place) and in the dtype of the values (bf16 keys stay bf16: half
+    the bytes).  The loop then passes [1, T, N, ...] where
     the keys come out contiguous in that layout (leaves computed per step are stacked over a
     leading T; sources laid out [B, T, H, d]): [N, T, ...] would be a transposing copy of each
-    operand, and of the readout.  A scan that takes ``on_plan`` (both of ours; a plugin's may
-    not), or any keyword, is told through it how it runs each call, kept per state in
-    ``scan_notes`` for ``explain``.
+    operand, and of the readout.  A scan that takes ``compute_dtype`` (the Triton one), or any
+    keyword, is told the dtype the loop computes in, its state's: bf16 keys that the loop upcasts
+    to fp32 inside are computed on in fp32, not at the precision of their storage.  A scan that
+    takes ``on_plan`` (both of ours; a plugin's may not), or any keyword, is told through it how
+    it runs each call, kept per state in ``scan_notes`` for ``explain``.
 
     ``recompute`` (``compile(recompute=True)``): under autograd each scan's backward recomputes
     what it needs from the scan's inputs instead of keeping it from the forward, so that only the
@@ -106,7 +108,9 @@ class ChunkwiseLoop(torch.nn.Module):
         super().__init__()
         self.heads_last = heads_last
         params = inspect.signature(scan).parameters
-        self.tells_plan = any(p.name == "on_plan" or p.kind is p.VAR_KEYWORD for p in params.values())
+        any_keyword = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        self.tells_plan = any_keyword or "on_plan" in params
+        self.tells_dtype = any_keyword or "compute_dtype" in params
         self.recompute = recompute
         self.scan_recomputes = "recompute" in params
         self.scan_notes: dict[int, str] = {}   # state -> how the scan ran it in the latest call
@@ -253,6 +257,8 @@ class ChunkwiseLoop(torch.nn.Module):
             elif rule.gate is not None:
                 kw["gate"] = operand(rule.gate, "gate", per_channel=rule.per_channel)
             kw["gate_first"] = rule.gate_first
+            if self.tells_dtype:
+                kw["compute_dtype"] = self.state_vals[rule.state].dtype
             chunk = self.chunk_size or self.choose(
                 k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
             self.chunk_sizes_used[rule.state] = chunk

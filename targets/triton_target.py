@@ -1,6 +1,6 @@
 """The ``triton`` target: Triton kernels for the recurrences, Inductor for the rest.
 
-Every loop with a chunkwise form runs through the ``nlcompile::chunk_scan_v3``
+Every loop with a chunkwise form runs through the ``nlcompile::chunk_scan_v4``
 custom op (``targets/triton``); on a CUDA device the code around the loops
 goes through ``torch.compile`` as in the ``inductor`` target (the loop modules
 themselves are left out of the compiled region: they launch the kernels).  Without a GPU the target is unavailable, except under

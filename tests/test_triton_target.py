@@ -17,7 +17,7 @@ import triton.language as tl
 import nlcompile
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton.common import dot_precision, round_to_bf16
-from nlcompile.targets.triton.ops import chunk_scan, triton_chunkwise_scan
+from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, triton_chunkwise_scan
 from nlcompile.targets.triton_target import TritonTarget
 from nlcompile.zoo import LAYERS, MODELS
 
@@ -198,25 +198,35 @@ def test_heads_last_layout_matches_flat(kind, readout):
 
 
 @pytest.mark.parametrize("kind,dot,layout", [("decay", "auto", "flat"), ("delta", "auto", "flat"),
-                                             ("delta", "bf16", "flat"), ("gated_delta", "auto", "heads_last")])
+                                             ("delta", "bf16", "flat"), ("gated_delta", "auto", "heads_last"),
+                                             ("delta", "auto", "upcast")])
 def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     """Fake implementation, autograd and schema agree with the kernels (with bf16 dots the states
     and W are returned in bf16: the fake must say so; in the [B, T, H, D] layout o is [B, T, H, dv],
     here also in bf16, with v scaled by the write coefficient and o by the queries' scale in the
-    kernels)."""
+    kernels; bf16 keys, values and queries computed on in fp32: fp32 buffers and gradients)."""
     if dot != "auto":
         monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=21)
     g = kw.get("log_gate")
     q, beta = kw["q"], kw.get("beta")
-    extra = ()
+    options = {}
     if layout == "heads_last":   # B = 1, H = 2; with the write coefficient and a bf16 output
         k, v, q, beta, g = (None if x is None else heads_last(x, 2) for x in (k, v, q, beta, g))
-        extra = (beta, torch.bfloat16, 0.5)   # and the queries' scale
-    args = (k, v, q, beta, g, kw["initial_state"], 16, False, *extra)
+        options = dict(coef=beta, out_dtype=torch.bfloat16, scale=0.5)   # and the queries' scale
+    if layout == "upcast":
+        k, v, q = k.bfloat16(), v.bfloat16(), q.bfloat16()
+        options = dict(compute_dtype=torch.float32)
+    args = (k, v, q, beta, g, kw["initial_state"], 16, False)
     for x in (k, v, q, kw["initial_state"]):
         x.requires_grad_(True)
-    torch.library.opcheck(chunk_scan, args)
+    torch.library.opcheck(chunk_scan, args, options)
+    # the backward op on its own (its fake gives the gradients' dtypes)
+    o, final, *saved = chunk_scan(*args, **options)
+    inputs = [x.detach() if torch.is_tensor(x) else x for x in args[:6]]
+    backward_options = {n: x for n, x in options.items() if n != "out_dtype"}
+    torch.library.opcheck(chunk_scan_backward, (*inputs, *(x.detach() for x in saved), torch.randn_like(o.float()),
+                                                torch.randn_like(final), 16, False), backward_options)
 
 
 def saved_for_backward(fn):
@@ -271,7 +281,7 @@ def test_torch_export_keeps_the_op():
 
     exported = torch.export.export(Layer(), args)
     ops = [n.target for n in exported.graph.nodes if n.op == "call_function"]
-    assert ops.count(torch.ops.nlcompile.chunk_scan_v3.default) == 1, ops
+    assert ops.count(torch.ops.nlcompile.chunk_scan_v4.default) == 1, ops
     for got, want in zip(exported.module()(*args), Layer()(*args)):
         assert rel_err(got, want) == 0
 
@@ -310,8 +320,8 @@ def test_torch_compile_keeps_the_op_and_its_gradient(recompute):
         got = torch.autograd.grad(compiled(*args), (k, v, args[2]))
         for g, w in zip(got, want):
             torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
-    assert backward_ops.count(torch.ops.nlcompile.chunk_scan_backward_v2.default) == 2, backward_ops
-    assert backward_ops.count(torch.ops.nlcompile.chunk_scan_v3.default) == (2 if recompute else 0), backward_ops
+    assert backward_ops.count(torch.ops.nlcompile.chunk_scan_backward_v3.default) == 2, backward_ops
+    assert backward_ops.count(torch.ops.nlcompile.chunk_scan_v4.default) == (2 if recompute else 0), backward_ops
 
 
 def test_inductor_compiles_the_code_around_the_op():
@@ -525,6 +535,50 @@ def test_a_bf16_loop_runs_the_kernels_in_bf16(monkeypatch):
     assert loop.runs == (f"S0 on the Triton kernels, chunk 64, {dot_precision(k, q)} dots",)
     assert got.dtype == torch.bfloat16
     assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
+
+
+def _deltanet_upcasting(q, k, v, beta):
+    """[B, T, H, D] DeltaNet that computes in fp32 (or wider) whatever its inputs' dtype, as
+    reference code often does: each step's keys, values and queries upcast inside the loop."""
+    B, T, H, D = k.shape
+    acc = torch.promote_types(k.dtype, torch.float32)
+    S = k.new_zeros(B, H, D, v.shape[-1], dtype=acc)
+    outs = []
+    for t in range(T):
+        k_t, v_t, q_t = k[:, t].to(acc), v[:, t].to(acc), q[:, t].to(acc)
+        err = torch.einsum("bhk,bhkv->bhv", k_t, S) - v_t
+        S = S - beta[:, t, :, None, None].to(acc) * k_t[..., None] * err[..., None, :]
+        outs.append(torch.einsum("bhk,bhkv->bhv", q_t, S))
+    return torch.stack(outs, 1).to(q.dtype)
+
+
+def test_a_loop_that_upcasts_bf16_inputs_runs_the_kernels_in_fp32(monkeypatch):
+    """bf16 inputs upcast to fp32 inside the loop: the kernels read the bf16 tensors as they are
+    (no fp32 copies) and compute as the loop does, in fp32 (ieee dots, fp32 gradient partials,
+    one rounding to bf16 at the end): output and gradients as close to the float64 run as the
+    loop's own eager run (bf16 dots here were 2.5x further on the output)."""
+    calls = _spy_on_scans(monkeypatch)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
+    q, k, v = (torch.randn(2, 150, 2, 32, generator=gen).bfloat16() for _ in range(3))
+    k = F.normalize(k.float(), dim=-1).bfloat16()
+    beta = torch.rand(2, 150, 2, generator=gen)
+    compiled = nlcompile.compile(_deltanet_upcasting, target="triton")
+    runs = {}
+    for name, fn, args in (("ours", compiled, (q, k, v, beta)), ("eager", _deltanet_upcasting, (q, k, v, beta)),
+                           ("exact", _deltanet_upcasting, tuple(x.double() for x in (q, k, v, beta)))):
+        leaves = [x.detach().requires_grad_(True) for x in args]
+        out = fn(*leaves)
+        w = torch.randn(out.shape, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
+        runs[name] = (out, *torch.autograd.grad((out.double() * w.double()).sum(), leaves))
+    assert calls and all(c[n].dtype == torch.bfloat16 and c["compute_dtype"] == torch.float32
+                         for c in calls for n in ("k", "v", "q"))
+    (loop,) = compiled.explain(q, k, v, beta).loops
+    assert loop.runs == ("S0 on the Triton kernels, chunk 64, ieee dots",)
+    for i, name in enumerate(("o", "dq", "dk", "dv", "dbeta")):
+        got, eager, exact = runs["ours"][i], runs["eager"][i], runs["exact"][i]
+        assert got.dtype == eager.dtype, name
+        assert rel_err(got, exact) <= 1.1 * rel_err(eager, exact) + 1e-4, (name, rel_err(got, exact),
+                                                                             rel_err(eager, exact))
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))

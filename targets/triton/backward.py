@@ -62,7 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, dot_precision, gram,
+    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, dot_precision, gradient_dtype, gram,
     kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
     seq_start, sequences, store_steps, store_tile,
 )
@@ -392,6 +392,7 @@ def chunk_backward(
     before: bool,
     coef: Optional[Tensor] = None,
     scale: float = 1.0,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef) of the chunkwise scan, given the forward's
     intermediates H [N,nc,dk,dv] (state entering each chunk), Vp [N,nc*C,dv],
@@ -400,14 +401,14 @@ def chunk_backward(
     [N,T,dv] (None: zero, or no q) and ``dh_final`` [N,dk,dv] (None: zero).  The per-step
     inputs and ``do`` may also be in flash-linear-attention's [B,T,H,.] layout
     (``common.sequences``), read and written in place.  ``coef``: the write coefficient the
-    forward multiplied into v, ``scale``: the queries' factor it applied to o
-    (``forward.chunk_forward``).
+    forward multiplied into v, ``scale``: the queries' factor it applied to o, ``compute_dtype``:
+    the dtype the loop computes in (``forward.chunk_forward``).
 
     (dk, dv, dq, dbeta, dg, dh0, dcoef), shaped like the inputs, None where the input was None
     (dh0: where h0 was); dk, dv, dq in the dtypes of k, v, q (a bf16 input's gradient is written
     once in bf16, as autograd would cast it anyway: half the bytes; partial sums that one kernel
     stores and another adds to, dk with beta and dv without, are rounded there too, as fla's dk
-    is), the others fp32.
+    is), or fp32 where ``compute_dtype`` is wider (``common.gradient_dtype``), the others fp32.
     """
     n, t, heads, prefix = sequences(k)
     key_dim, value_dim = k.shape[-1], v.shape[-1]
@@ -428,10 +429,12 @@ def chunk_backward(
     if t == 0 or n == 0:  # nothing to scan: the state passes through
         zero = lambda x: None if x is None else torch.zeros(x.shape, **f32)  # noqa: E731
         dh0 = dh_final.float().clone() if h0 is not None else None
-        own = lambda x: None if x is None else torch.zeros(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+        own = lambda x: (None if x is None  # noqa: E731
+                         else torch.zeros(x.shape, dtype=gradient_dtype(x, compute_dtype), device=x.device))
         return own(k), own(v), own(q), zero(beta), zero(g), dh0, zero(coef)
     like = lambda x: None if x is None else torch.empty(x.shape, **f32)  # noqa: E731
-    own = lambda x: None if x is None else torch.empty(x.shape, dtype=x.dtype, device=x.device)  # noqa: E731
+    own = lambda x: (None if x is None  # noqa: E731
+                     else torch.empty(x.shape, dtype=gradient_dtype(x, compute_dtype), device=x.device))
     dk, dv, dq, dbeta, dg, dcoef = own(k), own(v), own(q), like(beta), like(g), like(coef)
     dh0 = torch.empty(n, key_dim, value_dim, **f32)
     nc = triton.cdiv(t, chunk)
@@ -445,7 +448,7 @@ def chunk_backward(
     g_ = c(g.float()) if g is not None else dummy
     Vp_ = c(Vp) if delta else dummy
     W_ = c(W) if delta else dummy
-    prec = dot_precision(k, q, backward=True)
+    prec = dot_precision(k, q, backward=True, compute_dtype=compute_dtype)
     operands = dict(dtype=operand_dtype(prec), device=k.device)   # bf16 with bf16 dots: only dot operands
     dhn = torch.empty(n, nc, key_dim, value_dim, **operands)
     # dV': a scratch buffer for the delta family (read by the later kernels only as a dot operand),

@@ -313,9 +313,13 @@ MAX_HEAD_DIM = 256
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
+def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False,
+                  compute_dtype: torch.dtype | None = None) -> str:
     """``tl.dot`` precision of the forward (or ``backward``) kernels for the keys and queries
-    given: their dtype is the precision the model runs in (the values may arrive in fp32).
+    given: their dtype is the precision the model runs in (the values may arrive in fp32), unless
+    ``compute_dtype`` (the dtype the update loop computes in: its state's) is wider: a loop that
+    upcasts bf16 keys to fp32 inside computes in fp32, and so do the kernels, reading the bf16
+    keys as they are.
 
     fp32: "ieee" (fp32 products: the compiler checks against eager at 1e-4).
     bf16: "bf16", forward and backward (operands rounded to bf16, fp32 accumulation and recurrence:
@@ -330,7 +334,7 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     emulated ("bf16-interpreted", "tf32-interpreted", "tf32x3-interpreted": operands rounded or
     split as the GPU does it, products in fp32; ``mm``), "ieee" in fp32.
     """
-    dtypes = {x.dtype for x in (k, q) if x is not None}
+    dtypes = {x.dtype for x in (k, q) if x is not None} | ({compute_dtype} if compute_dtype is not None else set())
     prec = knobs.triton_dot_precision()
     if not prec:
         if dtypes == {torch.bfloat16}:
@@ -342,6 +346,16 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False) -> str:
     if prec in ("bf16", "tf32", "tf32x3") and interpreting():
         return f"{prec}-interpreted"
     return prec
+
+
+def gradient_dtype(x: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """dtype of the kernels' gradient buffer for input ``x`` (dk, dv, dq): ``x``'s own (a bf16
+    input's gradient written once in bf16, as autograd would cast it), but fp32 when the loop
+    computes in a wider dtype than ``x`` arrives in: partial sums one kernel stores and another
+    adds to then stay fp32, and the op casts once at the end, as autograd's cast of the upcast."""
+    if compute_dtype is None or compute_dtype == x.dtype:
+        return x.dtype
+    return torch.float32
 
 
 def operand_dtype(prec: str) -> torch.dtype:

@@ -209,6 +209,7 @@ def chunk_forward(
     coef: Optional[Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     scale: float = 1.0,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Run the chunkwise scan forward.
 
@@ -220,7 +221,8 @@ def chunk_forward(
     the delta family's write coefficient, multiplied into v in the kernels (v then unscaled;
     saves the caller a pass over v and the kernels reading it in fp32), out_dtype: o's dtype (fp32,
     bf16 or fp16; None: fp32), rounded once as it is stored, scale: the queries' factor (the
-    readout is S^T (scale q), applied to o as it is stored: no scaled copy of q).  Or, read in place
+    readout is S^T (scale q), applied to o as it is stored: no scaled copy of q), compute_dtype: the
+    dtype the update loop computes in, when wider than k and q (``common.dot_precision``).  Or, read in place
     without copies, flash-linear-attention's layout with the heads after time: k [B,T,H,dk],
     v [B,T,H,dv], q [B,T,H,dk], beta [B,T,H], g [B,T,H] or [B,T,H,dk], h0 [B*H,dk,dv]
     (``sequences``; N = B*H, sequence n = b*H + h).
@@ -276,7 +278,7 @@ def chunk_forward(
         o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32)
     else:
         o = torch.empty(0, **f32)
-    prec = dot_precision(k, q)
+    prec = dot_precision(k, q, compute_dtype=compute_dtype)
     operands = dict(device=dev, dtype=operand_dtype(prec))
     H = torch.empty(n, nc, dk, dv, **operands)
     h_final = torch.empty(n, dk, dv, **f32)

@@ -1,6 +1,6 @@
 """The Triton chunk kernels as ``torch.library`` custom ops, and the scan built on them.
 
-``nlcompile::chunk_scan_v3`` (forward) and ``nlcompile::chunk_scan_backward_v2`` are
+``nlcompile::chunk_scan_v4`` (forward) and ``nlcompile::chunk_scan_backward_v3`` are
 opaque to ``torch.compile`` / ``torch.export``: each has a fake (meta)
 implementation giving output shapes, and the forward's autograd formula calls
 the backward op, so a compiled graph keeps them as single nodes and Inductor
@@ -8,7 +8,8 @@ fuses the code around them.  The version in their names changes with their schem
 that torch.compile cached (AOTAutograd's cache, keyed on the traced graph, not on the schemas of
 the ops it calls) calls the ops as they were when it was compiled, so a changed op takes a new
 name rather than meet an old cache entry (seen here: v2 added the WY inverses to the forward's
-outputs, and a cached backward called the new op with the old arguments; v3 added ``recompute``).
+outputs, and a cached backward called the new op with the old arguments; then ``recompute`` and
+``compute_dtype``).
 
 What the backward needs beyond the inputs (the states entering each chunk H, the corrected values
 V', W and the WY inverses: at chunk 32 and d = 128 about 6x the keys' size, H alone 4x) is kept
@@ -37,31 +38,31 @@ from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
 from nlcompile.targets.triton.common import (
-    MAX_HEAD_DIM, block, dot_precision, kernel_blocks, operand_dtype, sequences,
+    MAX_HEAD_DIM, block, dot_precision, gradient_dtype, kernel_blocks, operand_dtype, sequences,
 )
 from nlcompile.targets.triton.forward import chunk_forward
 
 _EMPTY = (0,)
 
 
-@torch.library.custom_op("nlcompile::chunk_scan_v3", mutates_args=())
+@torch.library.custom_op("nlcompile::chunk_scan_v4", mutates_args=())
 def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                h0: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
-               out_dtype: Optional[torch.dtype] = None, scale: float = 1.0, recompute: bool = False
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+               out_dtype: Optional[torch.dtype] = None, scale: float = 1.0, recompute: bool = False,
+               compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final state, states entering each chunk, corrected values, W, the chunks' WY inverses Tm);
     see ``forward.chunk_forward``.  ``recompute``: the autograd formula saves only the inputs and
     forms the last four again in the backward (the forward computes the same either way)."""
-    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale)
+    return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, compute_dtype)
 
 
 @chunk_scan.register_fake
-def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0, recompute=False):
+def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0, recompute=False, compute_dtype=None):
     n, t, _, prefix = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
     nc = triton.cdiv(t, chunk)
     f32 = dict(dtype=torch.float32, device=k.device)
-    operands = dict(dtype=operand_dtype(dot_precision(k, q)), device=k.device)
+    operands = dict(dtype=operand_dtype(dot_precision(k, q, compute_dtype=compute_dtype)), device=k.device)
     o = k.new_empty((*prefix, dv), dtype=out_dtype or torch.float32) if q is not None else k.new_empty(_EMPTY, **f32)
     delta = beta is not None
 
@@ -71,46 +72,50 @@ def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0,
     return o, k.new_empty(n, dk, dv, **f32), k.new_empty(n, nc, dk, dv, **operands), rows(dv), rows(dk), rows(chunk)
 
 
-@torch.library.custom_op("nlcompile::chunk_scan_backward_v2", mutates_args=())
+@torch.library.custom_op("nlcompile::chunk_scan_backward_v3", mutates_args=())
 def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor], g: Optional[Tensor],
                         h0: Tensor, states: Tensor, v_new: Tensor, w: Tensor, tm: Tensor, do: Optional[Tensor],
                         dh_final: Tensor, chunk: int, before: bool, coef: Optional[Tensor] = None,
-                        scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                        scale: float = 1.0, compute_dtype: Optional[torch.dtype] = None
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dk, dv, dq, dbeta, dg, dh0, dcoef); an absent input's gradient is an empty tensor
-    (``backward.chunk_backward``: dk, dv, dq in the inputs' dtypes, the others fp32)."""
-    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef, scale)
+    (``backward.chunk_backward``: dk, dv, dq in ``common.gradient_dtype``, the others fp32)."""
+    grads = chunk_backward(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef, scale,
+                           compute_dtype)
     return tuple(k.new_empty(_EMPTY, dtype=torch.float32) if x is None else x for x in grads)
 
 
 @chunk_scan_backward.register_fake
-def _(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef=None, scale=1.0):
+def _(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef=None, scale=1.0,
+      compute_dtype=None):
     like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
-    own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=x.dtype)  # noqa: E731
+    own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=gradient_dtype(x, compute_dtype))  # noqa: E731
     return (own(k), own(v), own(q), *(like(x) for x in (beta, g, h0, coef)))
 
 
 def _setup_context(ctx, inputs, output):
-    k, v, q, beta, g, h0, chunk, before, coef, _, scale, recompute = inputs
+    k, v, q, beta, g, h0, chunk, before, coef, _, scale, recompute, compute_dtype = inputs
     intermediates = output[2:]   # states, v_new, w, tm
     ctx.save_for_backward(k, v, q, beta, g, h0, coef, *(() if recompute else intermediates))
-    ctx.chunk, ctx.before, ctx.scale = chunk, before, scale
+    ctx.chunk, ctx.before, ctx.scale, ctx.compute_dtype = chunk, before, scale, compute_dtype
     ctx.mark_non_differentiable(*intermediates)
 
 
 def _backward(ctx, do, dh_final, *_intermediates):
     k, v, q, beta, g, h0, coef, *intermediates = ctx.saved_tensors
     if not intermediates:   # recompute: the forward's prepare and states kernels again (no readout)
-        intermediates = chunk_scan(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef)[2:]
+        intermediates = chunk_scan(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef,
+                                   compute_dtype=ctx.compute_dtype)[2:]
     states, v_new, w, tm = intermediates
     if dh_final is None:
         dh_final = torch.zeros_like(h0, dtype=torch.float32)
     if q is not None and do is None:
         do = k.new_zeros(*k.shape[:-1], v.shape[-1], dtype=torch.float32)
     grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, tm, do if q is not None else None,
-                                dh_final, ctx.chunk, ctx.before, coef, ctx.scale)
+                                dh_final, ctx.chunk, ctx.before, coef, ctx.scale, ctx.compute_dtype)
     inputs = (k, v, q, beta, g, h0, coef)
     dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
-    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None, None, None
+    return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None, None, None, None
 
 
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
@@ -175,12 +180,16 @@ def triton_chunkwise_scan(
     out_dtype: Optional[torch.dtype] = None,
     on_plan: Optional[Callable[[str], None]] = None,
     recompute: bool = False,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
     """``chunkwise_scan`` computed by the Triton kernels (same arguments, same results; o in
     ``out_dtype`` when given, e.g. the model's bf16, written so by the kernels, else fp32;
     ``q_scale`` applied by the kernels to o, and to dO in the backward, not to a copy of q;
     ``recompute``: the backward forms the chunk states again instead of keeping them from the
-    forward, so autograd holds only the inputs between the two, see ``chunk_scan``).
+    forward, so autograd holds only the inputs between the two, see ``chunk_scan``;
+    ``compute_dtype``: the dtype the update loop computes in, its state's (a loop that upcasts
+    bf16 keys to fp32 inside is passed the bf16 keys as they are and fp32 here: the kernels then
+    compute as for fp32 inputs, ``common.dot_precision``)).
 
     Also takes flash-linear-attention's layout, the heads after time: k [B,T,H,dk], v [B,T,H,dv],
     q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
@@ -218,12 +227,12 @@ def triton_chunkwise_scan(
     per_channel = g is not None and g.dim() == k.dim()
     c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
     if on_plan is not None:
-        fwd, bwd = dot_precision(k, q), dot_precision(k, q, backward=True)
+        fwd, bwd = dot_precision(k, q, compute_dtype=compute_dtype), dot_precision(k, q, True, compute_dtype)
         on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
                 + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
                               contiguous(None if beta is None else beta.float()),
                               contiguous(None if g is None else g.float()), h0.contiguous(), c, readout == "before",
-                              contiguous(coef), out_dtype, q_scale, bool(recompute))
+                              contiguous(coef), out_dtype, q_scale, bool(recompute), compute_dtype)
     return (o if q is not None else None), final
