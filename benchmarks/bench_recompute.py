@@ -19,23 +19,8 @@ import sys
 
 import torch
 
+from nlcompile.memory import saved_storages
 from nlcompile.timing import interleaved_best
-
-
-def kept_mib(fn, own) -> float:
-    """MiB of the storages autograd saves while ``fn()`` runs, other than those of ``own``."""
-    skip = {t.untyped_storage().data_ptr() for t in own}
-    saved = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            saved[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved.values()) / 2 ** 20
 
 
 def measure(target: str, layers, lengths, B: int, d_model: int, heads: int, head_dim: int, dtype, device,
@@ -63,7 +48,8 @@ def measure(target: str, layers, lengths, B: int, d_model: int, heads: int, head
                         torch.cuda.synchronize(device)
 
                 label = "recompute" if recompute else "keep"
-                row[f"{label}_kept_mib"] = kept_mib(lambda: compiled(x), [x, *params])
+                _, saved = saved_storages(lambda: compiled(x), [x, *params])
+                row[f"{label}_kept_mib"] = sum(saved.values()) / 2 ** 20
                 steps[label] = step
             t = interleaved_best(steps, {"keep": repeats, "recompute": repeats}, warm=True)
             row.update(keep_s=t["keep"], recompute_s=t["recompute"])

@@ -65,19 +65,11 @@ def peak_memory(fn, device: torch.device):
 
 
 def kept_memory(fn, inputs) -> float:
-    """MiB that autograd keeps from ``fn()`` for the backward (the tensors it saves, each storage
-    once), beyond the storages of ``inputs`` (held by the caller anyway)."""
-    own = {x.untyped_storage().data_ptr() for x in inputs}
-    saved = {}
+    """MiB that autograd keeps from ``fn()`` for the backward beyond ``inputs`` (held by the caller
+    anyway; ``nlcompile.memory.saved_storages``)."""
+    from nlcompile.memory import saved_storages
 
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in own:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(saved.values()) / 2 ** 20
+    return sum(saved_storages(fn, inputs)[1].values()) / 2 ** 20
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -307,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU interpreter ok)")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--dots", default="auto", help="comma-separated tl.dot precisions to time our kernels with: "
-                    "auto (by input dtype), ieee, tf32x3, tf32, bf16")
+                    "auto (by the inputs' dtype here), ieee, tf32x3, tf32, bf16")
     ap.add_argument("--warps", default="auto", help="comma-separated warps per program to time our kernels with "
                     "(auto: autotuned on CUDA; fixed: the untuned launch), crossed with --dots")
     ap.add_argument("--models", default="DeltaNet,GatedDeltaNet", help="comma-separated: DeltaNet, GatedDeltaNet")

@@ -3,7 +3,7 @@
 * ``NLCOMPILE_DUMP=dir``: write the graph after every pass to ``dir``.
 * ``NLCOMPILE_VERBOSE=1``: print progress of long work (probing, verifying).
 * ``NLCOMPILE_TRITON_DOT=ieee|tf32x3|tf32|bf16``: the Triton kernels' matmul precision, overriding
-  the choice by input dtype (``targets/triton/common.dot_precision``); for measuring.
+  the choice by the loop's precision (``targets/triton/common.dot_precision``); for measuring.
 * ``NLCOMPILE_TRITON_WARPS=1|2|4|8|16``: warps per program of the Triton kernels on CUDA,
   overriding ``targets/triton/common.kernel_blocks`` (and the autotuning); for measuring.
 * ``NLCOMPILE_TRITON_CHUNK=16|32|64``: the Triton kernels' chunk length, overriding
@@ -38,7 +38,7 @@ def triton_dot_precision() -> str | None:
     value = os.environ.get("NLCOMPILE_TRITON_DOT", "")
     if value and value not in TRITON_DOT_PRECISIONS:
         raise ValueError(f"NLCOMPILE_TRITON_DOT={value!r}: expected one of {', '.join(TRITON_DOT_PRECISIONS)} "
-                         "(or unset, to choose by input dtype)")
+                         "(or unset, to choose by the loop's precision)")
     return value or None
 
 

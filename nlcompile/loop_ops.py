@@ -14,11 +14,11 @@ import inspect
 from typing import Sequence
 
 import torch
-import torch.utils.checkpoint
 
 from nlcompile.ir import LoopBody, Operand
 from nlcompile.passes.fx import layout as L
 from nlcompile.passes.fx.subgraph import extract_subgraph
+from nlcompile.targets.scan import CHECKPOINT_NOTE, checkpointed
 
 
 def step_slice(source: torch.Tensor, dim: int, keepdim: bool, t: int) -> torch.Tensor:
@@ -230,8 +230,7 @@ class ChunkwiseLoop(torch.nn.Module):
             return self.scan, ""
         if self.scan_recomputes:
             return functools.partial(self.scan, recompute=True), ""
-        checkpointed = functools.partial(torch.utils.checkpoint.checkpoint, self.scan, use_reentrant=False)
-        return checkpointed, ", recomputed in the backward (activation checkpoint)"
+        return checkpointed(self.scan), CHECKPOINT_NOTE
 
     def forward(self, *args: torch.Tensor):
         sources, inits, invariants = _split(args, len(self.step_dims), self.n_states)

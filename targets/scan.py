@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from nlcompile.timing import interleaved_best
@@ -74,7 +75,7 @@ class _Scan:
 
 
 def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first=False,
-               q_scale=1.0) -> _Scan:
+               q_scale=1.0, compute_dtype=None) -> _Scan:
     if readout not in ("after", "before"):
         raise ValueError(f"readout must be 'after' or 'before', got {readout!r}")
     if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)):
@@ -97,7 +98,8 @@ def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gat
         if x is not None and tuple(x.shape) not in shapes:
             raise ValueError(f"{name} must have shape {' or '.join(map(str, shapes))}, got {tuple(x.shape)}")
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
-    dtype = torch.float64 if any(x.dtype == torch.float64 for x in given) else torch.float32
+    wide = compute_dtype == torch.float64 or any(x.dtype == torch.float64 for x in given)
+    dtype = torch.float64 if wide else torch.float32
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     state = cast(initial_state) if initial_state is not None else k.new_zeros(n, dk, dv, dtype=dtype)
     return _Scan(
@@ -204,6 +206,7 @@ def chunkwise_scan(
     q_scale: float = 1.0,
     out_dtype: Optional[torch.dtype] = None,
     on_plan: Optional[Callable[[str], None]] = None,
+    compute_dtype: Optional[torch.dtype] = None,
 ) -> tuple[Optional[Tensor], Tensor]:
     """Same function as ``sequential_scan``, computed chunk by chunk (exact, any T >= 1).
 
@@ -218,9 +221,11 @@ def chunkwise_scan(
     run in passes of that many tokens, the state carried.  The queries are ``q * q_scale``,
     scaled in their one copy into chunk order (no pass of their own).  The readout comes back in
     ``out_dtype`` when given (the Triton kernels write it so; here it is converted).  ``on_plan``
-    is told the chunk length used, in words (``explain``).
+    is told the chunk length used, in words (``explain``).  ``compute_dtype``, the dtype the update
+    loop computes in: float64 computes in float64 whatever the inputs' dtypes (else float32, or
+    float64 with a float64 input, as always).
     """
-    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first, q_scale)
+    x = _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gate_first, q_scale, compute_dtype)
     n, t, _ = x.k.shape
     if t == 0:
         return (x.v.clone() if x.q is not None else None), x.state.clone()
@@ -295,6 +300,16 @@ _CHUNK_CACHE: dict[tuple, int] = {}
 _CANDIDATES = (16, 32, 64)
 _PROBE_T = 2 * SEGMENT_TOKENS  # two passes of the scan: what every longer sequence runs, state carried between
 _ROUNDS = 12
+
+
+CHECKPOINT_NOTE = ", recomputed in the backward (activation checkpoint)"   # for ``explain``
+
+
+def checkpointed(scan: Callable) -> Callable:
+    """``scan`` under non-reentrant activation checkpointing (``torch.utils.checkpoint``): autograd
+    keeps only what goes in, and the backward runs the scan again (``compile(recompute=True)``
+    for a scan with no recomputation of its own)."""
+    return functools.partial(torch.utils.checkpoint.checkpoint, scan, use_reentrant=False)
 
 
 def choose_chunk_size(

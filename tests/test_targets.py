@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import nlcompile
 from nlcompile.loop_ops import SequentialLoop
+from nlcompile.memory import saved_storages
 
 
 def delta_loop(q, k, v, beta):
@@ -121,19 +122,6 @@ def test_a_target_with_its_own_scan(monkeypatch):
     assert calls and loop.rewrite == "chunkwise" and loop.runs == ()
 
 
-def _kept_bytes(fn):
-    """``fn()`` and the bytes autograd saved for the backward while it ran (each storage once)."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(saved.values())
-
-
 def test_recompute_checkpoints_a_scan_that_cannot_recompute_itself():
     """The torch target's scan has no ``recompute`` of its own: with ``compile(recompute=True)`` it
     runs under activation checkpointing (less kept for the backward, the same gradients), and
@@ -144,8 +132,8 @@ def test_recompute_checkpoints_a_scan_that_cannot_recompute_itself():
         compiled = nlcompile.compile(delta_loop, target="torch", recompute=recompute)
         compiled(*args)
         leaves = [x.detach().requires_grad_(True) for x in args]
-        out, kept = _kept_bytes(lambda: compiled(*leaves))
-        runs[recompute] = torch.autograd.grad(out.square().sum(), leaves), kept
+        out, saved = saved_storages(lambda: compiled(*leaves))
+        runs[recompute] = torch.autograd.grad(out.square().sum(), leaves), sum(saved.values())
         note = compiled.explain(*args).loops[0].runs[0]
         assert note.endswith(", recomputed in the backward (activation checkpoint)") == recompute, note
     (grads, kept), (again, lean) = runs[False], runs[True]
@@ -196,6 +184,35 @@ def test_recompute_benchmark_runs_in_smoke_mode(capsys, tmp_path):
 def test_recompute_must_be_a_bool():
     with pytest.raises(TypeError, match="recompute must be True or False"):
         nlcompile.compile(delta_loop, recompute="yes")
+
+
+def test_a_scan_taking_any_keyword_is_told_everything(monkeypatch):
+    """A plugin scan that forwards ``**kwargs`` to ours is passed every keyword the loop has (the
+    plan's notes, the loop's dtype), which ``chunkwise_scan`` takes: the loop stays chunkwise."""
+    from nlcompile.loop_ops import ChunkwiseLoop
+    from nlcompile.targets.scan import choose_chunk_size, chunkwise_scan
+    from nlcompile.targets.torch_target import TorchTarget
+
+    seen = []
+
+    def forwarding_scan(k, v, **kw):
+        seen.append(sorted(kw))
+        return chunkwise_scan(k, v, **kw)
+
+    class Forwards(TorchTarget):
+        name = "forwards"
+
+        def loop_module(self, plan):
+            return ChunkwiseLoop(plan.loop.body, plan.analysis, plan.loop.step_dims, forwarding_scan,
+                                 plan.chunk_size, choose_chunk_size)
+
+    nlcompile.register_target("forwards", Forwards())
+    compiled = nlcompile.compile(delta_loop, target="forwards")
+    args = inputs(30)
+    torch.testing.assert_close(compiled(*args), delta_loop(*args), rtol=1e-4, atol=1e-5)
+    loop = compiled.explain(*args).loops[0]
+    assert loop.rewrite == "chunkwise" and loop.runs[0].startswith("S0 on the PyTorch chunkwise scan, chunk"), loop
+    assert {"compute_dtype", "on_plan"} <= set(seen[-1]), seen[-1]
 
 
 def test_inductor_target_matches_eager():

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 import nlcompile
+from nlcompile.memory import saved_storages
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton.common import dot_precision, round_to_bf16
 from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, triton_chunkwise_scan
@@ -199,7 +200,7 @@ def test_heads_last_layout_matches_flat(kind, readout):
 
 @pytest.mark.parametrize("kind,dot,layout", [("decay", "auto", "flat"), ("delta", "auto", "flat"),
                                              ("delta", "bf16", "flat"), ("gated_delta", "auto", "heads_last"),
-                                             ("delta", "auto", "upcast")])
+                                             ("delta", "auto", "upcast"), ("gated_delta", "auto", "recompute")])
 def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     """Fake implementation, autograd and schema agree with the kernels (with bf16 dots the states
     and W are returned in bf16: the fake must say so; in the [B, T, H, D] layout o is [B, T, H, dv],
@@ -217,6 +218,8 @@ def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     if layout == "upcast":
         k, v, q = k.bfloat16(), v.bfloat16(), q.bfloat16()
         options = dict(compute_dtype=torch.float32)
+    if layout == "recompute":   # the autograd formula's recomputation in the backward
+        options = dict(recompute=True)
     args = (k, v, q, beta, g, kw["initial_state"], 16, False)
     for x in (k, v, q, kw["initial_state"]):
         x.requires_grad_(True)
@@ -224,36 +227,26 @@ def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
     # the backward op on its own (its fake gives the gradients' dtypes)
     o, final, *saved = chunk_scan(*args, **options)
     inputs = [x.detach() if torch.is_tensor(x) else x for x in args[:6]]
-    backward_options = {n: x for n, x in options.items() if n != "out_dtype"}
+    backward_options = {n: x for n, x in options.items() if n not in ("out_dtype", "recompute")}
     torch.library.opcheck(chunk_scan_backward, (*inputs, *(x.detach() for x in saved), torch.randn_like(o.float()),
                                                 torch.randn_like(final), 16, False), backward_options)
 
 
-def saved_for_backward(fn):
-    """``fn()`` and what autograd saved for its backward while it ran ({storage address: tensor})."""
-    saved = {}
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_recompute_keeps_only_the_inputs_and_gives_the_same_gradients(kind):
+@pytest.mark.parametrize("kind,mixed", [(kind, False) for kind in KINDS] + [("delta", True), ("gated_delta", True)])
+def test_recompute_keeps_only_the_inputs_and_gives_the_same_gradients(kind, mixed):
     """With ``recompute`` the op saves exactly its tensor inputs (not the chunk states H, nor V', W
     and the WY inverses), and its backward, forming those again with the forward's kernels, gives
-    bit-identical gradients."""
+    bit-identical gradients; also with bf16 keys and values and fp32 queries (``mixed``: the
+    recomputation, which has no queries, must run at the forward's precision, fp32)."""
     k, v, kw = scan_inputs(kind, T=37)
+    if mixed:
+        k, v = k.bfloat16(), v.bfloat16()
     g = kw.get("log_gate", kw["gate"].log() if "gate" in kw else None)
     given = [k, v, kw["q"], kw.get("beta"), g, kw["initial_state"]]
     runs = {}
     for recompute in (False, True):
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in given]
-        (o, s, states, *_), saved = saved_for_backward(
+        (o, s, states, *_), saved = saved_storages(
             lambda: chunk_scan(*leaves, 16, False, None, None, 0.5, recompute))
         gen = torch.Generator(torch.get_default_device()).manual_seed(1)
         loss = (o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
@@ -423,6 +416,39 @@ def test_gates_with_zeros_fall_back_exactly_with_a_warning():
         o, s = triton_chunkwise_scan(k, v, **kw)
     o_ref, s_ref = reference(k, v, kw)
     assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
+
+
+def test_a_fallback_scan_still_recomputes_and_keeps_the_loop_dtype(monkeypatch):
+    """What the kernels cannot run falls back to the PyTorch scan with ``recompute`` and
+    ``compute_dtype`` honoured: under activation checkpointing (less kept, the same gradients,
+    said in the plan), and a loop computing in float64 is computed in float64."""
+    import nlcompile.targets.triton.ops as ops
+
+    monkeypatch.setattr(ops, "_warned", set())
+    k, v, kw = scan_inputs("delta", T=37)
+    kw["gate"] = torch.sigmoid(torch.randn(k.shape[:2]))
+    kw["gate"][:, 3] = 0.0    # zero gates: beyond the kernels' log space
+    runs = {}
+    for recompute in (False, True):
+        leaves = [x.detach().requires_grad_(True) for x in (k, v, kw["q"])]
+        notes = []
+        with pytest.warns(UserWarning, match="zero or negative"):
+            (o, s), saved = saved_storages(lambda: triton_chunkwise_scan(
+                *leaves[:2], **dict(kw, q=leaves[2]), recompute=recompute, on_plan=notes.append))
+        monkeypatch.setattr(ops, "_warned", set())
+        assert notes[0].endswith(", recomputed in the backward (activation checkpoint)") == recompute, notes
+        runs[recompute] = torch.autograd.grad(o.square().sum() + s.sum(), leaves), sum(saved.values())
+    (grads, kept), (again, lean) = runs[False], runs[True]
+    assert lean < kept / 2, (lean, kept)
+    for g, w in zip(again, grads):
+        assert torch.equal(g, w)
+    notes = []
+    with pytest.warns(UserWarning, match="a loop computing in float64"):
+        o, s = triton_chunkwise_scan(k, v, **kw, compute_dtype=torch.float64, on_plan=notes.append)
+    assert o.dtype == torch.float64 and notes == [
+        "the PyTorch chunkwise scan: a loop computing in float64 (the kernels compute in float32)"]
+    o_ref, s_ref = reference(k, v, kw)
+    assert rel_err(o, o_ref) <= 1e-12 and rel_err(s, s_ref) <= 1e-12
 
 
 def test_target_without_gpu_says_what_to_do(monkeypatch):
@@ -607,13 +633,17 @@ def test_compiled_layer_recomputes_on_request():
     for recompute in (False, True):
         compiled = nlcompile.compile(model, target="triton", recompute=recompute)
         compiled(x)   # compiles (the probes and checks run without autograd's saving)
-        out, saved = saved_for_backward(lambda: compiled(x))
+        out, saved = saved_storages(lambda: compiled(x))
         grads = torch.autograd.grad(as_tuple(out)[0].square().sum(), list(model.parameters()))
-        runs[recompute] = grads, sum(t.numel() * t.element_size() for t in saved.values())
+        runs[recompute] = grads, sum(saved.values())
         (loop,) = compiled.explain(x).loops
-        assert loop.runs[0].endswith(", chunk states recomputed in the backward") == recompute, loop.runs
+        assert loop.runs == ("S0 on the Triton kernels, chunk 64, ieee dots"
+                             + (", chunk states recomputed in the backward" if recompute else ""),)
     (kept, kept_bytes), (again, lean_bytes) = runs[False], runs[True]
-    assert lean_bytes < kept_bytes, (lean_bytes, kept_bytes)
+    # exactly the op's intermediates are no longer kept: 2 heads, 2 chunks of 64, dk = dv = 16, fp32
+    n, chunks, rows, d = 2, 2, 128, 16
+    states, v_new, w, tm = n * chunks * d * d, n * rows * d, n * rows * d, n * rows * 64
+    assert kept_bytes - lean_bytes == 4 * (states + v_new + w + tm), (kept_bytes, lean_bytes)
     for g, w in zip(again, kept):
         assert torch.equal(g, w)
 

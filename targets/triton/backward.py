@@ -62,7 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, dot_precision, gradient_dtype, gram,
+    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, dot_precision, gradient_dtype, gram, kernel_dtype,
     kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
     seq_start, sequences, store_steps, store_tile,
 )
@@ -408,11 +408,13 @@ def chunk_backward(
     (dh0: where h0 was); dk, dv, dq in the dtypes of k, v, q (a bf16 input's gradient is written
     once in bf16, as autograd would cast it anyway: half the bytes; partial sums that one kernel
     stores and another adds to, dk with beta and dv without, are rounded there too, as fla's dk
-    is), or fp32 where ``compute_dtype`` is wider (``common.gradient_dtype``), the others fp32.
+    is), or fp32 where the kernels compute in another dtype (``common.gradient_dtype``), the others
+    fp32.
     """
     n, t, heads, prefix = sequences(k)
     key_dim, value_dim = k.shape[-1], v.shape[-1]
     delta = beta is not None
+    as_dtype = kernel_dtype(k, q, compute_dtype)
     if coef is not None and not delta:
         raise ValueError("coef: only the delta family (beta given) scales v in the kernels")
     gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
@@ -430,11 +432,11 @@ def chunk_backward(
         zero = lambda x: None if x is None else torch.zeros(x.shape, **f32)  # noqa: E731
         dh0 = dh_final.float().clone() if h0 is not None else None
         own = lambda x: (None if x is None  # noqa: E731
-                         else torch.zeros(x.shape, dtype=gradient_dtype(x, compute_dtype), device=x.device))
+                         else torch.zeros(x.shape, dtype=gradient_dtype(x, as_dtype), device=x.device))
         return own(k), own(v), own(q), zero(beta), zero(g), dh0, zero(coef)
     like = lambda x: None if x is None else torch.empty(x.shape, **f32)  # noqa: E731
     own = lambda x: (None if x is None  # noqa: E731
-                     else torch.empty(x.shape, dtype=gradient_dtype(x, compute_dtype), device=x.device))
+                     else torch.empty(x.shape, dtype=gradient_dtype(x, as_dtype), device=x.device))
     dk, dv, dq, dbeta, dg, dcoef = own(k), own(v), own(q), like(beta), like(g), like(coef)
     dh0 = torch.empty(n, key_dim, value_dim, **f32)
     nc = triton.cdiv(t, chunk)

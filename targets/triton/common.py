@@ -313,13 +313,27 @@ MAX_HEAD_DIM = 256
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def kernel_dtype(k: Tensor, q: Tensor | None, compute_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The one dtype the kernels compute as, for these keys and queries and the dtype the update
+    loop computes in (``compute_dtype``, its state's; None: that of k and q): bf16 when all are
+    bf16, fp16 when all are 16-bit floats but not all bf16, else fp32.  Storage alone does not
+    decide: a loop that upcasts bf16 keys to fp32 inside computes in fp32, and so do the kernels,
+    reading the bf16 keys as they are.  Absorbing, ``kernel_dtype(k, q2, kernel_dtype(k, q, c))
+    == kernel_dtype(k, q, c)`` for any q2 of q's dtype or None: what the autograd formula passes
+    on to the backward and to a recomputation without queries, so that all three agree."""
+    dtypes = {x.dtype for x in (k, q) if x is not None} | ({compute_dtype} if compute_dtype is not None else set())
+    if dtypes == {torch.bfloat16}:
+        return torch.bfloat16
+    if dtypes <= set(_LOW_PRECISION):
+        return torch.float16
+    return torch.float32
+
+
 def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False,
                   compute_dtype: torch.dtype | None = None) -> str:
-    """``tl.dot`` precision of the forward (or ``backward``) kernels for the keys and queries
-    given: their dtype is the precision the model runs in (the values may arrive in fp32), unless
-    ``compute_dtype`` (the dtype the update loop computes in: its state's) is wider: a loop that
-    upcasts bf16 keys to fp32 inside computes in fp32, and so do the kernels, reading the bf16
-    keys as they are.
+    """``tl.dot`` precision of the forward (or ``backward``) kernels, by ``kernel_dtype``: the
+    precision the model runs in (the values may arrive in fp32, or in bf16 for a loop computing
+    in fp32).
 
     fp32: "ieee" (fp32 products: the compiler checks against eager at 1e-4).
     bf16: "bf16", forward and backward (operands rounded to bf16, fp32 accumulation and recurrence:
@@ -334,28 +348,22 @@ def dot_precision(k: Tensor, q: Tensor | None, backward: bool = False,
     emulated ("bf16-interpreted", "tf32-interpreted", "tf32x3-interpreted": operands rounded or
     split as the GPU does it, products in fp32; ``mm``), "ieee" in fp32.
     """
-    dtypes = {x.dtype for x in (k, q) if x is not None} | ({compute_dtype} if compute_dtype is not None else set())
     prec = knobs.triton_dot_precision()
     if not prec:
-        if dtypes == {torch.bfloat16}:
-            prec = "bf16"
-        elif dtypes <= set(_LOW_PRECISION):
-            prec = "ieee" if backward else "tf32"
-        else:
-            prec = "ieee"
+        prec = {torch.bfloat16: "bf16", torch.float16: "ieee" if backward else "tf32",
+                torch.float32: "ieee"}[kernel_dtype(k, q, compute_dtype)]
     if prec in ("bf16", "tf32", "tf32x3") and interpreting():
         return f"{prec}-interpreted"
     return prec
 
 
-def gradient_dtype(x: Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
-    """dtype of the kernels' gradient buffer for input ``x`` (dk, dv, dq): ``x``'s own (a bf16
-    input's gradient written once in bf16, as autograd would cast it), but fp32 when the loop
-    computes in a wider dtype than ``x`` arrives in: partial sums one kernel stores and another
-    adds to then stay fp32, and the op casts once at the end, as autograd's cast of the upcast."""
-    if compute_dtype is None or compute_dtype == x.dtype:
-        return x.dtype
-    return torch.float32
+def gradient_dtype(x: Tensor, as_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the kernels' gradient buffer for input ``x`` (dk, dv, dq), the kernels computing
+    as ``as_dtype`` (``kernel_dtype``): ``x``'s own when that is it (a bf16 input's gradient
+    written once in bf16, as autograd would cast it), else fp32: partial sums one kernel stores
+    and another adds to then stay fp32, and the op casts once at the end, as autograd's cast of
+    an upcast does."""
+    return x.dtype if x.dtype == as_dtype else torch.float32
 
 
 def operand_dtype(prec: str) -> torch.dtype:

@@ -222,7 +222,7 @@ def chunk_forward(
     saves the caller a pass over v and the kernels reading it in fp32), out_dtype: o's dtype (fp32,
     bf16 or fp16; None: fp32), rounded once as it is stored, scale: the queries' factor (the
     readout is S^T (scale q), applied to o as it is stored: no scaled copy of q), compute_dtype: the
-    dtype the update loop computes in, when wider than k and q (``common.dot_precision``).  Or, read in place
+    dtype the update loop computes in (None: k's and q's; ``common.kernel_dtype``).  Or, read in place
     without copies, flash-linear-attention's layout with the heads after time: k [B,T,H,dk],
     v [B,T,H,dv], q [B,T,H,dk], beta [B,T,H], g [B,T,H] or [B,T,H,dk], h0 [B*H,dk,dv]
     (``sequences``; N = B*H, sequence n = b*H + h).

@@ -35,10 +35,10 @@ import triton
 from torch import Tensor
 
 from nlcompile import knobs
-from nlcompile.targets.scan import Readout, chunkwise_scan
+from nlcompile.targets.scan import CHECKPOINT_NOTE, Readout, checkpointed, chunkwise_scan
 from nlcompile.targets.triton.backward import chunk_backward
 from nlcompile.targets.triton.common import (
-    MAX_HEAD_DIM, block, dot_precision, gradient_dtype, kernel_blocks, operand_dtype, sequences,
+    MAX_HEAD_DIM, block, dot_precision, gradient_dtype, kernel_blocks, kernel_dtype, operand_dtype, sequences,
 )
 from nlcompile.targets.triton.forward import chunk_forward
 
@@ -89,7 +89,8 @@ def chunk_scan_backward(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optiona
 def _(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, coef=None, scale=1.0,
       compute_dtype=None):
     like = lambda x: k.new_empty(_EMPTY if x is None else x.shape, dtype=torch.float32)  # noqa: E731
-    own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=gradient_dtype(x, compute_dtype))  # noqa: E731
+    as_dtype = kernel_dtype(k, q, compute_dtype)
+    own = lambda x: like(x) if x is None else k.new_empty(x.shape, dtype=gradient_dtype(x, as_dtype))  # noqa: E731
     return (own(k), own(v), own(q), *(like(x) for x in (beta, g, h0, coef)))
 
 
@@ -97,7 +98,10 @@ def _setup_context(ctx, inputs, output):
     k, v, q, beta, g, h0, chunk, before, coef, _, scale, recompute, compute_dtype = inputs
     intermediates = output[2:]   # states, v_new, w, tm
     ctx.save_for_backward(k, v, q, beta, g, h0, coef, *(() if recompute else intermediates))
-    ctx.chunk, ctx.before, ctx.scale, ctx.compute_dtype = chunk, before, scale, compute_dtype
+    ctx.chunk, ctx.before, ctx.scale = chunk, before, scale
+    # resolved once (common.kernel_dtype): the backward and a recomputation without the queries
+    # then run at the forward's precision whatever the queries' dtype
+    ctx.compute_dtype = kernel_dtype(k, q, compute_dtype)
     ctx.mark_non_differentiable(*intermediates)
 
 
@@ -146,10 +150,13 @@ def _fallback(why: str) -> None:
                       stacklevel=3)
 
 
-def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False) -> Optional[str]:
+def _unsupported(k, v, beta, gate, log_gate, tensors, gate_first: bool = False,
+                 compute_dtype: Optional[torch.dtype] = None) -> Optional[str]:
     """Why the kernels cannot run these inputs (None when they can)."""
     if any(x.dtype == torch.float64 for x in tensors):
         return "float64 inputs (the kernels compute in float32)"
+    if compute_dtype == torch.float64:
+        return "a loop computing in float64 (the kernels compute in float32)"
     if max(k.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
         return f"head dim {max(k.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}"
     g = gate if gate is not None else log_gate
@@ -201,16 +208,19 @@ def triton_chunkwise_scan(
     if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)):
         raise TypeError(f"q_scale must be a Python number, got {type(q_scale).__name__}")
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
-    why = _unsupported(k, v, beta, gate, log_gate, given, gate_first)
+    why = _unsupported(k, v, beta, gate, log_gate, given, gate_first, compute_dtype)
     if why is not None:
         _fallback(why)
+        scan, note = chunkwise_scan, ""
+        if recompute and torch.is_grad_enabled():   # the PyTorch scan has no recomputation of its own
+            scan, note = checkpointed(chunkwise_scan), CHECKPOINT_NOTE
         if on_plan is not None:
-            on_plan(f"the PyTorch chunkwise scan: {why}")
+            on_plan(f"the PyTorch chunkwise scan: {why}{note}")
         heads_last = k.dim() == 4
         flat = (lambda x: None if x is None else x.transpose(1, 2).flatten(0, 1)) if heads_last else (lambda x: x)
-        o, final = chunkwise_scan(flat(k), flat(v), q=flat(q), beta=flat(beta), write=flat(write), gate=flat(gate),
-                                  log_gate=flat(log_gate), initial_state=initial_state, readout=readout,
-                                  chunk_size=chunk_size, gate_first=gate_first, q_scale=q_scale, out_dtype=out_dtype)
+        o, final = scan(flat(k), flat(v), q=flat(q), beta=flat(beta), write=flat(write), gate=flat(gate),
+                        log_gate=flat(log_gate), initial_state=initial_state, readout=readout, chunk_size=chunk_size,
+                        gate_first=gate_first, q_scale=q_scale, out_dtype=out_dtype, compute_dtype=compute_dtype)
         if heads_last and o is not None:
             o = o.unflatten(0, (k.shape[0], k.shape[2])).transpose(1, 2)
         return o, final
