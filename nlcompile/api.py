@@ -138,8 +138,8 @@ def compile(model_or_fn: Callable, *, target: str = "torch", example_inputs: Seq
     ``recompute=True`` trades time for training memory: each chunkwise scan's backward
     recomputes its intermediates (per-chunk states and the like, several times the size of the
     keys) from the scan's inputs instead of keeping them from the forward, as
-    flash-linear-attention's kernels do; same gradients (``loop_ops.ChunkwiseLoop``).  A loop
-    left sequential (no chunkwise form) is not affected: it keeps its per-step activations.
+    flash-linear-attention's kernels do; same gradients (``loop_ops.ChunkwiseLoop``); a loop
+    left sequential (no chunkwise form) runs under activation checkpointing.
     """
     if relax:
         raise ValueError(f"unknown relaxation(s) {list(relax)}; none are available yet")

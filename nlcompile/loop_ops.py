@@ -42,18 +42,26 @@ def _every_step(gm: torch.fx.GraphModule, step_dims, sources, before=(), after=(
 class SequentialLoop(torch.nn.Module):
     """Run the step body once per step: one loop op, never T unrolled copies.
 
-    The exact fallback for a loop with no chunkwise form (nonlinear, affine...).
+    The exact fallback for a loop with no chunkwise form (nonlinear, affine...).  With
+    ``recompute`` it runs under activation checkpointing when autograd records: only its inputs
+    are kept for the backward, which runs the loop again.
     """
 
-    def __init__(self, body: LoopBody, step_dims: Sequence[tuple[int, bool]]):
+    def __init__(self, body: LoopBody, step_dims: Sequence[tuple[int, bool]], recompute: bool = False):
         super().__init__()
         self.body = body.graph
         self.n_states = body.n_states
         self.n_outputs = body.n_step_outputs
         self.step_dims = tuple(step_dims)
         self.fresh_outputs = (True,) * self.n_outputs  # each a torch.stack of its own
+        self.recompute = recompute
 
     def forward(self, *args: torch.Tensor):
+        if self.recompute and torch.is_grad_enabled():
+            return checkpointed(self._run)(*args)
+        return self._run(*args)
+
+    def _run(self, *args: torch.Tensor):
         sources, states, invariants = _split(args, len(self.step_dims), self.n_states)
         dim0, _ = self.step_dims[0]
         trip = sources[0].shape[dim0]

@@ -142,6 +142,34 @@ def test_recompute_checkpoints_a_scan_that_cannot_recompute_itself():
         assert torch.equal(g, w)
 
 
+def _tanh_loop(q, k, v):
+    """A nonlinear update (no chunkwise form): runs as one sequential loop op."""
+    S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
+    outs = []
+    for t in range(q.shape[1]):
+        S = torch.tanh(S + k[:, t, :, None] * v[:, t, None, :])
+        outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+    return torch.stack(outs, 1)
+
+
+def test_recompute_checkpoints_a_sequential_loop():
+    """A loop left sequential runs under activation checkpointing with ``recompute``: less kept
+    for the backward, the same gradients."""
+    args = inputs(40)[:3]
+    runs = {}
+    for recompute in (False, True):
+        compiled = nlcompile.compile(_tanh_loop, recompute=recompute)
+        compiled(*args)
+        assert compiled.explain(*args).loops[0].rewrite == "sequential"
+        leaves = [x.detach().requires_grad_(True) for x in args]
+        out, saved = saved_storages(lambda: compiled(*leaves))
+        runs[recompute] = torch.autograd.grad(out.square().sum(), leaves), sum(saved.values())
+    (grads, kept), (again, lean) = runs[False], runs[True]
+    assert lean < kept / 2, (lean, kept)
+    for g, w in zip(again, grads):
+        assert torch.equal(g, w)
+
+
 def test_recompute_warns_when_a_target_ignores_it():
     """A plugin target whose loop modules do not recompute is named: its backward keeps what its
     forward saved."""

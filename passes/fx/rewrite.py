@@ -46,12 +46,13 @@ def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: st
               recompute: bool = False) -> tuple[torch.nn.Module, LoopDecision]:
     """The loop module for ``loop`` on ``target``, and the decision record.  With ``recompute``, a
     target's loop module that does not say it recomputes (``recompute`` attribute, as
-    ``ChunkwiseLoop`` has) is warned about: its backward keeps what its forward saved."""
+    ``ChunkwiseLoop`` and ``SequentialLoop`` have) is warned about: its backward keeps what its
+    forward saved."""
     dims = loop.step_dims
     try:
         analysis = analyse_body(loop.body)
     except Exception as exc:  # the analysis must never abort a compile
-        return SequentialLoop(loop.body, dims), LoopDecision(None, "sequential", f"analysis failed: {exc}")
+        return SequentialLoop(loop.body, dims, recompute), LoopDecision(None, "sequential", f"analysis failed: {exc}")
     reason = force_sequential or _why_not(analysis, target)
     if analysis.rules and reason is None:
         try:
@@ -65,5 +66,5 @@ def plan_loop(loop, target: Target, chunk_size: int | None, force_sequential: st
             reason = str(exc)
     if not analysis.rules and reason is None:
         reason = "the loop carries no state"
-    return SequentialLoop(loop.body, dims), LoopDecision(analysis, "sequential", reason)
+    return SequentialLoop(loop.body, dims, recompute), LoopDecision(analysis, "sequential", reason)
 
