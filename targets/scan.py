@@ -108,6 +108,24 @@ def _normalise(k, v, q, beta, write, gate, log_gate, initial_state, readout, gat
     )
 
 
+def _without_autocast(scan: Callable) -> Callable:
+    """``scan`` with autocast off on the keys' device: the scans compute in the dtype they choose
+    (float32, or float64); under an enclosing ``torch.autocast`` their matmuls would run in
+    bf16/fp16 instead, and the triangular solve has no bf16 kernel (a layer compiled under
+    autocast fell back to its sequential loop).  The loop it replaces, run eagerly under
+    autocast, computes no more precisely."""
+    @functools.wraps(scan)
+    def run(k: Tensor, *args, **kwargs):
+        device = k.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return scan(k, *args, **kwargs)
+        return scan(k, *args, **kwargs)
+
+    return run
+
+
+@_without_autocast
 def sequential_scan(
     k: Tensor,
     v: Tensor,
@@ -190,6 +208,7 @@ def _next_pow2(t: int) -> int:
     return 1 << max(0, t - 1).bit_length()
 
 
+@_without_autocast
 def chunkwise_scan(
     k: Tensor,
     v: Tensor,

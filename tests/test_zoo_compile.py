@@ -7,6 +7,8 @@ run is, with a slack factor of 2 plus 2e-3 absolute (relative to scale).
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -92,6 +94,30 @@ def test_zoo_layer_gradients_match_eager(name):
     for got, want in zip(*grads):
         assert rel_err(got, want) <= 1e-4
     assert compiled.explain(x).loops[0].rewrite == "chunkwise"
+
+
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_zoo_layer_under_autocast(name):
+    """A layer trained under ``torch.autocast`` (bf16 on this CPU) stays chunkwise (the scans turn
+    autocast off inside: its bf16 matmuls once broke the triangular solve, and the check against
+    eager sent the loop back to sequential), and output and gradients are no further from an fp64
+    run than eager's own run under autocast (slack 2x + 2e-3)."""
+    entry = LAYERS[name]
+    model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=8)
+    compiled = nlcompile.compile(model)
+    (x,) = entry.make_inputs(B=2, T=70, d_model=32)
+    in_fp64 = copy.deepcopy(model).double()
+    runs = []
+    for fn, module, inputs, autocast in ((compiled, model, x, True), (model, model, x, True),
+                                        (in_fp64, in_fp64, x.double(), False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(inputs)
+            grads = torch.autograd.grad(out.float().square().sum(), list(module.parameters()))
+        runs.append([out, *grads])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert compiled.explain(x).loops[0].rewrite == "chunkwise"
+    for got, eager, exact in zip(*runs):
+        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
 
 
 @pytest.mark.parametrize("head_dim", [5, 7, 11])
