@@ -17,6 +17,7 @@ import torch
 
 from nlcompile.ir import LoopBody, Operand
 from nlcompile.passes.fx import layout as L
+from nlcompile.passes.fx.precision import recurrence_dtype
 from nlcompile.passes.fx.subgraph import extract_subgraph
 from nlcompile.targets.scan import CHECKPOINT_NOTE, checkpointed
 
@@ -99,10 +100,11 @@ class ChunkwiseLoop(torch.nn.Module):
     the keys come out contiguous in that layout (leaves computed per step are stacked over a
     leading T; sources laid out [B, T, H, d]): [N, T, ...] would be a transposing copy of each
     operand, and of the readout.  A scan that takes ``compute_dtype`` (the Triton one), or any
-    keyword, is told the dtype the loop computes in, its state's: bf16 keys that the loop upcasts
-    to fp32 inside are computed on in fp32, not at the precision of their storage.  A scan that
-    takes ``on_plan`` (both of ours; a plugin's may not), or any keyword, is told through it how
-    it runs each call, kept per state in ``scan_notes`` for ``explain``.
+    keyword, is told the dtype the loop computes its recurrence in (``passes/fx/precision.py``):
+    bf16 keys that the loop upcasts to fp32 inside are computed on in fp32, not at the precision
+    of their storage; a loop whose products round its fp32 state to bf16 (autocast), in bf16.  A
+    scan that takes ``on_plan`` (both of ours; a plugin's may not), or any keyword, is told
+    through it how it runs each call, kept per state in ``scan_notes`` for ``explain``.
 
     ``recompute`` (``compile(recompute=True)``): under autograd each scan's backward recomputes
     what it needs from the scan's inputs instead of keeping it from the forward, so that only the
@@ -142,6 +144,7 @@ class ChunkwiseLoop(torch.nn.Module):
         self.leaf_gm = (extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.computed_leaves])
                         if self.computed_leaves else None)
         self.state_vals = [n.meta["val"] for n in out_nodes[:ns]]
+        self.compute_dtypes = [recurrence_dtype(gm, ph) for ph in phs[:ns]]
         self.readout_vals = {r.node: nodes[r.node].meta["val"] for r in analysis.readouts}
         readout_names = sorted(self.readout_vals)
         self.sources: list[tuple[str, object]] = []
@@ -265,7 +268,7 @@ class ChunkwiseLoop(torch.nn.Module):
                 kw["gate"] = operand(rule.gate, "gate", per_channel=rule.per_channel)
             kw["gate_first"] = rule.gate_first
             if self.tells_dtype:
-                kw["compute_dtype"] = self.state_vals[rule.state].dtype
+                kw["compute_dtype"] = self.compute_dtypes[rule.state]
             chunk = self.chunk_size or self.choose(
                 k, v, **{x: kw.get(x) for x in ("beta", "gate", "log_gate", "gate_first")})
             self.chunk_sizes_used[rule.state] = chunk

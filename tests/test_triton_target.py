@@ -607,6 +607,31 @@ def test_a_loop_that_upcasts_bf16_inputs_runs_the_kernels_in_fp32(monkeypatch):
                                                                              rel_err(eager, exact))
 
 
+def test_a_layer_under_autocast_runs_the_kernels_in_bf16():
+    """Under ``torch.autocast`` a layer's loop rounds its fp32 state to bf16 for every product
+    (its bmm), so the kernels may use bf16 dots (flash-linear-attention's precision, the fast
+    one), and do: output and gradients no further from an fp64 run than eager's own run under
+    autocast (slack 2x + 2e-3)."""
+    import copy
+
+    entry = LAYERS["deltanet_layer"]
+    model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=16).to(torch.get_default_device())
+    (x,) = entry.make_inputs(B=1, T=70, d_model=32)
+    compiled = nlcompile.compile(model, target="triton")
+    in_fp64 = copy.deepcopy(model).double()
+    runs = []
+    for fn, module, inputs, autocast in ((compiled, model, x, True), (model, model, x, True),
+                                        (in_fp64, in_fp64, x.double(), False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(inputs)
+            runs.append([out, *torch.autograd.grad(out.float().square().sum(), list(module.parameters()))])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (loop,) = compiled.explain(x).loops
+    assert loop.runs == (f"S0 on the Triton kernels, chunk 64, {dot_precision(x.bfloat16(), None)} dots",)
+    for got, eager, exact in zip(*runs):
+        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
+
+
 @pytest.mark.parametrize("name", sorted(LAYERS))
 def test_zoo_layers_train_through_the_kernels(name):
     """Forward and parameter gradients of the nn.Module layers, against eager."""

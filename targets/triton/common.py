@@ -314,14 +314,15 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def kernel_dtype(k: Tensor, q: Tensor | None, compute_dtype: torch.dtype | None = None) -> torch.dtype:
-    """The one dtype the kernels compute as, for these keys and queries and the dtype the update
-    loop computes in (``compute_dtype``, its state's; None: that of k and q): bf16 when all are
-    bf16, fp16 when all are 16-bit floats but not all bf16, else fp32.  Storage alone does not
-    decide: a loop that upcasts bf16 keys to fp32 inside computes in fp32, and so do the kernels,
-    reading the bf16 keys as they are.  Absorbing, ``kernel_dtype(k, q2, kernel_dtype(k, q, c))
-    == kernel_dtype(k, q, c)`` for any q2 of q's dtype or None: what the autograd formula passes
-    on to the backward and to a recomputation without queries, so that all three agree."""
-    dtypes = {x.dtype for x in (k, q) if x is not None} | ({compute_dtype} if compute_dtype is not None else set())
+    """The one dtype the kernels compute as: bf16, fp16 (16-bit floats, not all bf16) or fp32.
+    ``compute_dtype``, the dtype the update loop computes its recurrence in
+    (``passes/fx/precision.py``), decides when given, not the storage of k and q: a loop that
+    upcasts bf16 keys to fp32 inside computes in fp32, and so do the kernels, reading the bf16
+    keys as they are; one that rounds its state to bf16 for its products (autocast) in bf16.
+    Else the dtypes of k and q: bf16 when both are.  ``kernel_dtype(k, q2, kernel_dtype(k, q, c))
+    == kernel_dtype(k, q, c)`` for any q2: what the autograd formula passes on to the backward
+    and to a recomputation without queries, so that all three agree."""
+    dtypes = {compute_dtype} if compute_dtype is not None else {x.dtype for x in (k, q) if x is not None}
     if dtypes == {torch.bfloat16}:
         return torch.bfloat16
     if dtypes <= set(_LOW_PRECISION):

@@ -194,9 +194,10 @@ def triton_chunkwise_scan(
     ``q_scale`` applied by the kernels to o, and to dO in the backward, not to a copy of q;
     ``recompute``: the backward forms the chunk states again instead of keeping them from the
     forward, so autograd holds only the inputs between the two, see ``chunk_scan``;
-    ``compute_dtype``: the dtype the update loop computes in, its state's (a loop that upcasts
-    bf16 keys to fp32 inside is passed the bf16 keys as they are and fp32 here: the kernels then
-    compute as for fp32 inputs, ``common.dot_precision``)).
+    ``compute_dtype``: the dtype the update loop computes its recurrence in, which sets the
+    kernels' precision when given (a loop that upcasts bf16 keys to fp32 inside is passed the
+    bf16 keys as they are and fp32 here: the kernels then compute as for fp32 inputs;
+    ``common.kernel_dtype``)).
 
     Also takes flash-linear-attention's layout, the heads after time: k [B,T,H,dk], v [B,T,H,dv],
     q like k, beta / write / scalar gates [B,T,H], per-channel gates like k, initial_state
