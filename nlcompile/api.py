@@ -18,7 +18,8 @@ class CompiledFunction:
     """A compiled model or function: same call signature and outputs as the original.
 
     Compiles on the first call for each input signature (rank, dtype, device and
-    sizes apart from the time axis, and the non-tensor arguments); a later call
+    sizes apart from the time axis, the non-tensor arguments, and autocast's state on those
+    devices: a program traced under autocast holds its casts); a later call
     with another T reuses the program.  ``captures`` counts compilations.
     """
 
@@ -48,8 +49,19 @@ class CompiledFunction:
         tensors = tuple((n, self._describe(t)) for n, t in self._traceable.named_tensors())
         return tensors, tuple(m.training for m in target.modules())
 
+    @staticmethod
+    def _autocast_key(tensors) -> tuple:
+        """Autocast's state (on, dtype) on the devices of ``tensors``."""
+        devices = sorted({t.device.type for t in tensors})
+        return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices
+                     if torch.amp.is_autocast_available(d))
+
+    def _outer_key(self, tensors, layout_key) -> tuple:
+        params = [t for _, t in self._traceable.named_tensors()]
+        return layout_key, self._module_key(), self._autocast_key([*params, *tensors])
+
     def _find(self, tensors, layout_key):
-        outer = (layout_key, self._module_key())
+        outer = self._outer_key(tensors, layout_key)
         for key, compiled in self._entries:
             if key[0] != outer or len(key[1]) != len(tensors):
                 continue
@@ -82,7 +94,8 @@ class CompiledFunction:
         compiled.output = self._traceable.output
         self.captures += 1
         skips = {i: [d for j, d in compiled.time_axis if j == i] for i in range(len(tensors))}
-        key = ((layout.key(), self._module_key()), tuple(self._describe(t, skips[i]) for i, t in enumerate(tensors)))
+        described = tuple(self._describe(t, skips[i]) for i, t in enumerate(tensors))
+        key = (self._outer_key(tensors, layout.key()), described)
         self._entries.append((key, compiled))
         return compiled
 

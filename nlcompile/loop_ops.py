@@ -59,7 +59,9 @@ class SequentialLoop(torch.nn.Module):
 
     def forward(self, *args: torch.Tensor):
         if self.recompute and torch.is_grad_enabled():
-            return checkpointed(self._run)(*args)
+            # the initial states go in as copies (``targets.scan.checkpointed`` says why)
+            sources, states, invariants = _split(args, len(self.step_dims), self.n_states)
+            return checkpointed(self._run)(*sources, *(s.clone() for s in states), *invariants)
         return self._run(*args)
 
     def _run(self, *args: torch.Tensor):
@@ -144,7 +146,9 @@ class ChunkwiseLoop(torch.nn.Module):
         self.leaf_gm = (extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.computed_leaves])
                         if self.computed_leaves else None)
         self.state_vals = [n.meta["val"] for n in out_nodes[:ns]]
-        self.compute_dtypes = [recurrence_dtype(gm, ph) for ph in phs[:ns]]
+        self.compute_dtypes = [recurrence_dtype(gm, phs[s], [out_nodes[s]] + [nodes[r.node] for r in analysis.readouts
+                                                                            if r.state == s])
+                               for s in range(ns)]
         self.readout_vals = {r.node: nodes[r.node].meta["val"] for r in analysis.readouts}
         readout_names = sorted(self.readout_vals)
         self.sources: list[tuple[str, object]] = []

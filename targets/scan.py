@@ -327,8 +327,15 @@ CHECKPOINT_NOTE = ", recomputed in the backward (activation checkpoint)"   # for
 def checkpointed(scan: Callable) -> Callable:
     """``scan`` under non-reentrant activation checkpointing (``torch.utils.checkpoint``): autograd
     keeps only what goes in, and the backward runs the scan again (``compile(recompute=True)``
-    for a scan with no recomputation of its own)."""
-    return functools.partial(torch.utils.checkpoint.checkpoint, scan, use_reentrant=False)
+    for a scan with no recomputation of its own).  The initial state goes in as a copy: a
+    program may write the final state back into the tensor it came from (``state.copy_(S)``),
+    and the recomputation would read the new values (the checkpoint does not check versions)."""
+    def run(*args, **kwargs):
+        if kwargs.get("initial_state") is not None:
+            kwargs["initial_state"] = kwargs["initial_state"].clone()
+        return torch.utils.checkpoint.checkpoint(scan, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def choose_chunk_size(

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import nlcompile
 
+BF16 = torch.bfloat16
 
-def _loop(q, k, v, upcast=False, readout_dtype=None):
+
+def _additive(q, k, v, upcast=False, post=None):
     """Linear attention on [B, T, D] inputs, einsum spelling; optionally each step's inputs
-    upcast to fp32 and the readout cast to ``readout_dtype`` inside the step."""
+    upcast to fp32, and ``post`` applied to the readout inside the step."""
     acc = torch.float32 if upcast else k.dtype
     S = k.new_zeros(k.shape[0], k.shape[2], v.shape[2], dtype=torch.promote_types(acc, k.dtype))
     outs = []
@@ -18,18 +21,19 @@ def _loop(q, k, v, upcast=False, readout_dtype=None):
         k_t, v_t, q_t = (x[:, t].to(acc) for x in (k, v, q))
         S = S + torch.einsum("bk,bv->bkv", k_t, v_t)
         o = torch.einsum("bk,bkv->bv", q_t, S)
-        outs.append(o if readout_dtype is None else o.to(readout_dtype))
+        outs.append(o if post is None else post(o))
     return torch.stack(outs, 1)
 
 
-def _compute_dtype(fn, args, autocast=False) -> torch.dtype:
-    compiled = nlcompile.compile(fn)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        compiled(*args)
-        entry = compiled.compiled_for(*args)
-    (loop,) = [m for name, m in entry.program.named_children() if name.startswith("loop_")]
-    assert type(loop).__name__ == "ChunkwiseLoop"
-    return loop.compute_dtypes[0]
+def _delta(q, k, v):
+    """DeltaNet on [B, T, D] inputs: the update reads the state through a product (S^T k)."""
+    S = k.new_zeros(k.shape[0], k.shape[2], v.shape[2])
+    outs = []
+    for t in range(k.shape[1]):
+        err = torch.einsum("bk,bkv->bv", k[:, t], S) - v[:, t]
+        S = S - 0.5 * torch.einsum("bk,bv->bkv", k[:, t], err)
+        outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+    return torch.stack(outs, 1)
 
 
 def _inputs(dtype):
@@ -37,26 +41,37 @@ def _inputs(dtype):
     return tuple(torch.randn(2, 9, 8, generator=gen).to(dtype) for _ in range(3))
 
 
-@pytest.mark.parametrize("case,want", [
-    ("fp32", torch.float32),
-    ("bf16 throughout", torch.bfloat16),
-    ("bf16 inputs upcast inside", torch.float32),
-    ("bf16 inputs upcast, readout cast back inside", torch.float32),
-    ("fp32 under autocast (products on a bf16 copy of the state)", torch.bfloat16),
-])
-def test_recurrence_dtype(case, want):
-    """The least precise dtype the loop's state-dependent arithmetic runs in: not the inputs'
-    storage (an upcasting loop computes in fp32), not a cast of what it returns, but the bf16
-    copy of the state that autocast makes for each product."""
-    if case == "fp32":
-        got = _compute_dtype(_loop, _inputs(torch.float32))
-    elif case == "bf16 throughout":
-        got = _compute_dtype(_loop, _inputs(torch.bfloat16))
-    elif case == "bf16 inputs upcast inside":
-        got = _compute_dtype(lambda q, k, v: _loop(q, k, v, upcast=True), _inputs(torch.bfloat16))
-    elif case == "bf16 inputs upcast, readout cast back inside":
-        got = _compute_dtype(lambda q, k, v: _loop(q, k, v, upcast=True, readout_dtype=torch.bfloat16),
-                             _inputs(torch.bfloat16))
-    else:
-        got = _compute_dtype(_loop, _inputs(torch.float32), autocast=True)
-    assert got == want
+CASES = {
+    "fp32": (_additive, torch.float32, False, torch.float32),
+    "bf16 throughout": (_additive, BF16, False, BF16),
+    "bf16 inputs upcast inside": (lambda q, k, v: _additive(q, k, v, upcast=True), BF16, False, torch.float32),
+    "upcast, readout cast back to bf16 inside": (
+        lambda q, k, v: _additive(q, k, v, upcast=True, post=lambda o: o.to(BF16)), BF16, False, torch.float32),
+    "fp32, readout cast to bf16 and normalised": (
+        lambda q, k, v: _additive(q, k, v, post=lambda o: F.rms_norm(o.to(BF16), (o.shape[-1],))),
+        torch.float32, False, torch.float32),
+    "fp32, gated by a bf16 copy of the readout": (
+        lambda q, k, v: _additive(q, k, v, post=lambda o: o * torch.sigmoid(o.to(BF16)).float()),
+        torch.float32, False, torch.float32),
+    # autocast runs every einsum in bf16: the delta rule's update reads S through a bf16 copy, so
+    # both its new state and its readout are bf16-precise in eager; the additive rule adds bf16
+    # products to an fp32 state that no product reads: its new state stays fp32-precise
+    "delta rule under autocast": (_delta, torch.float32, True, BF16),
+    "additive rule under autocast": (_additive, torch.float32, True, torch.float32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_recurrence_dtype(case):
+    """The kernels' precision: for each value they produce (the new state, each readout), the least
+    precise dtype its path from the state computes with, and of those the most precise: not the
+    inputs' storage (an upcasting loop computes in fp32), not what is done with a readout
+    afterwards, but the bf16 copies of the state that autocast makes for its products."""
+    fn, dtype, autocast, want = CASES[case]
+    args = _inputs(dtype)
+    compiled = nlcompile.compile(fn)
+    with torch.autocast("cpu", dtype=BF16, enabled=autocast):
+        compiled(*args)
+        program = compiled.compiled_for(*args).program
+    assert type(program.loop_0).__name__ == "ChunkwiseLoop"
+    assert program.loop_0.compute_dtypes == [want]

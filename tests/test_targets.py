@@ -170,6 +170,41 @@ def test_recompute_checkpoints_a_sequential_loop():
         assert torch.equal(g, w)
 
 
+def _decay_into_state(q, k, v, state, step=lambda S, kv: S * 0.9 + kv):
+    """A loop that starts from ``state`` and writes its final state back into it."""
+    S = state
+    outs = []
+    for t in range(q.shape[1]):
+        S = step(S, k[:, t, :, None] * v[:, t, None, :])
+        outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+    state.copy_(S)
+    return torch.stack(outs, 1)
+
+
+def _tanh_into_state(q, k, v, state):
+    return _decay_into_state(q, k, v, state, step=lambda S, kv: torch.tanh(S + kv))
+
+
+@pytest.mark.parametrize("fn,rewrite", [(_decay_into_state, "chunkwise"), (_tanh_into_state, "sequential")])
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_loop_writing_its_state_back_trains(fn, rewrite, recompute):
+    """The final state written back into the initial state's tensor: gradients as eager's, also
+    when the backward recomputes the loop (it must not read the overwritten initial state)."""
+    q, k, v = inputs(16)[:3]
+    state = torch.randn(2, 6, 6)
+    compiled = nlcompile.compile(fn, recompute=recompute)
+    compiled(q, k, v, state.clone())
+    assert compiled.explain(q, k, v, state.clone()).loops[0].rewrite == rewrite
+    runs = []
+    for f in (compiled, fn):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        written = state.clone()
+        out = f(*leaves, written)
+        runs.append((written.detach(), *torch.autograd.grad(out.square().sum(), leaves)))
+    for got, want in zip(*runs):   # the state written back, then the gradients
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_recompute_warns_when_a_target_ignores_it():
     """A plugin target whose loop modules do not recompute is named: its backward keeps what its
     forward saved."""

@@ -235,7 +235,8 @@ def test_custom_op_passes_opcheck(kind, dot, layout, monkeypatch):
 @pytest.mark.parametrize("kind,mixed", [(kind, False) for kind in KINDS] + [("delta", True), ("gated_delta", True)])
 def test_recompute_keeps_only_the_inputs_and_gives_the_same_gradients(kind, mixed):
     """With ``recompute`` the op saves exactly its tensor inputs (not the chunk states H, nor V', W
-    and the WY inverses), and its backward, forming those again with the forward's kernels, gives
+    and the WY inverses; without, all of those but the initial state, which H holds), and its
+    backward, forming those again with the forward's kernels, gives
     bit-identical gradients; also with bf16 keys and values and fp32 queries (``mixed``: the
     recomputation, which has no queries, must run at the forward's precision, fp32)."""
     k, v, kw = scan_inputs(kind, T=37)
@@ -253,10 +254,11 @@ def test_recompute_keeps_only_the_inputs_and_gives_the_same_gradients(kind, mixe
         tensors = [x for x in leaves if x is not None]
         inputs = {x.untyped_storage().data_ptr() for x in tensors}
         runs[recompute] = torch.autograd.grad(loss, tensors)
+        h0 = leaves[5].untyped_storage().data_ptr()
         if recompute:
             assert set(saved) == inputs
-        else:
-            assert set(saved) >= inputs | {states.untyped_storage().data_ptr()}
+        else:   # the states instead of the initial state (H_0 is its copy)
+            assert set(saved) >= (inputs - {h0}) | {states.untyped_storage().data_ptr()} and h0 not in saved
     for kept, again in zip(runs[False], runs[True]):
         assert torch.equal(kept, again)
 
@@ -648,6 +650,40 @@ def test_zoo_layers_train_through_the_kernels(name):
         assert rel_err(g, w) <= 1e-4
 
 
+def _decay_into_state(q, k, v, state):
+    """A decaying linear-attention loop that starts from ``state`` and writes its final state
+    back into it (eager keeps no reference to the initial state: a scalar factor's product needs
+    none for its gradient, so eager trains too)."""
+    S = state
+    outs = []
+    for t in range(q.shape[1]):
+        S = 0.9 * S + k[:, t, :, None] * v[:, t, None, :]
+        outs.append(torch.einsum("bk,bkv->bv", q[:, t], S))
+    state.copy_(S)
+    return torch.stack(outs, 1)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_a_loop_writing_its_state_back_trains_on_the_kernels(recompute):
+    """The op keeps no reference to the initial state it does not need (H_0 is kept), and a copy
+    when it recomputes: the program writing the final state back into that tensor trains, with
+    eager's gradients (autograd refused it: the op had saved the overwritten tensor)."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
+    q, k, v = (torch.randn(2, 20, 8, generator=gen) for _ in range(3))
+    state = torch.randn(2, 8, 8, generator=gen)
+    compiled = nlcompile.compile(_decay_into_state, target="triton", recompute=recompute)
+    runs = []
+    for fn in (compiled, _decay_into_state):
+        leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        written = state.clone()
+        out = fn(*leaves, written)
+        runs.append((written, *torch.autograd.grad(out.square().sum(), leaves)))
+    (loop,) = compiled.explain(q, k, v, state.clone()).loops
+    assert loop.runs[0].startswith("S0 on the Triton kernels"), loop.runs
+    for got, want in zip(*runs):
+        assert rel_err(got, want) <= 1e-4
+
+
 def test_compiled_layer_recomputes_on_request():
     """``compile(recompute=True)``: the layer trains to bit-identical parameter gradients, autograd
     keeps less between forward and backward (no chunk states), and explain says so."""
@@ -665,10 +701,11 @@ def test_compiled_layer_recomputes_on_request():
         assert loop.runs == ("S0 on the Triton kernels, chunk 64, ieee dots"
                              + (", chunk states recomputed in the backward" if recompute else ""),)
     (kept, kept_bytes), (again, lean_bytes) = runs[False], runs[True]
-    # exactly the op's intermediates are no longer kept: 2 heads, 2 chunks of 64, dk = dv = 16, fp32
+    # exactly the op's intermediates are no longer kept (2 heads, 2 chunks of 64, dk = dv = 16,
+    # fp32), and a copy of the initial state is, for the recomputation
     n, chunks, rows, d = 2, 2, 128, 16
-    states, v_new, w, tm = n * chunks * d * d, n * rows * d, n * rows * d, n * rows * 64
-    assert kept_bytes - lean_bytes == 4 * (states + v_new + w + tm), (kept_bytes, lean_bytes)
+    states, v_new, w, tm, h0 = n * chunks * d * d, n * rows * d, n * rows * d, n * rows * 64, n * d * d
+    assert kept_bytes - lean_bytes == 4 * (states + v_new + w + tm - h0), (kept_bytes, lean_bytes)
     for g, w in zip(again, kept):
         assert torch.equal(g, w)
 

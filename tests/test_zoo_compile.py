@@ -120,6 +120,22 @@ def test_zoo_layer_under_autocast(name):
         assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
 
 
+def test_autocast_state_is_part_of_the_signature():
+    """A program traced under autocast holds its casts: a call without autocast compiles its own
+    program (fp32, as eager) instead of reusing it, and the autocast one is reused."""
+    entry = LAYERS["deltanet_layer"]
+    model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=8)
+    compiled = nlcompile.compile(model)
+    (x,) = entry.make_inputs(B=2, T=20, d_model=32)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert compiled(x).dtype == torch.bfloat16
+        check(compiled, model, (x,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            compiled(x)
+    assert compiled.captures == 2
+
+
 @pytest.mark.parametrize("head_dim", [5, 7, 11])
 def test_probe_length_equal_to_a_size_inside_the_model(head_dim):
     """A head dim that only exists inside forward (after a view) may equal a probe length."""

@@ -97,8 +97,10 @@ def _(k, v, q, beta, g, h0, states, v_new, w, tm, do, dh_final, chunk, before, c
 def _setup_context(ctx, inputs, output):
     k, v, q, beta, g, h0, chunk, before, coef, _, scale, recompute, compute_dtype = inputs
     intermediates = output[2:]   # states, v_new, w, tm
-    ctx.save_for_backward(k, v, q, beta, g, h0, coef, *(() if recompute else intermediates))
-    ctx.chunk, ctx.before, ctx.scale = chunk, before, scale
+    # the initial state's values are needed only to recompute the states (H_0 = h0 is kept
+    # otherwise): not saved then, so a program may write the final state back into it
+    ctx.save_for_backward(k, v, q, beta, g, h0 if recompute else None, coef, *(() if recompute else intermediates))
+    ctx.chunk, ctx.before, ctx.scale, ctx.h0_shape = chunk, before, scale, tuple(h0.shape)
     # resolved once (common.kernel_dtype): the backward and a recomputation without the queries
     # then run at the forward's precision whatever the queries' dtype
     ctx.compute_dtype = kernel_dtype(k, q, compute_dtype)
@@ -107,6 +109,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, do, dh_final, *_intermediates):
     k, v, q, beta, g, h0, coef, *intermediates = ctx.saved_tensors
+    if h0 is None:   # only its shape matters to the backward
+        h0 = k.new_empty(ctx.h0_shape, dtype=torch.float32)
     if not intermediates:   # recompute: the forward's prepare and states kernels again (no readout)
         intermediates = chunk_scan(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef,
                                    compute_dtype=ctx.compute_dtype)[2:]
@@ -235,6 +239,8 @@ def triton_chunkwise_scan(
     g = log_gate if log_gate is not None else (gate.float().log() if gate is not None else None)
     h0 = (initial_state.float() if initial_state is not None
           else k.new_zeros(n, dk, dv, dtype=torch.float32))
+    if recompute and initial_state is not None and torch.is_grad_enabled():
+        h0 = h0.clone()   # kept for the recomputation: a copy, as in ``targets.scan.checkpointed``
     per_channel = g is not None and g.dim() == k.dim()
     c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
     if on_plan is not None:
