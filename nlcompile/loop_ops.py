@@ -146,9 +146,9 @@ class ChunkwiseLoop(torch.nn.Module):
         self.leaf_gm = (extract_subgraph(gm, step_ph + inv_ph, [nodes[n] for n in self.computed_leaves])
                         if self.computed_leaves else None)
         self.state_vals = [n.meta["val"] for n in out_nodes[:ns]]
-        self.compute_dtypes = [recurrence_dtype(gm, phs[s], [out_nodes[s]] + [nodes[r.node] for r in analysis.readouts
-                                                                            if r.state == s])
-                               for s in range(ns)]
+        # per state, the precision its recurrence is computed in: on the paths to its new value and readouts
+        ends = [[out_nodes[s]] + [nodes[r.node] for r in analysis.readouts if r.state == s] for s in range(ns)]
+        self.compute_dtypes = [recurrence_dtype(gm, phs[s], ends[s]) for s in range(ns)]
         self.readout_vals = {r.node: nodes[r.node].meta["val"] for r in analysis.readouts}
         readout_names = sorted(self.readout_vals)
         self.sources: list[tuple[str, object]] = []

@@ -1,11 +1,14 @@
 """Comparing compiled results with eager, shared by the test files."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from nlcompile.numerics import relative_error as rel_err
 
-__all__ = ["rel_err", "as_tuple", "assert_close_outputs", "low_precision_kernel_tol"]
+__all__ = ["rel_err", "as_tuple", "assert_close_outputs", "low_precision_kernel_tol", "assert_within_eager_error",
+           "runs_under_autocast"]
 
 
 def low_precision_kernel_tol(cpu_tol: float) -> float:
@@ -19,6 +22,27 @@ def low_precision_kernel_tol(cpu_tol: float) -> float:
     5e-3 (the bound the tests passed with on an H100 before the emulation existed).
     """
     return 5e-3 if torch.cuda.is_available() else cpu_tol
+
+
+def assert_within_eager_error(got, eager, exact) -> None:
+    """DESIGN's low-precision rule, each tensor of ``got`` no further from ``exact`` (an fp64 run)
+    than ``eager`` (eager's own run at that precision) is, with a slack of 2x plus 2e-3."""
+    for g, e, x in zip(got, eager, exact):
+        assert rel_err(g, x) <= 2 * rel_err(e, x) + 2e-3, (rel_err(g, x), rel_err(e, x))
+
+
+def runs_under_autocast(compiled, model: torch.nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Output and parameter gradients (of the output's sum of squares) of ``compiled`` and of
+    ``model`` run under CPU bf16 autocast, and of an fp64 copy of ``model`` run without: the three
+    arguments of ``assert_within_eager_error``."""
+    in_fp64 = copy.deepcopy(model).double()
+    runs = []
+    for fn, module, inputs, autocast in ((compiled, model, x, True), (model, model, x, True),
+                                        (in_fp64, in_fp64, x.double(), False)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = fn(inputs)
+            runs.append([out, *torch.autograd.grad(out.float().square().sum(), list(module.parameters()))])
+    return runs
 
 
 def as_tuple(x):

@@ -22,7 +22,7 @@ from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, triton
 from nlcompile.targets.triton_target import TritonTarget
 from nlcompile.zoo import LAYERS, MODELS
 
-from _compare import as_tuple, assert_close_outputs, rel_err
+from _compare import as_tuple, assert_close_outputs, assert_within_eager_error, rel_err, runs_under_autocast
 
 KINDS = ["additive", "decay", "decay_channel", "delta", "gated_delta", "kda"]
 
@@ -562,7 +562,7 @@ def test_a_bf16_loop_runs_the_kernels_in_bf16(monkeypatch):
     (loop,) = compiled.explain(q, k, v).loops
     assert loop.runs == (f"S0 on the Triton kernels, chunk 64, {dot_precision(k, q)} dots",)
     assert got.dtype == torch.bfloat16
-    assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
+    assert_within_eager_error([got], [eager], [exact])
 
 
 def _deltanet_upcasting(q, k, v, beta):
@@ -614,24 +614,14 @@ def test_a_layer_under_autocast_runs_the_kernels_in_bf16():
     (its bmm), so the kernels may use bf16 dots (flash-linear-attention's precision, the fast
     one), and do: output and gradients no further from an fp64 run than eager's own run under
     autocast (slack 2x + 2e-3)."""
-    import copy
-
     entry = LAYERS["deltanet_layer"]
     model = entry.make_module(seed=0, d_model=32, n_heads=2, head_dim=16).to(torch.get_default_device())
     (x,) = entry.make_inputs(B=1, T=70, d_model=32)
     compiled = nlcompile.compile(model, target="triton")
-    in_fp64 = copy.deepcopy(model).double()
-    runs = []
-    for fn, module, inputs, autocast in ((compiled, model, x, True), (model, model, x, True),
-                                        (in_fp64, in_fp64, x.double(), False)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = fn(inputs)
-            runs.append([out, *torch.autograd.grad(out.float().square().sum(), list(module.parameters()))])
+    assert_within_eager_error(*runs_under_autocast(compiled, model, x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         (loop,) = compiled.explain(x).loops
     assert loop.runs == (f"S0 on the Triton kernels, chunk 64, {dot_precision(x.bfloat16(), None)} dots",)
-    for got, eager, exact in zip(*runs):
-        assert rel_err(got, exact) <= 2 * rel_err(eager, exact) + 2e-3, (rel_err(got, exact), rel_err(eager, exact))
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
