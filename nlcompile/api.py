@@ -50,15 +50,15 @@ class CompiledFunction:
         return tensors, tuple(m.training for m in target.modules())
 
     @staticmethod
-    def _autocast_key(tensors) -> tuple:
-        """Autocast's state (on, dtype) on the devices of ``tensors``."""
-        devices = sorted({t.device.type for t in tensors})
-        return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices
+    def _autocast_key(devices) -> tuple:
+        """Autocast's state (on, dtype) on ``devices`` (device types)."""
+        return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in sorted(set(devices))
                      if torch.amp.is_autocast_available(d))
 
     def _outer_key(self, tensors, layout_key) -> tuple:
-        params = [t for _, t in self._traceable.named_tensors()]
-        return layout_key, self._module_key(), self._autocast_key([*params, *tensors])
+        module = self._module_key()   # its parameters' descriptions hold their device types
+        devices = [t.device.type for t in tensors] + [desc[2] for _, desc in (module[0] if module else ())]
+        return layout_key, module, self._autocast_key(devices)
 
     def _find(self, tensors, layout_key):
         outer = self._outer_key(tensors, layout_key)

@@ -19,7 +19,7 @@ from nlcompile.ir import LoopBody, Operand
 from nlcompile.passes.fx import layout as L
 from nlcompile.passes.fx.precision import recurrence_dtype
 from nlcompile.passes.fx.subgraph import extract_subgraph
-from nlcompile.targets.scan import CHECKPOINT_NOTE, checkpointed
+from nlcompile.targets.scan import checkpointed, recomputing
 
 
 def step_slice(source: torch.Tensor, dim: int, keepdim: bool, t: int) -> torch.Tensor:
@@ -241,11 +241,9 @@ class ChunkwiseLoop(torch.nn.Module):
     def _scan_for_call(self):
         """``self.scan`` as this call runs it ((scan, note suffix)): asked to recompute, or under
         ``torch.utils.checkpoint``, when recomputing under autograd."""
-        if not (self.recompute and torch.is_grad_enabled()):
-            return self.scan, ""
-        if self.scan_recomputes:
+        if self.scan_recomputes and self.recompute and torch.is_grad_enabled():
             return functools.partial(self.scan, recompute=True), ""
-        return checkpointed(self.scan), CHECKPOINT_NOTE
+        return recomputing(self.scan, self.recompute)
 
     def forward(self, *args: torch.Tensor):
         sources, inits, invariants = _split(args, len(self.step_dims), self.n_states)

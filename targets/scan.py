@@ -324,6 +324,14 @@ _ROUNDS = 12
 CHECKPOINT_NOTE = ", recomputed in the backward (activation checkpoint)"   # for ``explain``
 
 
+def recomputing(scan: Callable, recompute: bool) -> tuple[Callable, str]:
+    """(``scan`` as this call runs it, what ``explain`` adds): ``checkpointed`` when asked to
+    recompute and autograd records, else as it is."""
+    if recompute and torch.is_grad_enabled():
+        return checkpointed(scan), CHECKPOINT_NOTE
+    return scan, ""
+
+
 def checkpointed(scan: Callable) -> Callable:
     """``scan`` under non-reentrant activation checkpointing (``torch.utils.checkpoint``): autograd
     keeps only what goes in, and the backward runs the scan again (``compile(recompute=True)``

@@ -35,7 +35,7 @@ import triton
 from torch import Tensor
 
 from nlcompile import knobs
-from nlcompile.targets.scan import CHECKPOINT_NOTE, Readout, checkpointed, chunkwise_scan
+from nlcompile.targets.scan import Readout, chunkwise_scan, recomputing
 from nlcompile.targets.triton.backward import chunk_backward
 from nlcompile.targets.triton.common import (
     MAX_HEAD_DIM, block, dot_precision, gradient_dtype, kernel_blocks, kernel_dtype, operand_dtype, sequences,
@@ -216,9 +216,7 @@ def triton_chunkwise_scan(
     why = _unsupported(k, v, beta, gate, log_gate, given, gate_first, compute_dtype)
     if why is not None:
         _fallback(why)
-        scan, note = chunkwise_scan, ""
-        if recompute and torch.is_grad_enabled():   # the PyTorch scan has no recomputation of its own
-            scan, note = checkpointed(chunkwise_scan), CHECKPOINT_NOTE
+        scan, note = recomputing(chunkwise_scan, recompute)   # the PyTorch scan has no recomputation of its own
         if on_plan is not None:
             on_plan(f"the PyTorch chunkwise scan: {why}{note}")
         heads_last = k.dim() == 4
