@@ -183,6 +183,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
     from nlcompile.targets.scan import chunkwise_scan
     from nlcompile.targets.triton.common import dot_precision as auto_precision
+    from nlcompile.targets.triton.ops import kernel_chunk
     from nlcompile.targets.triton.tuning import tuning_enabled
 
     rows = []
@@ -193,7 +194,12 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         for prec, w, chunk, lean in itertools.product(dots, warps, chunks, (False, True)[:1 + recompute]):
             label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
             label += {"auto": ", tuned" if tuning_enabled(device) else "", "fixed": ", untuned"}.get(w, f", {w} warps")
-            label += ("" if chunk == "auto" else f", C={chunk}") + (", recompute" if lean else "") + ")"
+            if chunk == "auto":   # the launchers' choice for this variant's forward dots
+                fwd = chosen.split("/")[0] if prec == "auto" else prec
+                chunk_label = f"auto C={kernel_chunk(64, False, device, D, D, fwd)}"
+            else:
+                chunk_label = f"C={chunk}"
+            label += f", {chunk_label}" + (", recompute" if lean else "") + ")"
             impls[label] = (variant_knobs(prec, w, chunk), functools.partial(ours_in_place, recompute=lean))
         fla = fla_kernel(model)
         if fla is not None:   # right after our first variant: a run cut short still has a ratio to fla

@@ -66,8 +66,8 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
 
     name, delta, gate = kind
     dv = dk if dv is None else dv
-    chunk = kernel_chunk(64, gate == 2, "cuda", dk, dv)
-    b = kernel_blocks("cuda", dk, dv, chunk)
+    chunk = kernel_chunk(64, gate == 2, "cuda", dk, dv, prec)
+    b = kernel_blocks("cuda", dk, dv, chunk, prec)
     specs = []
 
     def add(module, kernel, **constexprs):
@@ -213,10 +213,10 @@ def test_kernels_fit_h100_shared_memory():
     specs += [s for s in kernel_specs(DELTANET, 128, prec="ieee") + kernel_specs(GATED_DELTANET, 256, prec="ieee")
               if s["module"] == "forward"]  # the backward kernels run in ieee for bf16 inputs too
     specs += kernel_specs(DELTANET, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 128, prec="bf16")
-    specs += kernel_specs(KDA, 128, prec="bf16")
-    with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128, as NLCOMPILE_TRITON_CHUNK asks (measuring)
-        mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")
-        specs += kernel_specs(GATED_DELTANET, 128, prec="bf16")
+    specs += kernel_specs(KDA, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 256, prec="bf16")
+    with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128 with fp16's dots, as NLCOMPILE_TRITON_CHUNK
+        mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")  # asks (measuring)
+        specs += kernel_specs(GATED_DELTANET, 128)
     results = compile_all(specs)
     print("\n" + table(results))
     over = [f"{r['kernel']} {r['kind']} d={r['d']}: {r['shared']} B" for r in results
@@ -242,16 +242,23 @@ def test_sass_counts_reads_loops():
 
 
 def test_launch_blocks_on_cuda():
-    """The chunk shrinks with the head dim on CUDA (and only there); a launcher refuses a chunk that
-    would not fit instead of failing at launch."""
+    """The chunk shrinks with the head dim on CUDA (and only there), less under bf16 dots (2-byte
+    operands); a launcher refuses a chunk that would not fit instead of failing at launch."""
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
 
-    assert [kernel_chunk(64, False, "cuda", d, d) for d in (32, 64, 128, 256)] == [64, 64, 32, 16]
-    assert [kernel_chunk(64, False, "cpu", d, d) for d in (32, 64, 128, 256)] == [64, 64, 64, 64]
-    assert kernel_chunk(64, True, "cuda", 256, 256) == 16
+    dims = (32, 64, 128, 256)
+    assert [kernel_chunk(64, False, "cuda", d, d, "tf32") for d in dims] == [64, 64, 32, 16]
+    assert [kernel_chunk(64, False, "cuda", d, d, "ieee") for d in dims] == [64, 64, 32, 16]
+    assert [kernel_chunk(64, False, "cuda", d, d, "bf16") for d in dims] == [64, 64, 64, 32]
+    assert [kernel_chunk(64, False, "cpu", d, d, p) for d in dims for p in ("ieee", "bf16-interpreted")] == [64] * 8
+    assert kernel_chunk(64, True, "cuda", 256, 256, "bf16") == 16    # per-channel gate
+    assert kernel_chunk(32, False, "cuda", 128, 128, "bf16") == 32   # a shorter chunk asked is kept
     with pytest.raises(ValueError, match="too long"):
-        kernel_blocks("cuda", 128, 128, 64)
+        kernel_blocks("cuda", 128, 128, 64, "ieee")
+    with pytest.raises(ValueError, match="too long"):
+        kernel_blocks("cuda", 256, 256, 64, "bf16")
+    assert kernel_blocks("cuda", 128, 128, 64, "bf16").chunk == 64
 
 
 def test_forced_chunk(monkeypatch):
@@ -260,10 +267,10 @@ def test_forced_chunk(monkeypatch):
     from nlcompile.targets.triton.ops import kernel_chunk
 
     monkeypatch.setenv("NLCOMPILE_TRITON_CHUNK", "64")
-    assert kernel_chunk(32, True, "cuda", 128, 128) == kernel_blocks("cuda", 128, 128, 64).chunk == 64
+    assert kernel_chunk(32, True, "cuda", 128, 128, "ieee") == kernel_blocks("cuda", 128, 128, 64, "ieee").chunk == 64
     monkeypatch.setenv("NLCOMPILE_TRITON_CHUNK", "48")
     with pytest.raises(ValueError, match="NLCOMPILE_TRITON_CHUNK"):
-        kernel_chunk(32, False, "cuda", 128, 128)
+        kernel_chunk(32, False, "cuda", 128, 128, "ieee")
 
 
 def test_dot_precision_and_warps_choices(monkeypatch):
@@ -292,13 +299,13 @@ def test_dot_precision_and_warps_choices(monkeypatch):
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "fp8")
     with pytest.raises(ValueError, match="NLCOMPILE_TRITON_DOT"):
         dot_precision(f32, None)
-    assert kernel_blocks("cuda", 128, 128, 32).num_warps == 8
+    assert kernel_blocks("cuda", 128, 128, 32, "bf16").num_warps == 8
     monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "16")
-    assert kernel_blocks("cuda", 128, 128, 32).num_warps == 16
-    assert kernel_blocks("cpu", 128, 128, 32).num_warps == 4  # CUDA only (the interpreter ignores warps)
+    assert kernel_blocks("cuda", 128, 128, 32, "bf16").num_warps == 16
+    assert kernel_blocks("cpu", 128, 128, 32, "bf16").num_warps == 4  # CUDA only (the interpreter ignores warps)
     monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "3")
     with pytest.raises(ValueError, match="NLCOMPILE_TRITON_WARPS"):
-        kernel_blocks("cuda", 128, 128, 32)
+        kernel_blocks("cuda", 128, 128, 32, "bf16")
 
 
 def main(argv: list[str]) -> int:

@@ -717,12 +717,14 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     out = capsys.readouterr().out
     bf16 = torch.empty(0, dtype=torch.bfloat16)   # "auto": the precisions chosen for bf16 inputs, named as chosen
     auto = f"{dot_precision(bf16, None)}/{dot_precision(bf16, None, backward=True)}"
-    for kernel in (f"nlcompile-triton ({auto})", "nlcompile-triton (ieee)", "nlcompile-triton (ieee, recompute)",
-                   "torch target", "nlcompile.compile (zoo loop, fp32 inside)"):
+    for kernel in (f"nlcompile-triton ({auto}, auto C=64)", "nlcompile-triton (ieee, auto C=64)",
+                   "nlcompile-triton (ieee, auto C=64, recompute)", "torch target",
+                   "nlcompile.compile (zoo loop, fp32 inside)"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
     kept = {(r["model"], r["kernel"]): r["kept_mib"] for r in json.loads(saved.read_text())["rows"]}
     for model in ("DeltaNet", "GatedDeltaNet"):
-        assert kept[model, f"nlcompile-triton ({auto}, recompute)"] < kept[model, f"nlcompile-triton ({auto})"] / 5
+        assert (kept[model, f"nlcompile-triton ({auto}, auto C=64, recompute)"]
+                < kept[model, f"nlcompile-triton ({auto}, auto C=64)"] / 5)
     assert bench.main(["--render", str(saved)]) == 0
     rendered = capsys.readouterr().out
     assert [line for line in rendered.splitlines() if line.startswith("| ")] == \

@@ -62,9 +62,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, dot_precision, gradient_dtype, gram, kernel_dtype,
-    kernel_blocks, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask, reverse_cumsum, scores,
-    seq_start, sequences, store_steps, store_tile,
+    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, decayed, dot_precision, gradient_dtype, gram,
+    kernel_dtype, kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask,
+    reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile,
 )
 from .tuning import ChunkKernel, Space
 
@@ -112,7 +112,7 @@ def _readout_dv_kernel(
     else:
         _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
         A = scores(gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), G, Gq, mask, GATE)
-    do = load_tile(seq_start(do_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+    do = load_operand(seq_start(do_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
     store_tile(seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv), mm(tl.trans(A), do, PREC) * scale, rows, cols_v,
                T, dv, dvp_heads * dv)
 
@@ -146,17 +146,24 @@ def _states_bwd_kernel(
     for j in range(0, NC):
         i = NC - 1 - j
         rows = i * C + r
-        k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
+        k = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)
         g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
-        dvp = mm(k * tl.exp(GL - G), dh, PREC)                           # Kt dHn
-        dh_prev = tl.exp(tl.trans(GL)) * dh                               # D dHn
+        # Kt dHn and Qt^T dO; a scalar gate's row decays scale the [C, BV] side, not k's or q's dk columns
+        if GATE == 1:
+            dvp = mm(k, dh, PREC) * tl.exp(GL - G)
+        else:
+            dvp = mm(decayed(k, GL - G, GATE), dh, PREC)
+        dh_prev = decayed(dh, tl.trans(GL), GATE)                         # D dHn
         if HAS_Q:
-            q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
-            do = load_tile(do_seq, rows, cols_v, T, dv, HEADS * dv)
+            q = load_operand(q_seq, rows, cols_k, T, dk, HEADS * dk)
+            do = load_operand(do_seq, rows, cols_v, T, dv, HEADS * dv)
             dvp += load_tile(dvp_seq, rows, cols_v, T, dv, dvp_heads * dv)   # A^T dO
-            dh_prev += mm(tl.trans(q * tl.exp(Gq)), do, PREC) * scale    # scale Qt^T dO
+            if GATE == 1:
+                dh_prev += mm(tl.trans(q), do * tl.exp(Gq), PREC) * scale
+            else:
+                dh_prev += mm(tl.trans(decayed(q, Gq, GATE)), do, PREC) * scale
         if DELTA:
-            w = load_tile(w_seq, rows, cols_k, T, dk, dk)
+            w = load_operand(w_seq, rows, cols_k, T, dk, dk)
             dh_prev -= mm(tl.trans(w), dvp, PREC)                        # W^T dV'
         store_tile(dhn_ptr + (n * NC + i) * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
         store_tile(dvp_seq, dvp, rows, cols_v, T, dv, dvp_heads * dv)
@@ -198,37 +205,36 @@ def _grads_kernel(
     dW = tl.zeros([C, BK], dtype=tl.float32)
     for v0 in range(0, dv, BV):
         cols_v = v0 + tl.arange(0, BV)
-        h = load_tile(h_ptr + state, cols_k, cols_v, dk, dv, dv)
-        dhn = load_tile(dhn_ptr + state, cols_k, cols_v, dk, dv, dv)
+        h = load_operand(h_ptr + state, cols_k, cols_v, dk, dv, dv)
+        dhn = load_operand(dhn_ptr + state, cols_k, cols_v, dk, dv, dv)
         if DELTA:
-            vp = load_tile(vp_seq, rows, cols_v, T, dv, dv)
+            vp = load_operand(vp_seq, rows, cols_v, T, dv, dv)
         else:
-            vp = load_tile(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+            vp = load_operand(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
         dKt += mm(vp, tl.trans(dhn), PREC)
-        dD += tl.sum(dhn * h, 1)
+        if GATE > 0:   # only the gates' gradient needs it
+            dD += tl.sum(dhn.to(tl.float32) * h.to(tl.float32), 1)
         if HAS_Q:
-            do = load_tile(do_seq, rows, cols_v, T, dv, HEADS * dv)
+            do = load_operand(do_seq, rows, cols_v, T, dv, HEADS * dv)
             dQt += mm(do, tl.trans(h), PREC)
             dA += mm(do, tl.trans(vp), PREC)
         if DELTA:
-            dW -= mm(load_tile(dvp_seq, rows, cols_v, T, dv, dv), tl.trans(h), PREC)
+            dW -= mm(load_operand(dvp_seq, rows, cols_v, T, dv, dv), tl.trans(h), PREC)
     if DELTA:      # stored now: not held through the rest
         store_tile(dw_ptr + n * NC * C * dk, dW, rows, cols_k, T, dk, dk)
     dQt *= scale   # the readout is S^T (scale q): dO enters scaled
     dA *= scale
 
     # Kt = K e^{G_L - G} and D = e^{G_L}.
-    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
-    eKt = tl.exp(GL - G)
-    dK = dKt * eKt
-    dG = -_per_gate(dKt * k * eKt, GATE)
+    k = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
+    dK = decayed(dKt, GL - G, GATE)
+    dG = -_per_gate(dK * k, GATE)
     dGL = -tl.sum(dG, 0, keep_dims=True) + _per_gate(dD[None, :], GATE) * tl.exp(GL)
 
     if HAS_Q:
-        q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
-        eQ = tl.exp(Gq)
-        dQ = dQt * eQ                                                     # Qt = Q e^{Gq}
-        dGq = _per_gate(dQt * q * eQ, GATE)
+        q = load_operand(q_seq, rows, cols_k, T, dk, HEADS * dk)
+        dQ = decayed(dQt, Gq, GATE)                                       # Qt = Q e^{Gq}
+        dGq = _per_gate(dQ * q, GATE)
         mask = readout_mask(C, BEFORE)
         if GATE == 2:  # A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc}
             E3 = channel_decay(Gq, G, mask)
@@ -295,7 +301,7 @@ def _wy_grads_kernel(
     _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
     b = load_steps(seq_start(b_ptr, n, T, HEADS, 1), rows, T, HEADS)
     strict = r[:, None] > r[None, :]
-    Tm = load_tile(tm_ptr + n * NC * C * C, rows, r, NC * C, C, C)
+    Tm = load_operand(tm_ptr + n * NC * C * C, rows, r, NC * C, C, C)
 
     dTm = tl.zeros([C, C], dtype=tl.float32)
     if HAS_COEF:
@@ -303,8 +309,8 @@ def _wy_grads_kernel(
         dc = tl.zeros([C], dtype=tl.float32)
     for v0 in range(0, dv, BV):                                       # U = Tm V
         cols_v = v0 + tl.arange(0, BV)
-        dvp = load_tile(dvp_seq, rows, cols_v, T, dv, dv)
-        v = load_tile(v_seq, rows, cols_v, T, dv, HEADS * dv)
+        dvp = load_operand(dvp_seq, rows, cols_v, T, dv, dv)
+        v = load_operand(v_seq, rows, cols_v, T, dv, HEADS * dv)
         dV = mm(tl.trans(Tm), dvp, PREC)
         if HAS_COEF:
             dTm += mm(dvp, tl.trans(v * c), PREC)
@@ -316,9 +322,9 @@ def _wy_grads_kernel(
     if HAS_COEF:
         store_steps(seq_start(dcoef_ptr, n, T, HEADS, 1), dc, rows, T, HEADS)
 
-    k = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
+    k = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
     eb = b[:, None] * tl.exp(G)                              # [C,1], or [C,BK] per channel
-    dW = load_tile(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
+    dW = load_operand(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
     dTm += mm(dW, tl.trans(k * eb), PREC)
     dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC)
@@ -422,7 +428,8 @@ def chunk_backward(
         raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
     if max(key_dim, value_dim) > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got dk={key_dim}, dv={value_dim}")
-    blocks = kernel_blocks(k.device, key_dim, value_dim, chunk)
+    prec = dot_precision(k, q, backward=True, compute_dtype=compute_dtype)
+    blocks = kernel_blocks(k.device, key_dim, value_dim, chunk, prec)
     f32 = dict(dtype=torch.float32, device=k.device)
     if dh_final is None:
         dh_final = torch.zeros(n, key_dim, value_dim, **f32)
@@ -450,7 +457,6 @@ def chunk_backward(
     g_ = c(g.float()) if g is not None else dummy
     Vp_ = c(Vp) if delta else dummy
     W_ = c(W) if delta else dummy
-    prec = dot_precision(k, q, backward=True, compute_dtype=compute_dtype)
     operands = dict(dtype=operand_dtype(prec), device=k.device)   # bf16 with bf16 dots: only dot operands
     dhn = torch.empty(n, nc, key_dim, value_dim, **operands)
     # dV': a scratch buffer for the delta family (read by the later kernels only as a dot operand),

@@ -111,7 +111,9 @@ def tf32x3_emulated(a, b):
 
 @triton.jit
 def mm(a, b, PREC: tl.constexpr):
-    """Matmul of fp32 blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
+    """Matmul of two blocks at the kernel's dot precision (``dot_precision``), fp32 accumulation.
+    The blocks are fp32, or tiles as ``load_operand`` read them (bf16, fp16: converted here, once,
+    to what the precision multiplies).
 
     "bf16": both operands rounded to bfloat16 (tensor cores at their bf16 rate); "bf16-interpreted"
     is the same arithmetic for Triton's CPU interpreter (rounded in fp32, exact fp32 products),
@@ -121,13 +123,13 @@ def mm(a, b, PREC: tl.constexpr):
     if PREC == "bf16":
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
     elif PREC == "bf16-interpreted":
-        return tl.dot(round_to_bf16(a), round_to_bf16(b), input_precision="ieee")
+        return tl.dot(round_to_bf16(a.to(tl.float32)), round_to_bf16(b.to(tl.float32)), input_precision="ieee")
     elif PREC == "tf32-interpreted":
-        return tl.dot(truncate_to_tf32(a), truncate_to_tf32(b), input_precision="ieee")
+        return tl.dot(truncate_to_tf32(a.to(tl.float32)), truncate_to_tf32(b.to(tl.float32)), input_precision="ieee")
     elif PREC == "tf32x3-interpreted":
-        return tf32x3_emulated(a, b)
+        return tf32x3_emulated(a.to(tl.float32), b.to(tl.float32))
     else:
-        return tl.dot(a, b, input_precision=PREC)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
 @triton.jit
@@ -159,8 +161,18 @@ def load_tile(ptr, rows, cols, n_rows, n_cols, row_stride):
     """[len(rows), len(cols)] fp32 tile of a row-major matrix; zeros outside n_rows x n_cols
     (the masked tail of the sequence, the padding of a head dim).  Row offsets in int64: in the
     [B, T, H, D] layout a sequence spans T * H * D elements, past 2^31 for long T."""
+    return load_operand(ptr, rows, cols, n_rows, n_cols, row_stride).to(tl.float32)
+
+
+@triton.jit
+def load_operand(ptr, rows, cols, n_rows, n_cols, row_stride):
+    """``load_tile`` in the buffer's own dtype, for a tile that only feeds ``mm`` or is scaled by
+    an fp32 factor (which promotes it to fp32 exactly): a bf16 operand under bf16 dots then
+    reaches the tensor cores as loaded, with no fp32 copy in registers and no conversion back
+    (half the registers; on sm_90 the dot can take it from shared memory).  Not for products or
+    sums of two such tiles, which would round in their low precision."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    return tl.load(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
@@ -173,6 +185,16 @@ def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
             x = round_to_bf16(x)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + rows.to(tl.int64)[:, None] * row_stride + cols[None, :], x, mask=mask)
+
+
+@triton.jit
+def decayed(x, log_decay, GATE: tl.constexpr):
+    """x e^{log_decay} (fp32), or ``x`` as it is without a gate (GATE 0: every log-decay is 0, and
+    an operand tile goes to ``mm`` as ``load_operand`` read it)."""
+    if GATE == 0:
+        return x
+    else:
+        return x * tl.exp(log_decay)
 
 
 @triton.jit
@@ -248,8 +270,8 @@ def gram(a_seq, b_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, BK
     acc = tl.zeros((C, C), dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BKD):
         cols = c0 + tl.arange(0, BKD)
-        acc += mm(load_tile(a_seq, rows, cols, T, dk, HEADS * dk),
-                  tl.trans(load_tile(b_seq, rows, cols, T, dk, HEADS * dk)), PREC)
+        acc += mm(load_operand(a_seq, rows, cols, T, dk, HEADS * dk),
+                  tl.trans(load_operand(b_seq, rows, cols, T, dk, HEADS * dk)), PREC)
     return acc
 
 
@@ -411,13 +433,16 @@ class Blocks:
 # run on FMA units and hold their operands' whole reduction dim in registers, staged through shared
 # memory, so the tiles are kept to about 4096 elements (16 a thread at 8 warps): [C, dk] and
 # [C, dv] for a chunk, [BK, BV] for the state, and the Gram products reduce 32 channels at a time.
+# Under bf16 dots the operands are 2-byte tiles the tensor cores read from shared memory, and a
+# chunk's tiles may have 8192 elements: chunk 64 at d = 128, as flash-linear-attention's.
 _CUDA_TILE = 4096
+_CUDA_TILE_BF16 = 8192
 _CUDA_MAX_BV = 32
 _CUDA_WARPS = 8
 _CUDA_BKD = 32
 
 
-def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shrink: bool = False) -> Blocks:
+def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec: str, shrink: bool = False) -> Blocks:
     """The blocks all chunk kernels (forward and backward) are launched with, per device type
     (on CUDA the value blocks and warps are those of the untuned launch: ``tuning``).
 
@@ -428,18 +453,19 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, shri
     CPU (the interpreter): the chunk as asked, BV = 64 value columns (32 for dk > 128), BKC such
     that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
     CUDA: 8 warps (``NLCOMPILE_TRITON_WARPS`` overrides, for measuring); the chunk halved until
-    [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), BV <= 32
+    [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), or 8192
+    under ``prec`` "bf16" dots (128: 64, 256: 32), BV <= 32
     with [BK, BV] <= 4096 elements, BKC as on the CPU, BKD = 32.  Every kernel then fits the
     H100's 232448 B of shared memory per block (tests/test_triton_sm90.py; ``python
     tests/test_triton_sm90.py --all`` prints every kind).  A forced ``NLCOMPILE_TRITON_CHUNK`` lifts
-    the tile cap (for measuring: chunk 64 at dk = dv = 128 fits every kernel's shared memory on
-    sm_90, tests/test_triton_sm90.py; with fp32 "ieee" dots the backward kernels then spill 1.5-7 KB
-    per thread).
+    the tile cap (for measuring: with fp32 "ieee" dots at chunk 64 and dk = dv = 128 the backward
+    kernels spill 1.5-7 KB per thread).
     """
     bk = block(dk)
     if torch.device(device).type == "cuda":
         c = chunk
-        while c > 16 and c * max(bk, block(dv)) > _CUDA_TILE and not knobs.triton_chunk():
+        tile = _CUDA_TILE_BF16 if prec.startswith("bf16") else _CUDA_TILE
+        while c > 16 and c * max(bk, block(dv)) > tile and not knobs.triton_chunk():
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
         warps = knobs.triton_warps() or _CUDA_WARPS

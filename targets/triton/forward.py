@@ -33,8 +33,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    INTERPRETED, MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, dot_precision, gram, kernel_blocks,
-    load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences, store_tile, wy_factors,
+    INTERPRETED, MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, decayed, dot_precision, gram,
+    kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences,
+    store_tile, wy_factors,
 )
 from .tuning import ChunkKernel, Space
 
@@ -73,8 +74,8 @@ def _prepare_kernel(
     cols_v = tl.arange(0, BV)
     k_seq = seq_start(k_ptr, n, T, HEADS, dk)
     g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
-    K = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
-    V = load_tile(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+    K = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)
+    V = load_operand(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
     if HAS_COEF:
         V = V * load_steps(seq_start(coef_ptr, n, T, HEADS, 1), rows, T, HEADS)[:, None]
     b = load_steps(seq_start(beta_ptr, n, T, HEADS, 1), rows, T, HEADS)
@@ -115,17 +116,20 @@ def _states_kernel(
     for i in range(nc):
         rows = i * C + tl.arange(0, C)
         store_tile(H_ptr + (n * nc + i) * dk * dv, h, cols_k, cols_v, dk, dv, dv)
-        K = load_tile(k_seq, rows, cols_k, T, dk, HEADS * dk)
-        vals = load_tile(src_seq, rows, cols_v, src_rows, dv, src_heads * dv)
+        K = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)
+        vals = load_operand(src_seq, rows, cols_v, src_rows, dv, src_heads * dv)
         if HAS_BETA:
-            W = load_tile(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
+            W = load_operand(w_ptr + n * src_rows * dk, rows, cols_k, src_rows, dk, dk)
             vals = vals - mm(W, h, PREC)
             store_tile(vp_ptr + n * src_rows * dv, vals, rows, cols_v, src_rows, dv, dv)
         if GATE == 0:
             h = h + mm(tl.trans(K), vals, PREC)
         else:
             _, G, _, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
-            h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K * tl.exp(GL - G)), vals, PREC)
+            if GATE == 1:   # a row's decay scales V' (BV columns) rather than K (dk columns)
+                h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K), vals * tl.exp(GL - G), PREC)
+            else:
+                h = tl.exp(tl.trans(GL)) * h + mm(tl.trans(K * tl.exp(GL - G)), vals, PREC)
     store_tile(hT_ptr + n * dk * dv, h, cols_k, cols_v, dk, dv, dv)
 
 
@@ -153,19 +157,19 @@ def _output_kernel(
     k_seq = seq_start(k_ptr, n, T, HEADS, dk)
     g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     mask = readout_mask(C, BEFORE)
-    Q = load_tile(q_seq, rows, cols_k, T, dk, HEADS * dk)
-    h = load_tile(H_ptr + (n * nc + i) * dk * dv, cols_k, cols_v, dk, dv, dv)
-    vals = load_tile(seq_start(vals_ptr, n, vals_rows, vals_heads, dv), rows, cols_v, vals_rows, dv, vals_heads * dv)
+    Q = load_operand(q_seq, rows, cols_k, T, dk, HEADS * dk)
+    h = load_operand(H_ptr + (n * nc + i) * dk * dv, cols_k, cols_v, dk, dv, dv)
+    vals = load_operand(seq_start(vals_ptr, n, vals_rows, vals_heads, dv), rows, cols_v, vals_rows, dv,
+                        vals_heads * dv)
     _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
     if GATE == 2:
         A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C, BK, BKC, BEFORE)
     else:
         A = scores(gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), G, Gq, mask, GATE)
-    if GATE == 0:
-        Qt = Q
+    if GATE == 1:   # the row decays scale the [C, BV] product rather than Q's dk columns
+        O = (mm(Q, h, PREC) * tl.exp(Gq) + mm(A, vals, PREC)) * scale
     else:
-        Qt = Q * tl.exp(Gq)
-    O = (mm(Qt, h, PREC) + mm(A, vals, PREC)) * scale
+        O = (mm(decayed(Q, Gq, GATE), h, PREC) + mm(A, vals, PREC)) * scale
     store_tile(seq_start(o_ptr, n, T, HEADS, dv), O, rows, cols_v, T, dv, HEADS * dv)
 
 
@@ -260,7 +264,8 @@ def chunk_forward(
     if out_dtype not in (None, *_FLOAT_INPUTS):
         raise ValueError(f"out_dtype must be one of {[str(d) for d in _FLOAT_INPUTS]}, got {out_dtype}")
     gate = 0 if g is None else (1 if g.dim() == len(prefix) else 2)
-    blocks = kernel_blocks(dev, dk, dv, chunk)
+    prec = dot_precision(k, q, compute_dtype=compute_dtype)
+    blocks = kernel_blocks(dev, dk, dv, chunk, prec)
 
     c = chunk
     nc = triton.cdiv(t, c)
@@ -278,7 +283,6 @@ def chunk_forward(
         o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32)
     else:
         o = torch.empty(0, **f32)
-    prec = dot_precision(k, q, compute_dtype=compute_dtype)
     operands = dict(device=dev, dtype=operand_dtype(prec))
     H = torch.empty(n, nc, dk, dv, **operands)
     h_final = torch.empty(n, dk, dv, **f32)

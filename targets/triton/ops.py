@@ -12,7 +12,8 @@ outputs, and a cached backward called the new op with the old arguments; then ``
 ``compute_dtype``).
 
 What the backward needs beyond the inputs (the states entering each chunk H, the corrected values
-V', W and the WY inverses: at chunk 32 and d = 128 about 6x the keys' size, H alone 4x) is kept
+V', W and the WY inverses: at d = 128 about 4.5x the keys' size at chunk 64, H alone 2x; 6x and 4x
+at chunk 32) is kept
 from the forward, or with ``recompute`` formed again in the backward by the forward's prepare and
 states kernels (as flash-linear-attention does): then only the inputs are saved, bit-identical
 gradients for one more pass of those two kernels.
@@ -129,11 +130,12 @@ def _backward(ctx, do, dh_final, *_intermediates):
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
-def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str, dk: int, dv: int) -> int:
+def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str, dk: int, dv: int,
+                 prec: str) -> int:
     """The kernel's chunk length: a power of two in [16, 64]; 16 with a per-channel gate
     (its intra-chunk scores are [C, C, channels] register blocks); on a GPU possibly smaller
-    for large head dims (``common.kernel_blocks``: what fits the device's shared memory), unless
-    ``NLCOMPILE_TRITON_CHUNK`` fixes it (for measuring)."""
+    for large head dims (``common.kernel_blocks``: what fits the device's shared memory at the dot
+    precision ``prec``), unless ``NLCOMPILE_TRITON_CHUNK`` fixes it (for measuring)."""
     forced = knobs.triton_chunk()
     if forced:
         return forced
@@ -141,7 +143,7 @@ def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str,
         chunk = 16
     else:
         chunk = min(64, block(chunk_size))
-    return kernel_blocks(device, dk, dv, chunk, shrink=True).chunk
+    return kernel_blocks(device, dk, dv, chunk, prec, shrink=True).chunk
 
 
 _warned: set[str] = set()
@@ -240,9 +242,10 @@ def triton_chunkwise_scan(
     if recompute and initial_state is not None and torch.is_grad_enabled():
         h0 = h0.clone()   # kept for the recomputation: a copy, as in ``targets.scan.checkpointed``
     per_channel = g is not None and g.dim() == k.dim()
-    c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv)
+    fwd = dot_precision(k, q, compute_dtype=compute_dtype)
+    c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv, fwd)
     if on_plan is not None:
-        fwd, bwd = dot_precision(k, q, compute_dtype=compute_dtype), dot_precision(k, q, True, compute_dtype)
+        bwd = dot_precision(k, q, True, compute_dtype)
         on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
                 + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
