@@ -15,9 +15,12 @@ gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-cha
 gate first; chunk 16), forward (prepare, states, output with the readout after) and
 backward (readout_dv, states_bwd, grads, wy_grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256,
 with tf32 forward and ieee backward dots (what the launchers pick for fp16 inputs); the
-forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; and DeltaNet,
-Gated DeltaNet and KDA at 128 with bf16 dots (the default for bf16 inputs), Gated DeltaNet also
-at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).
+forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; DeltaNet,
+Gated DeltaNet and KDA at 128 and Gated DeltaNet at 256 with bf16 dots (the default for bf16
+inputs: chunk 64 at d = 128, 32 at 256), DeltaNet and Gated DeltaNet at 128 also with fp32 inputs
+and bf16 dots; and Gated DeltaNet at 128 with fp16's dots at chunk 64
+(``NLCOMPILE_TRITON_CHUNK=64``).  Head count (16: fla's layout, read in place) and head dims are
+compile-time constants, as a launch makes them.
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
 per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs,
 bf16 dots) at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
@@ -53,13 +56,15 @@ ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2),
 
 
 def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, before: bool = False,
-                 with_q: bool = True, prec: str = "tf32", space: bool = False) -> list[dict]:
+                 with_q: bool = True, prec: str = "tf32", space: bool = False,
+                 inputs: str | None = None) -> list[dict]:
     """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
     of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
     chunk_size 64, with bf16 k, v, q and "tf32" forward, "ieee" backward dots (fp16's default;
     ``prec="bf16"``: bf16 dots everywhere, bf16's default) or fp32 ones
     (``prec="ieee"``: "ieee" everywhere): the untuned launch (``common.kernel_blocks``),
-    or with ``space`` every candidate the autotuner tries (``tuning.Space``)."""
+    or with ``space`` every candidate the autotuner tries (``tuning.Space``).  ``inputs`` "fp32" or
+    "bf16" overrides the inputs' dtype (default: fp32 with "ieee" dots, else bf16)."""
     from nlcompile.targets.triton import backward, forward
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
@@ -83,19 +88,22 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
             if kernel.space.value_blocks:
                 consts["BV"] = min(launch["BV"], b.BV_prepare)
             specs.append(dict(kind=name, d=dk if dk == dv else f"{dk}x{dv}", before=before, with_q=with_q,
-                              inputs="fp32" if prec == "ieee" else "bf16", module=module, kernel=kernel.name,
+                              inputs=inputs or ("fp32" if prec == "ieee" else "bf16"), module=module,
+                              kernel=kernel.name,
                               constexprs=consts, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
                               maxnreg=kernel.space.maxnreg))
 
-    base = dict(C=chunk, BK=b.BK, GATE=gate)
+    # fla's [B, T, H, D] layout with H = 16, read in place; V' and dV' are [N, T, dv] buffers (one "head")
+    base = dict(C=chunk, BK=b.BK, GATE=gate, HEADS=16, dk=dk, dv=dv)
+    value_heads = 1 if delta else 16
     if delta:
         add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
-    add("forward", forward.STATES, **base, HAS_BETA=delta)
+    add("forward", forward.STATES, **base, HAS_BETA=delta, src_heads=value_heads)
     if with_q:
-        add("forward", forward.OUTPUT, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before)
-        add("backward", backward.READOUT_DV, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before)
+        add("forward", forward.OUTPUT, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before, vals_heads=value_heads)
+        add("backward", backward.READOUT_DV, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before, dvp_heads=value_heads)
     flags = dict(base, HAS_Q=with_q, DELTA=delta, BEFORE=before)
-    add("backward", backward.STATES_BWD, **flags)
+    add("backward", backward.STATES_BWD, **flags, dvp_heads=value_heads)
     add("backward", backward.GRADS, **flags, BKC=b.BKC, BKD=b.BKD)
     if delta:
         add("backward", backward.WY_GRADS, **base, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
@@ -119,7 +127,7 @@ def compile_sm90(spec: dict) -> dict:
                  for a in fn.arg_names}
     # A launch specialises on 16-divisible pointers and integers (``tt.divisibility``), which
     # vectorises loads and changes layouts and shared memory; at the benchmark shape (T = 2048 or
-    # 8192, d = 128, chunk 32) every argument is.  Not aligned: none is (e.g. T odd).
+    # 8192, d = 128) every argument is.  Not aligned: none is (e.g. T odd).
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names)
              if spec.get("aligned", True) and a not in consts}
     start = time.time()
@@ -214,6 +222,9 @@ def test_kernels_fit_h100_shared_memory():
               if s["module"] == "forward"]  # the backward kernels run in ieee for bf16 inputs too
     specs += kernel_specs(DELTANET, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 128, prec="bf16")
     specs += kernel_specs(KDA, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 256, prec="bf16")
+    # fp32 storage with bf16 dots (a loop computing in bf16 on fp32 values, or the knob): fp32 tiles at chunk 64
+    specs += kernel_specs(DELTANET, 128, prec="bf16", inputs="fp32") + kernel_specs(GATED_DELTANET, 128, prec="bf16",
+                                                                                   inputs="fp32")
     with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128 with fp16's dots, as NLCOMPILE_TRITON_CHUNK
         mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")  # asks (measuring)
         specs += kernel_specs(GATED_DELTANET, 128)

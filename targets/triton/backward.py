@@ -91,7 +91,7 @@ def _per_gate(x, GATE: tl.constexpr):
 def _readout_dv_kernel(
     k_ptr, q_ptr, g_ptr, do_ptr,                      # inputs
     dvp_ptr,                                          # output
-    T, N, HEADS, dk, dv, dvp_rows, dvp_heads, scale,
+    T, N, dvp_rows, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr, dvp_heads: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -121,7 +121,7 @@ def _readout_dv_kernel(
 def _states_bwd_kernel(
     k_ptr, q_ptr, g_ptr, w_ptr, do_ptr, dhf_ptr,      # inputs
     dhn_ptr, dvp_ptr, dh0_ptr,                        # outputs (dvp: A^T dO in, dV' out)
-    T, N, HEADS, NC, dk, dv, dvp_rows, dvp_heads, scale,
+    T, N, NC, dvp_rows, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr, dvp_heads: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -175,7 +175,7 @@ def _states_bwd_kernel(
 def _grads_kernel(
     k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
     dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
-    T, N, HEADS, NC, dk, dv, scale,
+    T, N, NC, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -245,7 +245,7 @@ def _grads_kernel(
             dGq += q * dQA
             dG -= k * dKA
         else:          # A = (Q K^T) * e^{Gq_r - G_s}
-            dAg = dA * pair_decay(Gq, G, mask)
+            dAg = dA * pair_decay(Gq, G, mask, GATE)
             dQA = mm(dAg, k, PREC)                                        # row r: sum_s dAg_rs k_s
             dKA = mm(tl.trans(dAg), q, PREC)                              # row s: sum_r dAg_rs q_r
             dQ += dQA
@@ -278,7 +278,7 @@ def _grads_kernel(
 def _wy_grads_kernel(
     k_ptr, v_ptr, b_ptr, coef_ptr, g_ptr, tm_ptr, dvp_ptr, dw_ptr,     # inputs
     dk_ptr, dv_ptr, db_ptr, dcoef_ptr, dg_ptr,                 # outputs (dk, dg: added to)
-    T, N, HEADS, NC, dk, dv,
+    T, N, NC, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -323,7 +323,7 @@ def _wy_grads_kernel(
         store_steps(seq_start(dcoef_ptr, n, T, HEADS, 1), dc, rows, T, HEADS)
 
     k = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
-    eb = b[:, None] * tl.exp(G)                              # [C,1], or [C,BK] per channel
+    eb = decayed(b[:, None], G, GATE)                        # b e^G: [C,1], or [C,BK] per channel
     dW = load_operand(dw_ptr + n * NC * C * dk, rows, cols_k, T, dk, dk)
     dKb = mm(tl.trans(Tm), dW, PREC)
     dTm += mm(dW, tl.trans(k * eb), PREC)
@@ -343,12 +343,12 @@ def _wy_grads_kernel(
         dK += dKr + dKs
         dG += k * (dKr - dKs)
     else:          # Akk = diag(b) (K K^T * E), E_rs = e^{G_r - G_s} (s < r)
-        dAE = tl.where(strict, dAkk, 0.0) * pair_decay(G, G, strict)  # dAkk_rs e^{G_r - G_s}
+        dAE = tl.where(strict, dAkk, 0.0) * pair_decay(G, G, strict, GATE)  # dAkk_rs e^{G_r - G_s}
         dAK = mm(dAE, k, PREC)                                        # row r: sum_s dAE_rs k_s
         dAbK = mm(tl.trans(dAE * b[:, None]), k, PREC)                # row s: sum_r dAE_rs b_r k_r
         dK += b[:, None] * dAK + dAbK
         kdAK = tl.sum(k * dAK, 1)                                     # sum_s dAE_rs (K K^T)_rs
-        db = kdAK + tl.sum(dKb * k, 1) * tl.exp(tl.sum(G, 1))
+        db = kdAK + decayed(tl.sum(dKb * k, 1), tl.sum(G, 1), GATE)
         if GATE == 1:  # dG_r = sum_s M_rs - sum_s M_sr (M = dAkk * Akk) + the Kb = b e^G K part
             dG = (b * kdAK - tl.sum(k * dAbK, 1))[:, None] + tl.sum(dKb * k, 1, keep_dims=True) * eb
     store_steps(seq_start(db_ptr, n, T, HEADS, 1), db, rows, T, HEADS)
@@ -429,7 +429,8 @@ def chunk_backward(
     if max(key_dim, value_dim) > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got dk={key_dim}, dv={value_dim}")
     prec = dot_precision(k, q, backward=True, compute_dtype=compute_dtype)
-    blocks = kernel_blocks(k.device, key_dim, value_dim, chunk, prec)
+    # the chunk is the forward's (its buffers' layout), checked against the forward's precision
+    blocks = kernel_blocks(k.device, key_dim, value_dim, chunk, dot_precision(k, q, compute_dtype=compute_dtype))
     f32 = dict(dtype=torch.float32, device=k.device)
     if dh_final is None:
         dh_final = torch.zeros(n, key_dim, value_dim, **f32)
@@ -469,12 +470,12 @@ def chunk_backward(
     dev = k.device
     if q is not None:
         READOUT_DV.launch(lambda m: (nc, n, triton.cdiv(value_dim, m["BV"])),
-                          (k, q_, g_, do_, dvp, t, n, heads, key_dim, value_dim, dvp_rows, dvp_heads, float(scale)),
+                          (k, q_, g_, do_, dvp, t, n, dvp_rows, float(scale), heads, key_dim, value_dim, dvp_heads),
                           dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     flags.update(HAS_Q=q is not None, DELTA=delta)
     STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
-                      (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, heads, nc, key_dim, value_dim, dvp_rows,
-                       dvp_heads, float(scale)),
+                      (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, nc, dvp_rows, float(scale), heads, key_dim,
+                       value_dim, dvp_heads),
                       flags, blocks, dev)
     unused = torch.empty(1, **f32)   # for outputs a kernel does not write here (never the caller's
     # tensors: the WY kernel's tuning restores dk and dg with copy_, which bumps autograd versions)
@@ -482,12 +483,12 @@ def chunk_backward(
     dw = torch.empty(n, nc * chunk, key_dim, **operands) if delta else unused   # dL/dW, a dot operand of the WY kernel
     GRADS.launch(lambda m: (nc, n),
                  (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
-                  t, n, heads, nc, key_dim, value_dim, float(scale)),
+                  t, n, nc, float(scale), heads, key_dim, value_dim),
                  dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
                         (k, v, beta_, beta_ if coef is None else c(coef), g_, c(Tm), dvp, dw, dk, dv, dbeta,
-                         unused if coef is None else dcoef, dg_, t, n, heads, nc, key_dim, value_dim),
+                         unused if coef is None else dcoef, dg_, t, n, nc, heads, key_dim, value_dim),
                         dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate,
                              HAS_COEF=coef is not None, PREC=prec),
                         blocks, dev)

@@ -250,9 +250,13 @@ def readout_mask(C: tl.constexpr, BEFORE: tl.constexpr):
 
 
 @triton.jit
-def pair_decay(Gr, Gs, mask):
-    """[C,C] exp(Gr_r - Gs_s) where ``mask``, else 0 (Gr, Gs [C,1]). Masked before exp."""
-    return tl.exp(tl.where(mask, Gr - tl.trans(Gs), float("-inf")))
+def pair_decay(Gr, Gs, mask, GATE: tl.constexpr):
+    """[C,C] exp(Gr_r - Gs_s) where ``mask``, else 0 (Gr, Gs [C,1]). Masked before exp.  Without a
+    gate (GATE 0: every log-decay 0) the mask itself, with no exps."""
+    if GATE == 0:
+        return tl.where(mask, 1.0, 0.0)
+    else:
+        return tl.exp(tl.where(mask, Gr - tl.trans(Gs), float("-inf")))
 
 
 @triton.jit
@@ -282,7 +286,7 @@ def scores(qk, G, Gq, mask, GATE: tl.constexpr):
     if GATE == 0:
         return tl.where(mask, qk, 0.0)
     else:
-        return qk * pair_decay(Gq, G, mask)
+        return qk * pair_decay(Gq, G, mask, GATE)
 
 
 @triton.jit
@@ -307,13 +311,13 @@ def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C: tl.constexp
 
 
 @triton.jit
-def wy_factors(kk, b, G, C: tl.constexpr):
+def wy_factors(kk, b, G, C: tl.constexpr, GATE: tl.constexpr):
     """The delta rule's chunk factors from kk = K K^T [C,C], b [C] and a scalar (or no) gate
     G [C,1]: (Tm, eb) with Akk = diag(b) K K^T * E, E_rs = e^{G_r - G_s} (s < r, else 0),
     Tm = (I + Akk)^{-1} and eb = b e^G [C,1], so W = Tm (K * eb) and U = Tm V."""
     r = tl.arange(0, C)
-    Tm = unit_lower_inverse(b[:, None] * kk * pair_decay(G, G, r[:, None] > r[None, :]), C)
-    return Tm, b[:, None] * tl.exp(G)
+    Tm = unit_lower_inverse(b[:, None] * kk * pair_decay(G, G, r[:, None] > r[None, :], GATE), C)
+    return Tm, decayed(b[:, None], G, GATE)
 
 
 @triton.jit

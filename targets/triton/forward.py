@@ -51,7 +51,7 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 @triton.jit(do_not_specialize=["N"])
 def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, coef_ptr, g_ptr, w_ptr, u_ptr, tm_ptr,
-    T, N, HEADS, L, dk, dv,
+    T, N, L, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -84,7 +84,7 @@ def _prepare_kernel(
         tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
     else:
         kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
-        tm, eb = wy_factors(kk, b, G, C)
+        tm, eb = wy_factors(kk, b, G, C, GATE)
     store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
     store_tile(tm_ptr + n * L * C, tm, rows, tl.arange(0, C), L, C, C)
@@ -93,7 +93,7 @@ def _prepare_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _states_kernel(
     k_ptr, src_ptr, g_ptr, w_ptr, vp_ptr, h0_ptr, H_ptr, hT_ptr,
-    T, N, HEADS, src_rows, src_heads, nc, dk, dv,
+    T, N, src_rows, nc, HEADS: tl.constexpr, src_heads: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, GATE: tl.constexpr, HAS_BETA: tl.constexpr,
     PREC: tl.constexpr,
 ):
@@ -136,7 +136,8 @@ def _states_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _output_kernel(
     q_ptr, k_ptr, vals_ptr, g_ptr, H_ptr, o_ptr,
-    T, N, HEADS, vals_rows, vals_heads, nc, dk, dv, scale,
+    T, N, vals_rows, nc, scale, HEADS: tl.constexpr, vals_heads: tl.constexpr, dk: tl.constexpr,
+    dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
@@ -297,17 +298,17 @@ def chunk_forward(
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
     if delta:
-        PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, Tm, t, n, heads,
-                                           L, dk, dv),
+        PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, Tm, t, n, L,
+                                           heads, dk, dv),
                        dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD, HAS_COEF=coef is not None),
                        blocks, dev)
     src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
     STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),
                   (k, src, g_arg, W if delta else unused, Vp if delta else unused, h0, H, h_final,
-                   t, n, heads, src_rows, src_heads, nc, dk, dv),
+                   t, n, src_rows, nc, heads, src_heads, dk, dv),
                   dict(meta, HAS_BETA=delta), blocks, dev)
     if q is not None:
         OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),
-                      (q, k, src, g_arg, H, o, t, n, heads, src_rows, src_heads, nc, dk, dv, float(scale)),
+                      (q, k, src, g_arg, H, o, t, n, src_rows, nc, float(scale), heads, src_heads, dk, dv),
                       dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)
     return o, h_final, H, Vp, W, Tm

@@ -107,7 +107,7 @@ class ChunkKernel:
                  do_bench: Optional[Callable] = None):
         self.fn, self.space, self.restore = fn, space, restore
         tuned_here = {"BV"} if space.value_blocks else set()
-        key = TUNING_KEY + [name for name in _constexpr_args(fn) if name not in tuned_here]
+        key = TUNING_KEY + [name for name in _constexpr_args(fn) if name not in tuned_here | set(TUNING_KEY)]
         self.tuned = triton.autotune(space.configs(), key=key, restore_value=list(restore),
                                      prune_configs_by={"early_config_prune": _clip_value_blocks},
                                      do_bench=do_bench, **({} if do_bench else _DISK_CACHE))(fn)
