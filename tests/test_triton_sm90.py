@@ -18,9 +18,9 @@ with tf32 forward and ieee backward dots (what the launchers pick for fp16 input
 forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; DeltaNet,
 Gated DeltaNet and KDA at 128 and Gated DeltaNet at 256 with bf16 dots (the default for bf16
 inputs: chunk 64 at d = 128, 32 at 256), DeltaNet and Gated DeltaNet at 128 also with fp32 inputs
-and bf16 dots; and Gated DeltaNet at 128 with fp16's dots at chunk 64
-(``NLCOMPILE_TRITON_CHUNK=64``).  Head count (16: fla's layout, read in place) and head dims are
-compile-time constants, as a launch makes them.
+and bf16 dots, Gated DeltaNet also on [N, T, D] inputs (one head); and Gated DeltaNet at 128 with
+fp16's dots at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).  Head count (16: fla's layout, read in
+place) and head dims are compile-time constants, as a launch makes them.
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
 per channel, delta on / off, readout before / after, with and without q, bf16 and fp32 inputs,
 bf16 dots) at dk = dv in {64, 128, 256}; ``--space`` every candidate the autotuner times on CUDA
@@ -57,14 +57,15 @@ ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2),
 
 def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, before: bool = False,
                  with_q: bool = True, prec: str = "tf32", space: bool = False,
-                 inputs: str | None = None) -> list[dict]:
+                 inputs: str | None = None, heads: int = 16) -> list[dict]:
     """The kernels (module, name, constexprs, num_warps) the launchers run on CUDA for one kind
     of scan at head dims dk, dv (default dv = dk) with the chunk ``ops.kernel_chunk`` picks for
     chunk_size 64, with bf16 k, v, q and "tf32" forward, "ieee" backward dots (fp16's default;
     ``prec="bf16"``: bf16 dots everywhere, bf16's default) or fp32 ones
     (``prec="ieee"``: "ieee" everywhere): the untuned launch (``common.kernel_blocks``),
     or with ``space`` every candidate the autotuner tries (``tuning.Space``).  ``inputs`` "fp32" or
-    "bf16" overrides the inputs' dtype (default: fp32 with "ieee" dots, else bf16)."""
+    "bf16" overrides the inputs' dtype (default: fp32 with "ieee" dots, else bf16); ``heads``: the
+    inputs' head count (16: fla's [B, T, H, D] layout read in place; 1: [N, T, D])."""
     from nlcompile.targets.triton import backward, forward
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
@@ -93,9 +94,9 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
                               constexprs=consts, num_warps=launch["num_warps"], num_stages=launch["num_stages"],
                               maxnreg=kernel.space.maxnreg))
 
-    # fla's [B, T, H, D] layout with H = 16, read in place; V' and dV' are [N, T, dv] buffers (one "head")
-    base = dict(C=chunk, BK=b.BK, GATE=gate, HEADS=16, dk=dk, dv=dv)
-    value_heads = 1 if delta else 16
+    # V' and dV' are [N, T, dv] buffers (one "head"); without them the kernels read v, write dv
+    base = dict(C=chunk, BK=b.BK, GATE=gate, HEADS=heads, dk=dk, dv=dv)
+    value_heads = 1 if delta else heads
     if delta:
         add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
     add("forward", forward.STATES, **base, HAS_BETA=delta, src_heads=value_heads)
@@ -123,7 +124,7 @@ def compile_sm90(spec: dict) -> dict:
     consts = spec["constexprs"]
     bf16 = (BF16_POINTERS if spec["inputs"] == "bf16" else set()) | (BF16_OPERANDS if consts["PREC"] == "bf16" else set())
     signature = {a: "constexpr" if a in consts else ("*bf16" if a in bf16 else "*fp32") if a.endswith("_ptr")
-                 else "i32"
+                 else "fp32" if a == "scale" else "i32"
                  for a in fn.arg_names}
     # A launch specialises on 16-divisible pointers and integers (``tt.divisibility``), which
     # vectorises loads and changes layouts and shared memory; at the benchmark shape (T = 2048 or
@@ -225,6 +226,7 @@ def test_kernels_fit_h100_shared_memory():
     # fp32 storage with bf16 dots (a loop computing in bf16 on fp32 values, or the knob): fp32 tiles at chunk 64
     specs += kernel_specs(DELTANET, 128, prec="bf16", inputs="fp32") + kernel_specs(GATED_DELTANET, 128, prec="bf16",
                                                                                    inputs="fp32")
+    specs += kernel_specs(GATED_DELTANET, 128, prec="bf16", heads=1)   # [N, T, D] inputs
     with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128 with fp16's dots, as NLCOMPILE_TRITON_CHUNK
         mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")  # asks (measuring)
         specs += kernel_specs(GATED_DELTANET, 128)

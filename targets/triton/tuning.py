@@ -76,8 +76,9 @@ def _clip_value_blocks(configs: list[triton.Config], named_args: dict, **kwargs)
 
 
 def _constexpr_args(fn: triton.JITFunction) -> list[str]:
-    """The kernel's tl.constexpr parameters (the kind of scan: gate, readout, precision...), which
-    belong in the tuning key: one kernel, specialised differently, can want another launch."""
+    """The kernel's tl.constexpr parameters (the kind of scan: gate, readout, precision...; the head
+    count and head dims), which belong in the tuning key: one kernel, specialised differently, can
+    want another launch."""
     params = inspect.signature(fn.fn).parameters.values()
     return [p.name for p in params
             if p.annotation is tl.constexpr or str(p.annotation).split(".")[-1] == "constexpr"]
