@@ -62,7 +62,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, channel_decay, channel_scores, chunk_gates, decayed, dot_precision, gradient_dtype, gram,
+    MAX_HEAD_DIM, block_gates, channel_decay, channel_scores, chunk_gates, decayed, dot_precision, gradient_dtype, gram,
     kernel_dtype, kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask,
     reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile,
 )
@@ -171,46 +171,29 @@ def _states_bwd_kernel(
     store_tile(dh0_ptr + n * dk * dv, dh, cols_k, cols_v, dk, dv, dv)
 
 
-@triton.jit(do_not_specialize=["N"])
-def _grads_kernel(
-    k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
-    dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
-    T, N, NC, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
-):
-    """Gradients of one chunk of one sequence through the state and the readout: dq, and dk and
-    dg without the delta family's WY part (``_wy_grads_kernel`` adds it); for the delta family
-    also dW = -dV' H^T into the scratch ``dw_ptr`` ([N,NC*C,dk]).  Without beta, dv = dV' was
-    written by the states kernel."""
-    i = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
+@triton.jit
+def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_state, dw_seq, dk_seq, dq_seq, dg_seq,
+                 rows, cols_k, T, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr, C: tl.constexpr,
+                 BV: tl.constexpr, HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr,
+                 BEFORE: tl.constexpr, PREC: tl.constexpr):
+    """``_grads_kernel``'s work for the key channels ``cols_k`` (all of them, or with a per-channel
+    gate a block of them: every gradient but dA is then per channel).  ``vals_seq``: V' (delta
+    family, [N, NC*C, dv]) or v in the inputs' layout."""
     r = tl.arange(0, C)
-    rows = i * C + r
-    cols_k = tl.arange(0, BK)
-    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
-    q_seq = seq_start(q_ptr, n, T, HEADS, dk)
-    do_seq = seq_start(do_ptr, n, T, HEADS, dv)
-    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
-    vp_seq = vp_ptr + n * NC * C * dv
-    dvp_seq = dvp_ptr + n * NC * C * dv
-    state = (n * NC + i) * dk * dv
-    g, G, Gq, GL = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
+    g, G, Gq, GL = block_gates(g_seq, rows, cols_k, T, dk, HEADS, C, GATE, BEFORE)
+    vals_stride = dv if DELTA else HEADS * dv
 
     # Sums over dv, one block of BV value columns at a time.
-    dKt = tl.zeros([C, BK], dtype=tl.float32)
-    dD = tl.zeros([BK], dtype=tl.float32)
-    dQt = tl.zeros([C, BK], dtype=tl.float32)
+    dKt = tl.zeros([C, cols_k.shape[0]], dtype=tl.float32)
+    dD = tl.zeros([cols_k.shape[0]], dtype=tl.float32)
+    dQt = tl.zeros([C, cols_k.shape[0]], dtype=tl.float32)
     dA = tl.zeros([C, C], dtype=tl.float32)
-    dW = tl.zeros([C, BK], dtype=tl.float32)
+    dW = tl.zeros([C, cols_k.shape[0]], dtype=tl.float32)
     for v0 in range(0, dv, BV):
         cols_v = v0 + tl.arange(0, BV)
-        h = load_operand(h_ptr + state, cols_k, cols_v, dk, dv, dv)
-        dhn = load_operand(dhn_ptr + state, cols_k, cols_v, dk, dv, dv)
-        if DELTA:
-            vp = load_operand(vp_seq, rows, cols_v, T, dv, dv)
-        else:
-            vp = load_operand(seq_start(v_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
+        h = load_operand(h_state, cols_k, cols_v, dk, dv, dv)
+        dhn = load_operand(dhn_state, cols_k, cols_v, dk, dv, dv)
+        vp = load_operand(vals_seq, rows, cols_v, T, dv, vals_stride)
         dKt += mm(vp, tl.trans(dhn), PREC)
         if GATE > 0:   # only the gates' gradient needs it
             dD += tl.sum(dhn.to(tl.float32) * h.to(tl.float32), 1)
@@ -221,7 +204,7 @@ def _grads_kernel(
         if DELTA:
             dW -= mm(load_operand(dvp_seq, rows, cols_v, T, dv, dv), tl.trans(h), PREC)
     if DELTA:      # stored now: not held through the rest
-        store_tile(dw_ptr + n * NC * C * dk, dW, rows, cols_k, T, dk, dk)
+        store_tile(dw_seq, dW, rows, cols_k, T, dk, dk)
     dQt *= scale   # the readout is S^T (scale q): dO enters scaled
     dA *= scale
 
@@ -254,9 +237,9 @@ def _grads_kernel(
                 dGq += tl.sum(q * dQA, 1, keep_dims=True)
                 dG -= tl.sum(k * dKA, 1, keep_dims=True)
         dG += dGq
-        store_tile(seq_start(dq_ptr, n, T, HEADS, dk), dQ, rows, cols_k, T, dk, HEADS * dk)
+        store_tile(dq_seq, dQ, rows, cols_k, T, dk, HEADS * dk)
 
-    store_tile(seq_start(dk_ptr, n, T, HEADS, dk), dK, rows, cols_k, T, dk, HEADS * dk)
+    store_tile(dk_seq, dK, rows, cols_k, T, dk, HEADS * dk)
 
     if GATE > 0:  # G_L is G's last row; G = cumsum(g); before: Gq = G - g
         dG += tl.where(r[:, None] == C - 1, dGL, 0.0)
@@ -265,13 +248,53 @@ def _grads_kernel(
             if HAS_Q:
                 if BEFORE:
                     dg -= dGq
-            store_tile(seq_start(dg_ptr, n, T, HEADS, dk), dg, rows, cols_k, T, dk, HEADS * dk)
+            store_tile(dg_seq, dg, rows, cols_k, T, dk, HEADS * dk)
         else:  # summed to a vector before the scan (see ``chunk_gates``)
             dg = reverse_cumsum(tl.sum(dG, 1), 0)
             if HAS_Q:
                 if BEFORE:
                     dg -= tl.sum(dGq, 1)
-            store_steps(seq_start(dg_ptr, n, T, HEADS, 1), dg, rows, T, HEADS)
+            store_steps(dg_seq, dg, rows, T, HEADS)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _grads_kernel(
+    k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
+    dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
+    T, N, NC, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
+):
+    """Gradients of one chunk of one sequence through the state and the readout: dq, and dk and
+    dg without the delta family's WY part (``_wy_grads_kernel`` adds it); for the delta family
+    also dW = -dV' H^T into the scratch ``dw_ptr`` ([N,NC*C,dk]).  Without beta, dv = dV' was
+    written by the states kernel."""
+    i = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    rows = i * C + tl.arange(0, C)
+    k_seq = seq_start(k_ptr, n, T, HEADS, dk)
+    q_seq = seq_start(q_ptr, n, T, HEADS, dk)
+    do_seq = seq_start(do_ptr, n, T, HEADS, dv)
+    g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
+    if DELTA:
+        vals_seq = vp_ptr + n * NC * C * dv
+    else:
+        vals_seq = seq_start(v_ptr, n, T, HEADS, dv)
+    dvp_seq = dvp_ptr + n * NC * C * dv
+    h = h_ptr + (n * NC + i) * dk * dv
+    dhn = dhn_ptr + (n * NC + i) * dk * dv
+    dw_seq = dw_ptr + n * NC * C * dk
+    dk_seq = seq_start(dk_ptr, n, T, HEADS, dk)
+    dq_seq = seq_start(dq_ptr, n, T, HEADS, dk)
+    dg_seq = seq_start(dg_ptr, n, T, HEADS, dk if GATE == 2 else 1)
+    if GATE == 2:   # every channel on its own but for dA: BKC channels at a time (the [C, C, channels]
+        for c0 in tl.static_range(0, BK, BKC):   # products over all of dk at once spilled KBs on sm_90)
+            _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h, dhn, dw_seq, dk_seq, dq_seq, dg_seq,
+                         rows, c0 + tl.arange(0, BKC), T, scale, HEADS, dk, dv, C, BV, HAS_Q, DELTA, GATE, BEFORE,
+                         PREC)
+    else:
+        _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h, dhn, dw_seq, dk_seq, dq_seq, dg_seq,
+                     rows, tl.arange(0, BK), T, scale, HEADS, dk, dv, C, BV, HAS_Q, DELTA, GATE, BEFORE, PREC)
 
 
 @triton.jit(do_not_specialize=["N"])

@@ -220,8 +220,14 @@ def chunk_gates(g_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, GA
     [C,BK] tiles.  Gq is G (readout "after") or G - g ("before").  Rows t >= T have g = 0,
     hence G_L equals G at the chunk's last real row.
     """
+    return block_gates(g_seq, rows, tl.arange(0, BK), T, dk, HEADS, C, GATE, BEFORE)
+
+
+@triton.jit
+def block_gates(g_seq, rows, cols, T, dk, HEADS, C: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr):
+    """``chunk_gates`` for the key channels ``cols`` of a per-channel gate ([C, len(cols)] tiles)."""
     if GATE == 2:
-        g = load_tile(g_seq, rows, tl.arange(0, BK), T, dk, HEADS * dk)
+        g = load_tile(g_seq, rows, cols, T, dk, HEADS * dk)
         G = tl.cumsum(g, 0)
     elif GATE == 1:  # scanned as a vector: Triton 3.6 fails to lower a scan over a [C, 1] block for sm_90
         g_steps = load_steps(g_seq, rows, T, HEADS)
@@ -455,7 +461,8 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec
     (the launchers: the chunk fixes the layout of H, V', W) that is a ValueError, not a launch
     failure on the GPU.
     CPU (the interpreter): the chunk as asked, BV = 64 value columns (32 for dk > 128), BKC such
-    that a [C, C, BKC] product stays <= 8192 elements, 4 warps (ignored there).
+    that a [C, C, BKC] product stays <= 8192 elements (at least 16: the grads kernel's dots over a
+    block of BKC channels), 4 warps (ignored there).
     CUDA: 8 warps (``NLCOMPILE_TRITON_WARPS`` overrides, for measuring); the chunk halved until
     [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), or 8192
     under ``prec`` "bf16" dots (128: 64, 256: 32), BV <= 32
@@ -482,5 +489,5 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec
         bv = min(block(dv), 64 if bk <= 128 else 32)
         warps = 4
         bkd = bk
-    return Blocks(chunk=c, BK=bk, BV=bv, BV_prepare=block(dv), BKC=min(bk, max(1, 8192 // (c * c))),
+    return Blocks(chunk=c, BK=bk, BV=bv, BV_prepare=block(dv), BKC=min(bk, max(16, 8192 // (c * c))),
                   BKD=bkd, num_warps=warps)
