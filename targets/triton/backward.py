@@ -30,7 +30,8 @@ the state and the readout from H_i, dHn_i, V', dV': sums over dv (in blocks) of 
 dA = dO V'^T, dKt = V' dHn^T, dD = rowsum(dHn * H) and, for the delta family, dW = -dV' H^T
 (stored for the next kernel); then through Kt, Qt, A into dq, dk and the log-decays G, whose
 gradient becomes dg by a reverse cumsum within the chunk (G = cumsum(g)); the readout
-"before" adds -dGq to dg (Gq = G - g).
+"before" adds -dGq to dg (Gq = G - g).  With a per-channel gate every one of these but dA is per
+key channel, and the kernel does it all for BKC channels at a time (dA formed again for each).
 
 ``_wy_grads_kernel`` (delta family; grid (chunks, N)) goes back through the WY form, with the
 Tm the forward stored: dV = Tm^T dV', dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T,
