@@ -5,8 +5,8 @@ version and the problem: the sequential kernels (states, states_bwd) run one pro
 sequence and value block for the whole sequence, so their time is set by how many of those
 programs are resident at once (registers and shared memory per program against N * dv / BV
 programs), which static analysis can bound but not rank.  So on CUDA every kernel is wrapped in
-``triton.autotune`` over a small space (``Space``), keyed on (N, heads, dk, dv), the kernel's other
-constexprs (chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch
+``triton.autotune`` over a small space (``Space``), keyed on N (the sequences), the kernel's
+constexprs (head count and dims, chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch
 with a new key compiles and times each candidate (seconds; candidates that do not fit the device
 are dropped by Triton), later launches reuse the choice, and so do later processes (Triton's disk
 cache).  The chunk length is not tuned here: it fixes the layout of the buffers the kernels pass
@@ -36,7 +36,7 @@ from nlcompile.targets.triton_target import interpreting
 
 from .common import Blocks, block
 
-TUNING_KEY = ["N", "HEADS", "dk", "dv"]   # HEADS: 1 for [N, T, D] inputs, H for [B, T, H, D] (another access pattern)
+TUNING_KEY = ["N"]   # the runtime argument the best launch depends on; the rest of the key is the constexprs
 # Tuning results kept in Triton's cache directory, so a new process does not time the candidates
 # again (keyed there on the kernel's source, the GPU architecture and the tuning key); Triton
 # versions without the option tune once per process.
@@ -108,7 +108,7 @@ class ChunkKernel:
                  do_bench: Optional[Callable] = None):
         self.fn, self.space, self.restore = fn, space, restore
         tuned_here = {"BV"} if space.value_blocks else set()
-        key = TUNING_KEY + [name for name in _constexpr_args(fn) if name not in tuned_here | set(TUNING_KEY)]
+        key = TUNING_KEY + [name for name in _constexpr_args(fn) if name not in tuned_here]
         self.tuned = triton.autotune(space.configs(), key=key, restore_value=list(restore),
                                      prune_configs_by={"early_config_prune": _clip_value_blocks},
                                      do_bench=do_bench, **({} if do_bench else _DISK_CACHE))(fn)
