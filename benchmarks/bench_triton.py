@@ -194,9 +194,9 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         for prec, w, chunk, lean in itertools.product(dots, warps, chunks, (False, True)[:1 + recompute]):
             label = f"nlcompile-triton ({chosen if prec == 'auto' else prec}"
             label += {"auto": ", tuned" if tuning_enabled(device) else "", "fixed": ", untuned"}.get(w, f", {w} warps")
-            if chunk == "auto":   # the launchers' choice for this variant's forward dots
-                fwd = chosen.split("/")[0] if prec == "auto" else prec
-                chunk_label = f"auto C={kernel_chunk(64, False, device, D, D, fwd)}"
+            if chunk == "auto":   # the launchers' choice for this variant's dots (forward and backward)
+                precs = tuple(chosen.split("/")) if prec == "auto" else (prec,)
+                chunk_label = f"auto C={kernel_chunk(64, False, device, D, D, precs)}"
             else:
                 chunk_label = f"C={chunk}"
             label += f", {chunk_label}" + (", recompute" if lean else "") + ")"

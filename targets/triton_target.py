@@ -29,7 +29,7 @@ def interpreting() -> bool:
 
 def kernel_chunk_size(k, v, **_) -> int:
     """The chunk asked of the kernels when the user gives none (64, as flash-linear-attention;
-    ``ops.kernel_chunk`` narrows it for per-channel gates, and on a GPU for large head dims)."""
+    ``ops.kernel_chunk`` narrows it for per-channel gates, and on a GPU for large head dims and fp32 dots)."""
     return 64
 
 

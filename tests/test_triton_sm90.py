@@ -72,12 +72,13 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
 
     name, delta, gate = kind
     dv = dk if dv is None else dv
-    chunk = kernel_chunk(64, gate == 2, "cuda", dk, dv, prec)
-    b = kernel_blocks("cuda", dk, dv, chunk, prec)
+    precs = dict(forward=prec, backward=prec if prec == "bf16" else "ieee")   # as ``common.dot_precision``
+    chunk = kernel_chunk(64, gate == 2, "cuda", dk, dv, tuple(precs.values()))
+    b = kernel_blocks("cuda", dk, dv, chunk, tuple(precs.values()))
     specs = []
 
     def add(module, kernel, **constexprs):
-        dot = prec if module == "forward" or prec == "bf16" else "ieee"
+        dot = precs[module]
         launches = [dict(BV=b.BV, num_warps=b.num_warps, num_stages=None)]
         if space:   # as the autotuner prunes them (BV clipped to dv, candidates known to fault dropped)
             from nlcompile.targets.triton.tuning import _clip_value_blocks
@@ -256,14 +257,22 @@ def test_sass_counts_reads_loops():
 
 def test_launch_blocks_on_cuda():
     """The chunk shrinks with the head dim on CUDA (and only there), less under bf16 dots (2-byte
-    operands); a launcher refuses a chunk that would not fit instead of failing at launch."""
+    operands), and is at most 32 under fp32 ("ieee") dots, forward or backward (fp16 inputs: tf32
+    forward, ieee backward); a launcher refuses a chunk that would not fit instead of failing at
+    launch (the backward also one chosen for other dots than its own)."""
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
 
     dims = (32, 64, 128, 256)
     assert [kernel_chunk(64, False, "cuda", d, d, "tf32") for d in dims] == [64, 64, 32, 16]
-    assert [kernel_chunk(64, False, "cuda", d, d, "ieee") for d in dims] == [64, 64, 32, 16]
+    assert [kernel_chunk(64, False, "cuda", d, d, "ieee") for d in dims] == [32, 32, 32, 16]
+    assert [kernel_chunk(64, False, "cuda", d, d, ("tf32", "ieee")) for d in dims] == [32, 32, 32, 16]
     assert [kernel_chunk(64, False, "cuda", d, d, "bf16") for d in dims] == [64, 64, 64, 32]
+    assert [kernel_chunk(64, False, "cuda", d, d, ("bf16", "bf16")) for d in dims] == [64, 64, 64, 32]
+    assert kernel_chunk(64, False, "cuda", 64, 64, ("bf16", "tf32")) == 64
+    assert kernel_chunk(64, False, "cuda", 128, 128, ("bf16", "tf32")) == 32
+    with pytest.raises(ValueError, match="too long for dk=64, dv=64 with bf16/ieee dots"):
+        kernel_blocks("cuda", 64, 64, 64, ("bf16", "ieee"))
     assert [kernel_chunk(64, False, "cpu", d, d, p) for d in dims for p in ("ieee", "bf16-interpreted")] == [64] * 8
     assert kernel_chunk(64, True, "cuda", 256, 256, "bf16") == 16    # per-channel gate
     assert kernel_chunk(32, False, "cuda", 128, 128, "bf16") == 32   # a shorter chunk asked is kept

@@ -480,8 +480,9 @@ def chunk_backward(
     if max(key_dim, value_dim) > MAX_HEAD_DIM:
         raise ValueError(f"head dims must be <= {MAX_HEAD_DIM}, got dk={key_dim}, dv={value_dim}")
     prec = dot_precision(k, q, backward=True, compute_dtype=compute_dtype)
-    # the chunk is the forward's (its buffers' layout), checked against the forward's precision
-    blocks = kernel_blocks(k.device, key_dim, value_dim, chunk, dot_precision(k, q, compute_dtype=compute_dtype))
+    # the chunk is the forward's (its buffers' layout): checked against both precisions, as ops chose it
+    fwd = dot_precision(k, q, compute_dtype=compute_dtype)
+    blocks = kernel_blocks(k.device, key_dim, value_dim, chunk, (fwd, prec))
     f32 = dict(dtype=torch.float32, device=k.device)
     if dh_final is None:
         dh_final = torch.zeros(n, key_dim, value_dim, **f32)

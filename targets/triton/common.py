@@ -445,16 +445,25 @@ class Blocks:
 # [C, dv] for a chunk, [BK, BV] for the state, and the Gram products reduce 32 channels at a time.
 # Under bf16 dots the operands are 2-byte tiles the tensor cores read from shared memory, and a
 # chunk's tiles may have 8192 elements: chunk 64 at d = 128, as flash-linear-attention's.
+# Under "ieee" dots the chunk is at most 32 whatever the head dim: an FMA product's work grows with
+# C^2 in the chunk-parallel kernels, C*d per chunk in the sequential ones, so a shorter chunk
+# costs those nothing (static sm_90 counts at d = 64, 8 warps: states and reverse-states kernels
+# 849 / 1222 instructions per chunk x 2 at chunk 32 against 1729 / 2611 at 64), halves the rest and
+# ends their spills (at chunk 64: prepare 0.8-1.0 KB, WY gradients 2.3-2.5 KB per thread).
 _CUDA_TILE = 4096
 _CUDA_TILE_BF16 = 8192
+_CUDA_MAX_CHUNK_IEEE = 32
 _CUDA_MAX_BV = 32
 _CUDA_WARPS = 8
 _CUDA_BKD = 32
 
 
-def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec: str, shrink: bool = False) -> Blocks:
+def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec: str | tuple[str, ...],
+                  shrink: bool = False) -> Blocks:
     """The blocks all chunk kernels (forward and backward) are launched with, per device type
-    (on CUDA the value blocks and warps are those of the untuned launch: ``tuning``).
+    (on CUDA the value blocks and warps are those of the untuned launch: ``tuning``), for a chunk
+    run at the dot precision ``prec`` (``dot_precision``), or at each of several (the forward's and
+    the backward's: they share the chunk).
 
     ``chunk`` is the chunk length asked.  Where the device needs a shorter one, ``shrink`` gives
     it in ``Blocks.chunk`` (``ops.kernel_chunk`` picks the chunk that way); without ``shrink``
@@ -465,7 +474,7 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec
     block of BKC channels), 4 warps (ignored there).
     CUDA: 8 warps (``NLCOMPILE_TRITON_WARPS`` overrides, for measuring); the chunk halved until
     [C, dk] and [C, dv] tiles have <= 4096 elements (dk = dv = 64: 64, 128: 32, 256: 16), or 8192
-    under ``prec`` "bf16" dots (128: 64, 256: 32), BV <= 32
+    under "bf16" dots (128: 64, 256: 32), and to at most 32 under "ieee" dots; BV <= 32
     with [BK, BV] <= 4096 elements, BKC as on the CPU, BKD = 32.  Every kernel then fits the
     H100's 232448 B of shared memory per block (tests/test_triton_sm90.py; ``python
     tests/test_triton_sm90.py --all`` prints every kind).  A forced ``NLCOMPILE_TRITON_CHUNK`` lifts
@@ -474,16 +483,18 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec
     """
     bk = block(dk)
     if torch.device(device).type == "cuda":
+        precs = (prec,) if isinstance(prec, str) else tuple(prec)
+        tile = min(_CUDA_TILE_BF16 if p.startswith("bf16") else _CUDA_TILE for p in precs)
+        longest = _CUDA_MAX_CHUNK_IEEE if "ieee" in precs else chunk
         c = chunk
-        tile = _CUDA_TILE_BF16 if prec.startswith("bf16") else _CUDA_TILE
-        while c > 16 and c * max(bk, block(dv)) > tile and not knobs.triton_chunk():
+        while c > 16 and (c * max(bk, block(dv)) > tile or c > longest) and not knobs.triton_chunk():
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
         warps = knobs.triton_warps() or _CUDA_WARPS
         bkd = min(bk, _CUDA_BKD)
         if c != chunk and not shrink:
-            raise ValueError(f"chunk {chunk} is too long for dk={dk} on {device}: at most {c} fits the "
-                             "kernels' shared memory (ops.kernel_chunk picks it)")
+            raise ValueError(f"chunk {chunk} is too long for dk={dk}, dv={dv} with {'/'.join(precs)} dots on "
+                             f"{device}: at most {c} (ops.kernel_chunk picks it)")
     else:
         c = chunk
         bv = min(block(dv), 64 if bk <= 128 else 32)

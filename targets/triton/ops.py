@@ -131,11 +131,12 @@ chunk_scan.register_autograd(_backward, setup_context=_setup_context)
 
 
 def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str, dk: int, dv: int,
-                 prec: str) -> int:
+                 prec: str | tuple[str, ...]) -> int:
     """The kernel's chunk length: a power of two in [16, 64]; 16 with a per-channel gate
-    (its intra-chunk scores are [C, C, channels] register blocks); on a GPU possibly smaller
-    for large head dims (``common.kernel_blocks``: what fits the device's shared memory at the dot
-    precision ``prec``), unless ``NLCOMPILE_TRITON_CHUNK`` fixes it (for measuring)."""
+    (its intra-chunk scores are [C, C, channels] register blocks); on a GPU possibly shorter
+    for large head dims or fp32 dots (``common.kernel_blocks``, at the dot precision ``prec``: the
+    forward's and the backward's, which share it), unless ``NLCOMPILE_TRITON_CHUNK`` fixes it (for
+    measuring)."""
     forced = knobs.triton_chunk()
     if forced:
         return forced
@@ -242,10 +243,9 @@ def triton_chunkwise_scan(
     if recompute and initial_state is not None and torch.is_grad_enabled():
         h0 = h0.clone()   # kept for the recomputation: a copy, as in ``targets.scan.checkpointed``
     per_channel = g is not None and g.dim() == k.dim()
-    fwd = dot_precision(k, q, compute_dtype=compute_dtype)
-    c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv, fwd)
+    fwd, bwd = dot_precision(k, q, compute_dtype=compute_dtype), dot_precision(k, q, True, compute_dtype)
+    c = kernel_chunk(chunk_size, per_channel, k.device, dk, dv, (fwd, bwd))
     if on_plan is not None:
-        bwd = dot_precision(k, q, True, compute_dtype)
         on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
                 + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
