@@ -196,6 +196,15 @@ def test_several_value_blocks(kind, monkeypatch):
     run_case(kind, T=33, C=16, dk=16, dv=40)
 
 
+@pytest.mark.parametrize("kind", ["delta", "gated_delta", "kda"])
+def test_several_key_blocks(kind, monkeypatch):
+    """The WY gradient kernel's key side over several channel blocks (BKD, or BKC with a
+    per-channel gate: 16 of dk = 40, the last partial), as on a GPU."""
+    blocks = backward.kernel_blocks
+    monkeypatch.setattr(backward, "kernel_blocks", lambda *a: dataclasses.replace(blocks(*a), BKC=16, BKD=16))
+    run_case(kind, T=37, C=16, dk=40, dv=24)
+
+
 @pytest.mark.parametrize("kind", ["additive", "gated_delta", "kda"])
 def test_half_precision_inputs_are_upcast(kind, monkeypatch):
     """bf16 k/v/q are loaded and cast in-kernel (computed here with fp32 dots): gradients are those

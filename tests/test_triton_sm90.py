@@ -221,7 +221,7 @@ def test_kernels_fit_h100_shared_memory():
     specs = kernel_specs(DELTANET, 128) + kernel_specs(GATED_DELTANET, 128)
     specs += kernel_specs(GATED_DELTANET, 64) + kernel_specs(GATED_DELTANET, 256) + kernel_specs(KDA, 128)
     specs += [s for s in kernel_specs(DELTANET, 128, prec="ieee") + kernel_specs(GATED_DELTANET, 256, prec="ieee")
-              if s["module"] == "forward"]  # the backward kernels run in ieee for bf16 inputs too
+              if s["module"] == "forward"]  # ieee backward kernels: fp16's, the default specs above
     specs += kernel_specs(DELTANET, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 128, prec="bf16")
     specs += kernel_specs(KDA, 128, prec="bf16") + kernel_specs(GATED_DELTANET, 256, prec="bf16")
     # fp32 storage with bf16 dots (a loop computing in bf16 on fp32 values, or the knob): fp32 tiles at chunk 64

@@ -44,7 +44,8 @@ sum_s dAkk_rs (k_r . k_s), the scalar gate's dg sum_s dA_rs (q_r . k_s)) are rea
 products the key and query gradients already form, sum_s dX_rs (a_r . b_s) = a_r . (dX B)_r,
 instead of forming K K^T or Q K^T again (the readout_dv kernel still forms the scores A
 themselves); with a per-channel gate both the grads and the WY kernel work through BKC key
-channels at a time, as only dA and dAkk [C, C] need all of them.  Tiles are
+channels at a time, as only dA and dAkk [C, C] need all of them (the WY kernel also BKD at a time
+under fp32 dots).  Tiles are
 loaded where they are first needed, after the dv loops, not held through them.  Measured
 statically on sm_90 (d = 128, bf16 dots, 8 warps, ``python tests/test_triton_sm90.py --space``),
 against recomputing Tm and the Gram matrices: wy_grads at chunk 32 ~2.1-2.6 K instructions a
@@ -317,14 +318,12 @@ def _wy_grads_kernel(
     n = tl.program_id(1).to(tl.int64)
     r = tl.arange(0, C)
     rows = i * C + r
-    cols_k = tl.arange(0, BK)
     k_seq = seq_start(k_ptr, n, T, HEADS, dk)
     g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     v_seq = seq_start(v_ptr, n, T, HEADS, dv)
     dv_seq = seq_start(dv_ptr, n, T, HEADS, dv)
     dvp_seq = dvp_ptr + n * NC * C * dv
     b = load_steps(seq_start(b_ptr, n, T, HEADS, 1), rows, T, HEADS)
-    strict = r[:, None] > r[None, :]
     Tm = load_operand(tm_ptr + n * NC * C * C, rows, r, NC * C, C, C)
 
     dTm = tl.zeros([C, C], dtype=tl.float32)
@@ -346,73 +345,75 @@ def _wy_grads_kernel(
     if HAS_COEF:
         store_steps(seq_start(dcoef_ptr, n, T, HEADS, 1), dc, rows, T, HEADS)
 
-    db_seq = seq_start(db_ptr, n, T, HEADS, 1)
-    dk_seq = seq_start(dk_ptr, n, T, HEADS, dk)
-    dw_seq = dw_ptr + n * NC * C * dk
+    # The key side, a block of channels at a time: BKC with a per-channel gate, whose Akk sums
+    # [C, C, BKC] channel products; BKD with fp32 ("ieee") dots, FMA products that hold their
+    # operands in registers (static sm_90, d = 128, chunk 32: spills 520 B / 1.8 KB -> 240 / 80 B,
+    # DeltaNet / Gated DeltaNet); else all of dk at once (with bf16 dots blocks only added
+    # instructions: Gated DeltaNet, d = 128, 2.2 K -> 2.5 K, d = 256 1.9 K -> 4.9 K).
     if GATE == 2:
-        _wy_channel_grads(k_seq, g_seq, dw_seq, dk_seq, seq_start(dg_ptr, n, T, HEADS, dk), db_seq, Tm, dTm, b, rows,
-                          T, HEADS, dk, C, BK, BKC, PREC)
-    else:          # Akk = diag(b) (K K^T * E), E_rs = e^{G_r - G_s} (s < r)
-        _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
-        k = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
-        eb = decayed(b[:, None], G, GATE)                        # b e^G: [C,1]
-        dW = load_operand(dw_seq, rows, cols_k, T, dk, dk)
-        dKb = mm(tl.trans(Tm), dW, PREC)
-        dTm += mm(dW, tl.trans(k * eb), PREC)
-        dAkk = -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC)
-        # Each [C, BK] tile is folded into dK, db, dG as soon as it is formed (fewer live at once).
-        dAE = tl.where(strict, dAkk, 0.0) * pair_decay(G, G, strict, GATE)  # dAkk_rs e^{G_r - G_s}
-        dAK = mm(dAE, k, PREC)                                        # row r: sum_s dAE_rs k_s
-        dAbK = mm(tl.trans(dAE * b[:, None]), k, PREC)                # row s: sum_r dAE_rs b_r k_r
-        dK = dKb * eb + b[:, None] * dAK + dAbK
-        kdAK = tl.sum(k * dAK, 1)                                     # sum_s dAE_rs (K K^T)_rs
-        db = kdAK + decayed(tl.sum(dKb * k, 1), tl.sum(G, 1), GATE)
-        store_steps(db_seq, db, rows, T, HEADS)
-        store_tile(dk_seq, load_tile(dk_seq, rows, cols_k, T, dk, HEADS * dk) + dK, rows, cols_k, T, dk, HEADS * dk)
-        if GATE == 1:  # dG_r = sum_s M_rs - sum_s M_sr (M = dAkk * Akk) + the Kb = b e^G K part; G = cumsum(g)
-            dG = (b * kdAK - tl.sum(k * dAbK, 1))[:, None] + tl.sum(dKb * k, 1, keep_dims=True) * eb
-            dg_seq = seq_start(dg_ptr, n, T, HEADS, 1)
-            store_steps(dg_seq, load_steps(dg_seq, rows, T, HEADS) + reverse_cumsum(tl.sum(dG, 1), 0), rows, T, HEADS)
+        BKW: tl.constexpr = BKC
+    elif PREC == "ieee":
+        BKW: tl.constexpr = BKD
+    else:
+        BKW: tl.constexpr = BK
+    _wy_key_grads(k_seq, g_seq, dw_ptr + n * NC * C * dk, seq_start(dk_ptr, n, T, HEADS, dk),
+                  seq_start(dg_ptr, n, T, HEADS, dk if GATE == 2 else 1), seq_start(db_ptr, n, T, HEADS, 1), Tm, dTm,
+                  b, rows, T, HEADS, dk, C, BK, BKW, GATE, PREC)
 
 
 @triton.jit
-def _wy_channel_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows, T, HEADS: tl.constexpr,
-                      dk: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BKC: tl.constexpr, PREC: tl.constexpr):
-    """``_wy_grads_kernel``'s work after its dv loop with a per-key-channel gate (the gate-first
-    order): Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc} (s < r), Kb = b e^G K per
-    channel.  Only dTm (its dW Kb^T part) and dAkk need all channels; every other gradient is per
-    channel, so two passes take BKC channels at a time (the [C, C, dk] products over all channels
-    at once spilled 1.3-3.3 KB per thread on sm_90 at d = 128-256).  db's sum_s dAkk_rs kk_rs is
-    read off the channel products dK already forms, sum_c k_rc (sum_s dAkk_rs k_sc E_rsc), not
-    from kk formed again."""
+def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows, T, HEADS: tl.constexpr,
+                  dk: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, GATE: tl.constexpr,
+                  PREC: tl.constexpr):
+    """``_wy_grads_kernel``'s work after its dv loop, BKW key channels at a time: dKb = Tm^T dW and
+    the gradients through Akk = diag(b) (K K^T * E) and Kb = diag(b e^G) K into dk, db and dg, with
+    E_rs = e^{G_r - G_s} (s < r), or with a per-channel gate (the gate-first order)
+    Akk_rs = b_r sum_c k_rc k_sc E_rsc, E_rsc = e^{G_rc - G_sc}, and e^G per channel in Kb.  Only
+    dTm (its dW Kb^T part) and dAkk need all channels: a first pass sums dTm, a second forms every
+    other gradient block by block (over all channels at once, [C, C, dk] per-channel products
+    spilled 1.3-3.3 KB per thread on sm_90 at d = 128-256, and fp32 dots at d = 128 up to 1.8 KB).
+    db's sum_s dAkk_rs kk_rs (kk = K K^T * E, or its per-channel sum) is read off the products dK
+    already forms, sum_s dX_rs (k_r . k_s) = k_r . (dX K)_r, not from kk formed again."""
     strict = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
-    for c0 in tl.static_range(0, BK, BKC):                          # dTm += dW Kb^T
-        cols = c0 + tl.arange(0, BKC)
-        _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, 2, False)
+    for c0 in tl.static_range(0, BK, BKW):                          # dTm += dW Kb^T
+        cols = c0 + tl.arange(0, BKW)
+        _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, GATE, False)
         k = load_operand(k_seq, rows, cols, T, dk, HEADS * dk)
-        dTm += mm(load_operand(dw_seq, rows, cols, T, dk, dk), tl.trans(k * (b[:, None] * tl.exp(G))), PREC)
+        dTm += mm(load_operand(dw_seq, rows, cols, T, dk, dk), tl.trans(k * decayed(b[:, None], G, GATE)), PREC)
     dAkk = tl.where(strict, -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC), 0.0)
-    dAb = dAkk * b[:, None]
+    if GATE != 2:  # one gate per row: the decayed score gradients are the same for every block
+        _, G, _, _ = block_gates(g_seq, rows, tl.arange(0, BKW), T, dk, HEADS, C, GATE, False)
+        dAE = dAkk * pair_decay(G, G, strict, GATE)                   # dAkk_rs e^{G_r - G_s}
+        dAEb_t = tl.trans(dAE * b[:, None])
     db = tl.zeros([C], dtype=tl.float32)
-    for c0 in tl.static_range(0, BK, BKC):
-        cols = c0 + tl.arange(0, BKC)
-        _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, 2, False)
+    dg_rows = tl.zeros([C], dtype=tl.float32)   # a scalar gate's dG, summed over the channels
+    for c0 in tl.static_range(0, BK, BKW):
+        cols = c0 + tl.arange(0, BKW)
+        _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, GATE, False)
         k = load_operand(k_seq, rows, cols, T, dk, HEADS * dk)
-        e = tl.exp(G)
+        eb = decayed(b[:, None], G, GATE)                             # b e^G: [C,1], or [C,BKW] per channel
         dKb = mm(tl.trans(Tm), load_operand(dw_seq, rows, cols, T, dk, dk), PREC)
-        dKbk = dKb * k * e                                            # Kb = b e^G K
-        db += tl.sum(dKbk, 1)
-        E3 = channel_decay(G, G, strict)
-        dKr = tl.sum(dAkk[:, :, None] * k[None, :, :] * E3, 1)         # sum_s dAkk_rs k_sc E_rsc
-        db += tl.sum(k * dKr, 1)                                      # sum_s dAkk_rs kk_rs
-        dKr *= b[:, None]
-        dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)          # sum_r dAb_rs k_rc E_rsc
-        dK = dKb * (b[:, None] * e) + dKr + dKs
-        dG = b[:, None] * dKbk + k * (dKr - dKs)
+        if GATE == 2:
+            E3 = channel_decay(G, G, strict)
+            dKr = tl.sum(dAkk[:, :, None] * k[None, :, :] * E3, 1)     # sum_s dAkk_rs k_sc E_rsc
+            dKs = tl.sum((dAkk * b[:, None])[:, :, None] * k[:, None, :] * E3, 0)   # sum_r b_r dAkk_rs k_rc E_rsc
+        else:
+            dKr = mm(dAE, k, PREC)                                    # row r: sum_s dAE_rs k_s
+            dKs = mm(dAEb_t, k, PREC)                                 # row s: sum_r dAE_rs b_r k_r
+        kdKr = k * dKr
+        dKbk = dKb * decayed(k, G, GATE)                              # dKb k e^G
+        db += tl.sum(kdKr + dKbk, 1)
+        dK = dKb * eb + b[:, None] * dKr + dKs
+        if GATE == 2:
+            dG = b[:, None] * (dKbk + kdKr) - k * dKs
+            store_tile(dg_seq, load_tile(dg_seq, rows, cols, T, dk, HEADS * dk) + reverse_cumsum(dG, 0), rows, cols,
+                       T, dk, HEADS * dk)   # G = cumsum(g) within the chunk
+        elif GATE == 1:
+            dg_rows += tl.sum(b[:, None] * (dKbk + kdKr) - k * dKs, 1)
         store_tile(dk_seq, load_tile(dk_seq, rows, cols, T, dk, HEADS * dk) + dK, rows, cols, T, dk, HEADS * dk)
-        store_tile(dg_seq, load_tile(dg_seq, rows, cols, T, dk, HEADS * dk) + reverse_cumsum(dG, 0), rows, cols,
-                   T, dk, HEADS * dk)   # G = cumsum(g) within the chunk
     store_steps(db_seq, db, rows, T, HEADS)
+    if GATE == 1:  # dG_r = sum_s M_rs - sum_s M_sr (M = dAkk * Akk) + the Kb part; G = cumsum(g)
+        store_steps(dg_seq, load_steps(dg_seq, rows, T, HEADS) + reverse_cumsum(dg_rows, 0), rows, T, HEADS)
 
 
 # The tuning spaces (``tuning``).  The kernels that spill are capped at 255 registers on CUDA:

@@ -449,7 +449,7 @@ class Blocks:
 # C^2 in the chunk-parallel kernels, C*d per chunk in the sequential ones, so a shorter chunk
 # costs those nothing (static sm_90 counts at d = 64, 8 warps: states and reverse-states kernels
 # 849 / 1222 instructions per chunk x 2 at chunk 32 against 1729 / 2611 at 64), halves the rest and
-# ends their spills (at chunk 64: prepare 0.8-1.0 KB, WY gradients 2.3-2.5 KB per thread).
+# cuts their spills (at chunk 64: prepare 0.8-1.0 KB, WY gradients 2.3-2.5 KB per thread; none at 32).
 _CUDA_TILE = 4096
 _CUDA_TILE_BF16 = 8192
 _CUDA_MAX_CHUNK_IEEE = 32
