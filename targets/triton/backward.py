@@ -179,10 +179,11 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
                  rows, cols_k, T, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr, C: tl.constexpr,
                  BV: tl.constexpr, HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr,
                  BEFORE: tl.constexpr, PREC: tl.constexpr):
-    """``_grads_kernel``'s work for the key channels ``cols_k`` (all of them, or with a per-channel
-    gate a block of them: every gradient but dA is then per channel).  ``vals_seq``: V' (delta
-    family, [N, NC*C, dv]) or v in the inputs' layout."""
+    """``_grads_kernel``'s work for the key channels ``cols_k`` (all of them, or a block of them:
+    every gradient but dA is per channel; a scalar gate's dg, a sum over channels, is returned).
+    ``vals_seq``: V' (delta family, [N, NC*C, dv]) or v in the inputs' layout."""
     r = tl.arange(0, C)
+    dg_rows = tl.zeros([C], dtype=tl.float32)   # a scalar gate's dg from these channels (returned)
     g, G, Gq, GL = block_gates(g_seq, rows, cols_k, T, dk, HEADS, C, GATE, BEFORE)
     vals_stride = dv if DELTA else HEADS * dv
 
@@ -253,11 +254,11 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
                     dg -= dGq
             store_tile(dg_seq, dg, rows, cols_k, T, dk, HEADS * dk)
         else:  # summed to a vector before the scan (see ``chunk_gates``)
-            dg = reverse_cumsum(tl.sum(dG, 1), 0)
+            dg_rows = reverse_cumsum(tl.sum(dG, 1), 0)
             if HAS_Q:
                 if BEFORE:
-                    dg -= tl.sum(dGq, 1)
-            store_steps(dg_seq, dg, rows, T, HEADS)
+                    dg_rows -= tl.sum(dGq, 1)
+    return dg_rows
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -266,12 +267,14 @@ def _grads_kernel(
     dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
     T, N, NC, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
+    BKG: tl.constexpr, HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr,
+    PREC: tl.constexpr,
 ):
     """Gradients of one chunk of one sequence through the state and the readout: dq, and dk and
     dg without the delta family's WY part (``_wy_grads_kernel`` adds it); for the delta family
     also dW = -dV' H^T into the scratch ``dw_ptr`` ([N,NC*C,dk]).  Without beta, dv = dV' was
-    written by the states kernel."""
+    written by the states kernel.  BKG key channels at a time (``_grads_key_block``), dA formed
+    again for each."""
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     rows = i * C + tl.arange(0, C)
@@ -290,14 +293,13 @@ def _grads_kernel(
     dk_seq = seq_start(dk_ptr, n, T, HEADS, dk)
     dq_seq = seq_start(dq_ptr, n, T, HEADS, dk)
     dg_seq = seq_start(dg_ptr, n, T, HEADS, dk if GATE == 2 else 1)
-    if GATE == 2:   # every channel on its own but for dA: BKC channels at a time (the [C, C, channels]
-        for c0 in tl.static_range(0, BK, BKC):   # products over all of dk at once spilled KBs on sm_90)
-            _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h, dhn, dw_seq, dk_seq, dq_seq, dg_seq,
-                         rows, c0 + tl.arange(0, BKC), T, scale, HEADS, dk, dv, C, BV, HAS_Q, DELTA, GATE, BEFORE,
-                         PREC)
-    else:
-        _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h, dhn, dw_seq, dk_seq, dq_seq, dg_seq,
-                     rows, tl.arange(0, BK), T, scale, HEADS, dk, dv, C, BV, HAS_Q, DELTA, GATE, BEFORE, PREC)
+    dg = tl.zeros([C], dtype=tl.float32)
+    for c0 in tl.static_range(0, BK, BKG):
+        dg += _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h, dhn, dw_seq, dk_seq, dq_seq, dg_seq,
+                           rows, c0 + tl.arange(0, BKG), T, scale, HEADS, dk, dv, C, BV, HAS_Q, DELTA, GATE, BEFORE,
+                           PREC)
+    if GATE == 1:
+        store_steps(dg_seq, dg, rows, T, HEADS)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -433,6 +435,19 @@ KERNELS = (READOUT_DV, STATES_BWD, GRADS, WY_GRADS)
 # ----------------------------------------------------------------------------- launcher
 
 
+def _grads_key_block(blocks, gate: int, delta: bool, prec: str) -> int:
+    """Key channels per step of the grads kernel: BKC with a per-channel gate (the [C, C, channels]
+    products over all of dk at once spilled KBs on sm_90); half of dk above 128 without the delta
+    rule under bf16 dots (static sm_90, d = 256: spills 904 / 280 B -> 72 B / 0 for a scalar decay /
+    none, instructions 3-5% fewer); else all of dk (blocks only added instructions there: with the
+    delta rule, DeltaNet 0.7 K -> 2.4 K and Gated DeltaNet 1.7 K -> 2.2 K a program, and under
+    fp32 dots 13-26%)."""
+    if gate == 2:
+        return blocks.BKC
+    return blocks.BK // 2 if blocks.BK > 128 and not delta and prec.startswith("bf16") else blocks.BK
+
+
+
 def chunk_backward(
     k: Tensor,
     v: Tensor,
@@ -537,7 +552,8 @@ def chunk_backward(
     GRADS.launch(lambda m: (nc, n),
                  (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
                   t, n, nc, float(scale), heads, key_dim, value_dim),
-                 dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
+                 dict(flags, BKC=blocks.BKC, BKD=blocks.BKD, BKG=_grads_key_block(blocks, gate, delta, prec)),
+                 blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
                         (k, v, beta_, beta_ if coef is None else c(coef), g_, c(Tm), dvp, dw, dk, dv, dbeta,
