@@ -196,14 +196,15 @@ def test_several_value_blocks(kind, monkeypatch):
     run_case(kind, T=33, C=16, dk=16, dv=40)
 
 
+@pytest.mark.parametrize("readout", ["after", "before", "no queries"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_several_key_blocks(kind, monkeypatch):
+def test_several_key_blocks(kind, readout, monkeypatch):
     """The grads kernel and the WY gradient kernel's key side over several channel blocks (16 of
     dk = 40, the last partial), as on a GPU: a scalar gate's dg summed over them."""
     blocks = backward.kernel_blocks
     monkeypatch.setattr(backward, "kernel_blocks", lambda *a: dataclasses.replace(blocks(*a), BKC=16, BKD=16))
     monkeypatch.setattr(backward, "_grads_key_block", lambda *a: 16)
-    run_case(kind, T=37, C=16, dk=40, dv=24)
+    run_case(kind, T=37, C=16, dk=40, dv=24, before=readout == "before", with_q=readout != "no queries")
 
 
 @pytest.mark.parametrize("kind", ["additive", "gated_delta", "kda"])

@@ -229,6 +229,7 @@ def test_kernels_fit_h100_shared_memory():
     specs += kernel_specs(DELTANET, 128, prec="bf16", inputs="fp32") + kernel_specs(GATED_DELTANET, 128, prec="bf16",
                                                                                    inputs="fp32")
     specs += kernel_specs(GATED_DELTANET, 128, prec="bf16", heads=1)   # [N, T, D] inputs
+    specs += kernel_specs(("decay", False, 1), 256, prec="bf16")  # the grads kernel in two key blocks
     with pytest.MonkeyPatch.context() as mp:  # chunk 64 at d = 128 with fp16's dots, as NLCOMPILE_TRITON_CHUNK
         mp.setenv("NLCOMPILE_TRITON_CHUNK", "64")  # asks (measuring)
         specs += kernel_specs(GATED_DELTANET, 128)

@@ -30,8 +30,10 @@ the state and the readout from H_i, dHn_i, V', dV': sums over dv (in blocks) of 
 dA = dO V'^T, dKt = V' dHn^T, dD = rowsum(dHn * H) and, for the delta family, dW = -dV' H^T
 (stored for the next kernel); then through Kt, Qt, A into dq, dk and the log-decays G, whose
 gradient becomes dg by a reverse cumsum within the chunk (G = cumsum(g)); the readout
-"before" adds -dGq to dg (Gq = G - g).  With a per-channel gate every one of these but dA is per
-key channel, and the kernel does it all for BKC channels at a time (dA formed again for each).
+"before" adds -dGq to dg (Gq = G - g).  Every one of these but dA is per key channel (a scalar
+gate's dg a sum over them), and the kernel may do it all for a block of channels at a time, dA
+formed again for each (``_grads_key_block``: BKC with a per-channel gate, half of BK at d = 256
+without the delta rule under bf16 dots, else all of dk).
 
 ``_wy_grads_kernel`` (delta family; grid (chunks, N)) goes back through the WY form, with the
 Tm the forward stored: dV = Tm^T dV', dKb = Tm^T dW, dTm = dV' V^T + dW Kb^T,
@@ -43,9 +45,8 @@ Sums of a score gradient against the scores' own Gram matrix (dbeta and dg need
 sum_s dAkk_rs (k_r . k_s), the scalar gate's dg sum_s dA_rs (q_r . k_s)) are read off the
 products the key and query gradients already form, sum_s dX_rs (a_r . b_s) = a_r . (dX B)_r,
 instead of forming K K^T or Q K^T again (the readout_dv kernel still forms the scores A
-themselves); with a per-channel gate both the grads and the WY kernel work through BKC key
-channels at a time, as only dA and dAkk [C, C] need all of them (the WY kernel also BKD at a time
-under fp32 dots).  Tiles are
+themselves); both the grads and the WY kernel may work through the key channels a block at a
+time, as only dA and dAkk [C, C] need all of them (see each).  Tiles are
 loaded where they are first needed, after the dv loops, not held through them.  Measured
 statically on sm_90 (d = 128, bf16 dots, 8 warps, ``python tests/test_triton_sm90.py --space``),
 against recomputing Tm and the Gram matrices: wy_grads at chunk 32 ~2.1-2.6 K instructions a
@@ -65,9 +66,9 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, block_gates, channel_decay, channel_scores, chunk_gates, decayed, dot_precision, gradient_dtype, gram,
-    kernel_dtype, kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype, pair_decay, readout_mask,
-    reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile,
+    MAX_HEAD_DIM, Blocks, block_gates, channel_decay, channel_scores, chunk_gates, decayed, dot_precision,
+    gradient_dtype, gram, kernel_dtype, kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype,
+    pair_decay, readout_mask, reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile,
 )
 from .tuning import ChunkKernel, Space
 
@@ -383,7 +384,9 @@ def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows
         k = load_operand(k_seq, rows, cols, T, dk, HEADS * dk)
         dTm += mm(load_operand(dw_seq, rows, cols, T, dk, dk), tl.trans(k * decayed(b[:, None], G, GATE)), PREC)
     dAkk = tl.where(strict, -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC), 0.0)
-    if GATE != 2:  # one gate per row: the decayed score gradients are the same for every block
+    if GATE == 2:
+        dAb = dAkk * b[:, None]
+    else:          # one gate per row: the decayed score gradients are the same for every block
         _, G, _, _ = block_gates(g_seq, rows, tl.arange(0, BKW), T, dk, HEADS, C, GATE, False)
         dAE = dAkk * pair_decay(G, G, strict, GATE)                   # dAkk_rs e^{G_r - G_s}
         dAEb_t = tl.trans(dAE * b[:, None])
@@ -398,7 +401,7 @@ def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows
         if GATE == 2:
             E3 = channel_decay(G, G, strict)
             dKr = tl.sum(dAkk[:, :, None] * k[None, :, :] * E3, 1)     # sum_s dAkk_rs k_sc E_rsc
-            dKs = tl.sum((dAkk * b[:, None])[:, :, None] * k[:, None, :] * E3, 0)   # sum_r b_r dAkk_rs k_rc E_rsc
+            dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)      # sum_r b_r dAkk_rs k_rc E_rsc
         else:
             dKr = mm(dAE, k, PREC)                                    # row r: sum_s dAE_rs k_s
             dKs = mm(dAEb_t, k, PREC)                                 # row s: sum_r dAE_rs b_r k_r
@@ -435,9 +438,9 @@ KERNELS = (READOUT_DV, STATES_BWD, GRADS, WY_GRADS)
 # ----------------------------------------------------------------------------- launcher
 
 
-def _grads_key_block(blocks, gate: int, delta: bool, prec: str) -> int:
+def _grads_key_block(blocks: Blocks, gate: int, delta: bool, prec: str) -> int:
     """Key channels per step of the grads kernel: BKC with a per-channel gate (the [C, C, channels]
-    products over all of dk at once spilled KBs on sm_90); half of dk above 128 without the delta
+    products over all of dk at once spilled KBs on sm_90); half of BK above 128 without the delta
     rule under bf16 dots (static sm_90, d = 256: spills 904 / 280 B -> 72 B / 0 for a scalar decay /
     none, instructions 3-5% fewer); else all of dk (blocks only added instructions there: with the
     delta rule, DeltaNet 0.7 K -> 2.4 K and Gated DeltaNet 1.7 K -> 2.2 K a program, and under
@@ -445,7 +448,6 @@ def _grads_key_block(blocks, gate: int, delta: bool, prec: str) -> int:
     if gate == 2:
         return blocks.BKC
     return blocks.BK // 2 if blocks.BK > 128 and not delta and prec.startswith("bf16") else blocks.BK
-
 
 
 def chunk_backward(

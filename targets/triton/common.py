@@ -225,7 +225,8 @@ def chunk_gates(g_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, GA
 
 @triton.jit
 def block_gates(g_seq, rows, cols, T, dk, HEADS, C: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr):
-    """``chunk_gates`` for the key channels ``cols`` of a per-channel gate ([C, len(cols)] tiles)."""
+    """``chunk_gates`` for the key channels ``cols`` ([C, len(cols)] tiles with a per-channel gate,
+    [C, 1] otherwise)."""
     if GATE == 2:
         g = load_tile(g_seq, rows, cols, T, dk, HEADS * dk)
         G = tl.cumsum(g, 0)
