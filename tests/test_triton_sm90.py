@@ -18,7 +18,8 @@ with tf32 forward and ieee backward dots (what the launchers pick for fp16 input
 forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; DeltaNet,
 Gated DeltaNet and KDA at 128 and Gated DeltaNet at 256 with bf16 dots (the default for bf16
 inputs: chunk 64 at d = 128, 32 at 256), DeltaNet and Gated DeltaNet at 128 also with fp32 inputs
-and bf16 dots, Gated DeltaNet also on [N, T, D] inputs (one head); and Gated DeltaNet at 128 with
+and bf16 dots, Gated DeltaNet also on [N, T, D] inputs (one head), a scalar decay without the
+delta rule at 256 with bf16 dots (its grads kernel in two key blocks); and Gated DeltaNet at 128 with
 fp16's dots at chunk 64 (``NLCOMPILE_TRITON_CHUNK=64``).  Head count (16: fla's layout, read in
 place) and head dims are compile-time constants, as a launch makes them.
 ``python tests/test_triton_sm90.py --all`` prints the table for every kind (gate none / scalar /
