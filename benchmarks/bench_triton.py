@@ -12,7 +12,7 @@ lengths), with the seconds of each variant's first call (compiles, tuning), of t
 ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (when installed: ``pip install
 flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratios measured in one
 run, with the device named, each output's max error relative to the torch target's fp32 scan on
-the same bf16-rounded inputs, the device memory a forward+backward step holds at its peak
+the same (rounded) inputs, the device memory a forward+backward step holds at its peak
 beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's
 temporaries) and what autograd keeps from the forward for the backward beyond the inputs
 (``kept_memory``; on any device). ``--recompute`` adds each variant of our kernels with
@@ -21,6 +21,9 @@ temporaries) and what autograd keeps from the forward for the backward beyond th
 per-token loop of the model (``deltanet_matmul_bthd`` / ``gated_deltanet_matmul_bthd``, which
 compute in fp32 inside, so ieee dots) compiled, the loop modules and the code around them
 included (its first call captures and compiles the model).
+``--dtype fp16`` / ``fp32`` and ``--dim`` time other inputs than the issue's bf16 at D=128 (the
+kernels pick other dot precisions and chunks for them: ``common.dot_precision``,
+``ops.kernel_chunk``).
 ``--smoke`` runs tiny shapes (on the CPU under TRITON_INTERPRET=1) to check the script itself; its
 times mean nothing.
 """
@@ -38,6 +41,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def first_call(fn, device: torch.device) -> float:
@@ -179,7 +184,7 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
             profile_T=None, on_row=None, compiled=False, recompute=False) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
-    relative to the torch target's fp32 scan on the same (bf16-rounded) inputs.  ``on_row(rows)``
+    relative to the torch target's fp32 scan on the same (rounded) inputs.  ``on_row(rows)``
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
     from nlcompile.targets.scan import chunkwise_scan
     from nlcompile.targets.triton.common import dot_precision as auto_precision
@@ -309,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warps", default="auto", help="comma-separated warps per program to time our kernels with "
                     "(auto: autotuned on CUDA; fixed: the untuned launch), crossed with --dots")
     ap.add_argument("--models", default="DeltaNet,GatedDeltaNet", help="comma-separated: DeltaNet, GatedDeltaNet")
+    ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="q, k, v dtype (beta, gates: fp32)")
+    ap.add_argument("--dim", type=int, default=128, help="head dim D of q, k, v (not with --smoke)")
     ap.add_argument("--lengths", default="2048,8192", help="comma-separated sequence lengths (not with --smoke)")
     ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
                     "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
@@ -334,9 +341,10 @@ def main(argv: list[str] | None = None) -> int:
                   "use --smoke under TRITON_INTERPRET=1 to check the script)", file=sys.stderr)
             return 2
         device = torch.device("cuda")
-        shape, lengths, repeats = dict(B=8, H=16, D=128), [int(t) for t in args.lengths.split(",")], 10
+        shape, lengths, repeats = dict(B=8, H=16, D=args.dim), [int(t) for t in args.lengths.split(",")], 10
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU (Triton interpreter: {os.environ.get('TRITON_INTERPRET', '0')})"
+    device_name += f"; B={shape['B']} H={shape['H']} D={shape['D']}, {args.dtype} q, k, v"
     models = args.models.split(",")
     unknown = set(models) - {"DeltaNet", "GatedDeltaNet"}
     if unknown:
@@ -347,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"device": device_name, "rows": rows}, f, indent=1)
 
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
-                   torch.bfloat16, repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
+                   DTYPES[args.dtype], repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
                    args.profile, on_row=save, compiled=args.compiled, recompute=args.recompute)
     print(table(rows, device_name))
     return 0

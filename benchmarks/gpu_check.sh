@@ -10,7 +10,8 @@
 # BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
 # program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
-# launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows; PROFILE=T adds each
+# launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows, DTYPE (bf16, fp16,
+# fp32) and DIM (128) set the inputs' dtype and head dim; PROFILE=T adds each
 # kernel's device time at that T; COMPILED=1 adds the zoo's loop compiled by nlcompile.compile;
 # RECOMPUTE=1 adds each variant of our kernels with the chunk states recomputed in the backward.  The
 # tests run the untuned launch (NLCOMPILE_TRITON_TUNE=0: tuning every test shape would take minutes)
@@ -45,6 +46,7 @@ $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', trit
                                    torch.cuda.get_device_name())"
 NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
     --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
+    --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" \
     --json "$OUT/bench.json" \
     ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
     2>"$OUT/bench.err" | tee "$OUT/bench.md"

@@ -702,8 +702,8 @@ def test_compiled_layer_recomputes_on_request():
 
 def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script),
-    and its table rendered again from the rows it saved; with recompute the kernels keep less for
-    the backward."""
+    here with fp16 inputs (``--dtype``), and its table rendered again from the rows it saved; with
+    recompute the kernels keep less for the backward."""
     import importlib.util
     import json
     import pathlib
@@ -713,10 +713,12 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     saved = tmp_path / "rows.json"
-    assert bench.main(["--smoke", "--dots", "auto,ieee", "--compiled", "--recompute", "--json", str(saved)]) == 0
+    assert bench.main(["--smoke", "--dtype", "fp16", "--dots", "auto,ieee", "--compiled", "--recompute",
+                       "--json", str(saved)]) == 0
     out = capsys.readouterr().out
-    bf16 = torch.empty(0, dtype=torch.bfloat16)   # "auto": the precisions chosen for bf16 inputs, named as chosen
-    auto = f"{dot_precision(bf16, None)}/{dot_precision(bf16, None, backward=True)}"
+    assert "B=1 H=2 D=16, fp16 q, k, v" in out.splitlines()[0]
+    fp16 = torch.empty(0, dtype=torch.float16)   # "auto": the precisions chosen for fp16 inputs, named as chosen
+    auto = f"{dot_precision(fp16, None)}/{dot_precision(fp16, None, backward=True)}"
     for kernel in (f"nlcompile-triton ({auto}, auto C=64)", "nlcompile-triton (ieee, auto C=64)",
                    "nlcompile-triton (ieee, auto C=64, recompute)", "torch target",
                    "nlcompile.compile (zoo loop, fp32 inside)"):
