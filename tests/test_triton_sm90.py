@@ -107,8 +107,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
         add("backward", backward.READOUT_DV, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before, dvp_heads=value_heads)
     flags = dict(base, HAS_Q=with_q, DELTA=delta, BEFORE=before)
     add("backward", backward.STATES_BWD, **flags, dvp_heads=value_heads)
-    add("backward", backward.GRADS, **flags, BKC=b.BKC, BKD=b.BKD,
-        BKG=backward._grads_key_block(b, gate, delta, precs["backward"]))
+    add("backward", backward.GRADS, **flags, BKG=backward._grads_key_block(b, gate, delta, precs["backward"]))
     if delta:
         add("backward", backward.WY_GRADS, **base, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
     return specs

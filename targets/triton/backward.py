@@ -267,9 +267,8 @@ def _grads_kernel(
     k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
     dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
     T, N, NC, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
-    BKG: tl.constexpr, HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr,
-    PREC: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKG: tl.constexpr,
+    HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
 ):
     """Gradients of one chunk of one sequence through the state and the readout: dq, and dk and
     dg without the delta family's WY part (``_wy_grads_kernel`` adds it); for the delta family
@@ -378,23 +377,26 @@ def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows
     db's sum_s dAkk_rs kk_rs (kk = K K^T * E, or its per-channel sum) is read off the products dK
     already forms, sum_s dX_rs (k_r . k_s) = k_r . (dX K)_r, not from kk formed again."""
     strict = tl.arange(0, C)[:, None] > tl.arange(0, C)[None, :]
+    if GATE != 2:  # one gate per row: G [C, 1] is the same for every block of channels
+        _, G, _, _ = block_gates(g_seq, rows, tl.arange(0, BKW), T, dk, HEADS, C, GATE, False)
     for c0 in tl.static_range(0, BK, BKW):                          # dTm += dW Kb^T
         cols = c0 + tl.arange(0, BKW)
-        _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, GATE, False)
+        if GATE == 2:
+            _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, GATE, False)
         k = load_operand(k_seq, rows, cols, T, dk, HEADS * dk)
         dTm += mm(load_operand(dw_seq, rows, cols, T, dk, dk), tl.trans(k * decayed(b[:, None], G, GATE)), PREC)
     dAkk = tl.where(strict, -mm(tl.trans(Tm), mm(dTm, tl.trans(Tm), PREC), PREC), 0.0)
     if GATE == 2:
         dAb = dAkk * b[:, None]
-    else:          # one gate per row: the decayed score gradients are the same for every block
-        _, G, _, _ = block_gates(g_seq, rows, tl.arange(0, BKW), T, dk, HEADS, C, GATE, False)
+    else:          # the decayed score gradients are the same for every block too
         dAE = dAkk * pair_decay(G, G, strict, GATE)                   # dAkk_rs e^{G_r - G_s}
         dAEb_t = tl.trans(dAE * b[:, None])
     db = tl.zeros([C], dtype=tl.float32)
     dg_rows = tl.zeros([C], dtype=tl.float32)   # a scalar gate's dG, summed over the channels
     for c0 in tl.static_range(0, BK, BKW):
         cols = c0 + tl.arange(0, BKW)
-        _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, GATE, False)
+        if GATE == 2:
+            _, G, _, _ = block_gates(g_seq, rows, cols, T, dk, HEADS, C, GATE, False)
         k = load_operand(k_seq, rows, cols, T, dk, HEADS * dk)
         eb = decayed(b[:, None], G, GATE)                             # b e^G: [C,1], or [C,BKW] per channel
         dKb = mm(tl.trans(Tm), load_operand(dw_seq, rows, cols, T, dk, dk), PREC)
@@ -554,8 +556,7 @@ def chunk_backward(
     GRADS.launch(lambda m: (nc, n),
                  (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
                   t, n, nc, float(scale), heads, key_dim, value_dim),
-                 dict(flags, BKC=blocks.BKC, BKD=blocks.BKD, BKG=_grads_key_block(blocks, gate, delta, prec)),
-                 blocks, dev)
+                 dict(flags, BKG=_grads_key_block(blocks, gate, delta, prec)), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
                         (k, v, beta_, beta_ if coef is None else c(coef), g_, c(Tm), dvp, dw, dk, dv, dbeta,
