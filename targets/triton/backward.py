@@ -349,7 +349,7 @@ def _wy_grads_kernel(
 
     # The key side, a block of channels at a time: BKC with a per-channel gate, whose Akk sums
     # [C, C, BKC] channel products; BKD with fp32 ("ieee") dots, FMA products that hold their
-    # operands in registers (static sm_90, d = 128, chunk 32: spills 520 B / 1.8 KB -> 240 / 80 B,
+    # operands in registers (static sm_90, d = 128, chunk 32: spills 520 B / 1.8 KB -> 240 / 72 B,
     # DeltaNet / Gated DeltaNet); else all of dk at once (with bf16 dots blocks only added
     # instructions: Gated DeltaNet, d = 128, 2.2 K -> 2.5 K, d = 256 1.9 K -> 4.9 K).
     if GATE == 2:
