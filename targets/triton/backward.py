@@ -216,49 +216,47 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
     # Kt = K e^{G_L - G} and D = e^{G_L}.
     k = load_operand(k_seq, rows, cols_k, T, dk, HEADS * dk)   # loaded here: not held through the loop
     dK = decayed(dKt, GL - G, GATE)
-    dG = -_per_gate(dK * k, GATE)
-    dGL = -tl.sum(dG, 0, keep_dims=True) + _per_gate(dD[None, :], GATE) * tl.exp(GL)
+    if GATE > 0:   # G_L's gradient through Kt (summed over the chunk's rows) and D
+        dGL = tl.sum(_per_gate(dK * k, GATE), 0, keep_dims=True) + _per_gate(dD[None, :], GATE) * tl.exp(GL)
 
     if HAS_Q:
         q = load_operand(q_seq, rows, cols_k, T, dk, HEADS * dk)
         dQ = decayed(dQt, Gq, GATE)                                       # Qt = Q e^{Gq}
-        dGq = _per_gate(dQ * q, GATE)
         mask = readout_mask(C, BEFORE)
         if GATE == 2:  # A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc}
             E3 = channel_decay(Gq, G, mask)
-            dQA = tl.sum(dA[:, :, None] * k[None, :, :] * E3, 1)
-            dKA = tl.sum(dA[:, :, None] * q[:, None, :] * E3, 0)
-            dQ += dQA
-            dK += dKA
-            dGq += q * dQA
-            dG -= k * dKA
+            dQ += tl.sum(dA[:, :, None] * k[None, :, :] * E3, 1)
+            dK += tl.sum(dA[:, :, None] * q[:, None, :] * E3, 0)
         else:          # A = (Q K^T) * e^{Gq_r - G_s}
             dAg = dA * pair_decay(Gq, G, mask, GATE)
-            dQA = mm(dAg, k, PREC)                                        # row r: sum_s dAg_rs k_s
-            dKA = mm(tl.trans(dAg), q, PREC)                              # row s: sum_r dAg_rs q_r
-            dQ += dQA
-            dK += dKA
-            if GATE == 1:  # dA * A summed over s (dGq) and over r (-dG), with Q K^T not formed again
-                dGq += tl.sum(q * dQA, 1, keep_dims=True)
-                dG -= tl.sum(k * dKA, 1, keep_dims=True)
-        dG += dGq
+            dQ += mm(dAg, k, PREC)                                        # row r: sum_s dAg_rs k_s
+            dK += mm(tl.trans(dAg), q, PREC)                              # row s: sum_r dAg_rs q_r
         store_tile(dq_seq, dQ, rows, cols_k, T, dk, HEADS * dk)
 
     store_tile(dk_seq, dK, rows, cols_k, T, dk, HEADS * dk)
 
-    if GATE > 0:  # G_L is G's last row; G = cumsum(g); before: Gq = G - g
+    if GATE > 0:
+        # The log-decays' gradient, read off the finished dQ and dK: G enters as e^{-G} with every
+        # key (in Kt and, s-side, in A) and Gq as e^{Gq} with every query (in Qt and, r-side, in A),
+        # so dL/dGq = q . dQ and dL/dG = -k . dK per row (and channel), with dA * A summed over s
+        # and over r not formed again; one reduction per row for a scalar gate.  Then G_L is G's
+        # last row, G = cumsum(g), and the readout "before" has Gq = G - g.
+        if HAS_Q:
+            dG = _per_gate(q * dQ - k * dK, GATE)
+        else:
+            dG = -_per_gate(k * dK, GATE)
         dG += tl.where(r[:, None] == C - 1, dGL, 0.0)
         if GATE == 2:
             dg = reverse_cumsum(dG, 0)
             if HAS_Q:
                 if BEFORE:
-                    dg -= dGq
+                    dg -= q * dQ
             store_tile(dg_seq, dg, rows, cols_k, T, dk, HEADS * dk)
         else:  # summed to a vector before the scan (see ``chunk_gates``)
             dg_rows = reverse_cumsum(tl.sum(dG, 1), 0)
             if HAS_Q:
                 if BEFORE:
-                    dg_rows -= tl.sum(dGq, 1)
+                    dg_rows -= tl.sum(q * dQ, 1)
     return dg_rows
 
 
