@@ -12,8 +12,10 @@ lengths), with the seconds of each variant's first call (compiles, tuning), of t
 ``chunk_delta_rule`` / ``chunk_gated_delta_rule`` (when installed: ``pip install
 flash-linear-attention``) and of the torch target's ``chunkwise_scan``, as ratios measured in one
 run, with the device named, each output's max error relative to the torch target's fp32 scan on
-the same (rounded) inputs, the device memory a forward+backward step holds at its peak
-beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's
+the same (rounded) inputs and that of its gradients (every input's, for one fixed output
+cotangent: a backward kernel the GPU's Triton compiled wrong shows there, not in the forward's
+error; a row far from the torch target's own is named under the table), the device memory a
+forward+backward step holds at its peak beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's
 temporaries) and what autograd keeps from the forward for the backward beyond the inputs
 (``kept_memory``; on any device). ``--recompute`` adds each variant of our kernels with
 ``recompute=True`` (only the inputs kept; the chunk states formed again in the backward).
@@ -181,10 +183,29 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).abs().max() / want.abs().max()).item()
 
 
+def reference(x: dict, cotangent: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """The torch target's fp32 scan on the (rounded) inputs ``x``: its output, and every input's
+    gradient for the output cotangent ``cotangent``."""
+    from nlcompile.targets.scan import chunkwise_scan
+
+    leaves = {n: t.detach().float().requires_grad_() for n, t in x.items()}
+    out = ours(leaves, chunkwise_scan)
+    out.backward(cotangent)
+    return out.detach(), {n: t.grad for n, t in leaves.items()}
+
+
+def grad_error(fn, x: dict, cotangent: torch.Tensor, want: dict) -> float:
+    """Max error of ``fn``'s gradients (q, k, v, beta and the gate) relative to ``want``'s
+    (``reference``), each relative to its own largest magnitude."""
+    leaves = {n: t.detach().requires_grad_() for n, t in x.items()}
+    fn(leaves).float().backward(cotangent)
+    return max(rel_err(leaves[n].grad, want[n]) for n in want)
+
+
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
             profile_T=None, on_row=None, compiled=False, recompute=False) -> list[dict]:
-    """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's max error
-    relative to the torch target's fp32 scan on the same (rounded) inputs.  ``on_row(rows)``
+    """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's and the
+    gradients' max errors relative to the torch target's fp32 scan on the same (rounded) inputs.  ``on_row(rows)``
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
     from nlcompile.targets.scan import chunkwise_scan
     from nlcompile.targets.triton.common import dot_precision as auto_precision
@@ -215,8 +236,9 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         impls["torch target"] = ({}, lambda x: ours(x, chunkwise_scan))
         for T in lengths:
             x = make_inputs(model, B, H, T, D, device, dtype)
-            with torch.no_grad():
-                want = ours({n: t.float() for n, t in x.items()}, chunkwise_scan)
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            cotangent = torch.randn(B, T, H, D, generator=gen).to(device)
+            want, want_grads = reference(x, cotangent)
             grads = {n: t.requires_grad_(n in ("q", "k", "v")) for n, t in x.items()}
             for name, (wanted, fn) in impls.items():
                 row = dict(model=model, T=T, kernel=name)
@@ -233,6 +255,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                             raise
                         row["fwd_bwd"], row["note"] = None, str(e).splitlines()[0]
                     if row["fwd_bwd"] is not None:
+                        row["grad_err"] = grad_error(fn, x, cotangent, want_grads)
                         row["peak_mib"] = peak_memory(step, device)
                         row["kept_mib"] = kept_memory(lambda: fn(grads), grads.values())
                     if profile_T == T:
@@ -246,8 +269,10 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                     both += f" (peak {row['peak_mib']:.0f} MiB)"
                 if row.get("kept_mib") is not None:
                     both += f", kept for the backward {row['kept_mib']:.1f} MiB"
+                grad_err = f", gradients' error {row['grad_err']:.1e}" if "grad_err" in row else ""
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
-                      f"error {row['err']:.1e}, first fwd call {row['first_s']:.1f} s", file=sys.stderr, flush=True)
+                      f"error {row['err']:.1e}{grad_err}, first fwd call {row['first_s']:.1f} s", file=sys.stderr,
+                      flush=True)
     return rows
 
 
@@ -280,12 +305,26 @@ def profile_text(row: dict) -> str:
             + "; ".join(f"{name[:60]} {t:.2f}" for name, t in row["profile"]))
 
 
+def far_gradients(rows: list[dict], factor: float = 10.0, floor: float = 1e-2) -> list[str]:
+    """Rows whose gradients' error is not finite, or over both ``floor`` and ``factor`` times the
+    torch target's (on the same inputs, in their dtype; with fp32 inputs that one is the reference
+    itself): what a wrong backward looks like."""
+    torch_rows = {(r["model"], r["T"]): r.get("grad_err") for r in rows if r["kernel"] == "torch target"}
+    far = []
+    for r in rows:
+        err, ref = r.get("grad_err"), torch_rows.get((r["model"], r["T"]))
+        if err is not None and ref is not None and not err <= max(factor * ref, floor):
+            far.append(f"{r['model']} T={r['T']} {r['kernel']}: gradients' error {err:.1e}, over {factor:g}x the "
+                       f"torch target's {ref:.1e}")
+    return far
+
+
 def table(rows: list[dict], device_name: str) -> str:
     fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
     lines = [f"device: {device_name}", "",
              "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 "
-             "| first fwd call (s) | fwd+bwd peak memory (MiB) | kept for bwd (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gradients' max error vs fp32 | first fwd call (s) | fwd+bwd peak memory (MiB) | kept for bwd (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -294,14 +333,16 @@ def table(rows: list[dict], device_name: str) -> str:
         ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {ratio(r['fwd_bwd'], ref.get('fwd_bwd'))}"
         peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
         kept = "-" if r.get("kept_mib") is None else f"{r['kept_mib']:.1f}"
+        grad_err = "-" if r.get("grad_err") is None else f"{r['grad_err']:.1e}"
         lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
-                     f"{r['err']:.1e} | {r['first_s']:.1f} | {peak} | {kept} |")
+                     f"{r['err']:.1e} | {grad_err} | {r['first_s']:.1f} | {peak} | {kept} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
         if "profile" in r:
             profiles.append(profile_text(r))
     if not fla:
         notes.append("fla not installed: no ratios")
+    notes += far_gradients(rows)
     return "\n".join(lines + [""] + notes + profiles + tuned_launches())
 
 

@@ -723,7 +723,11 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
                    "nlcompile-triton (ieee, auto C=64, recompute)", "torch target",
                    "nlcompile.compile (zoo loop, fp32 inside)"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
-    kept = {(r["model"], r["kernel"]): r["kept_mib"] for r in json.loads(saved.read_text())["rows"]}
+    rows = json.loads(saved.read_text())["rows"]
+    # every row's gradients checked against the fp32 reference: near it, and nothing named as far from it
+    assert all(r["grad_err"] < 2e-2 for r in rows), [(r["kernel"], r["grad_err"]) for r in rows]
+    assert "gradients' error" not in out
+    kept = {(r["model"], r["kernel"]): r["kept_mib"] for r in rows}
     for model in ("DeltaNet", "GatedDeltaNet"):
         assert (kept[model, f"nlcompile-triton ({auto}, auto C=64, recompute)"]
                 < kept[model, f"nlcompile-triton ({auto}, auto C=64)"] / 5)
@@ -731,6 +735,26 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     rendered = capsys.readouterr().out
     assert [line for line in rendered.splitlines() if line.startswith("| ")] == \
         [line for line in out.splitlines() if line.startswith("| ")]
+
+
+def test_gpu_benchmark_names_far_gradients():
+    """bench_triton.far_gradients names the rows whose gradients are not finite or far (over 10x
+    and over 1e-2) from the torch target's error on the same inputs."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_triton.py"
+    spec = importlib.util.spec_from_file_location("bench_triton", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    row = lambda kernel, err, T=2048: dict(model="DeltaNet", T=T, kernel=kernel, grad_err=err)  # noqa: E731
+    rows = [row("torch target", 4e-3), row("ours ok", 3.9e-2), row("ours far", 4.1e-2), row("ours nan", float("nan")),
+            row("fla", None), row("torch target", 0.0, T=8192), row("ours fp32", 9e-3, T=8192),
+            row("ours wrong", 0.5, T=8192)]
+    far = bench.far_gradients(rows)
+    assert [line.split(":")[0] for line in far] == ["DeltaNet T=2048 ours far", "DeltaNet T=2048 ours nan",
+                                                   "DeltaNet T=8192 ours wrong"]
+    assert far[0].endswith("over 10x the torch target's 4.0e-03")
 
 
 def test_per_channel_delta_gate_after_falls_back_and_is_refused():
