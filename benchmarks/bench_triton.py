@@ -15,9 +15,9 @@ run, with the device named, each output's max error relative to the torch target
 the same (rounded) inputs and that of its gradients (every input's, for one fixed output
 cotangent: a backward kernel the GPU's Triton compiled wrong shows there, not in the forward's
 error; a row far from the torch target's own is named under the table), the device memory a
-forward+backward step holds at its peak beyond its inputs (``peak_memory``: what is saved for the backward, scratch, the loss's
-temporaries) and what autograd keeps from the forward for the backward beyond the inputs
-(``kept_memory``; on any device). ``--recompute`` adds each variant of our kernels with
+forward+backward step holds at its peak beyond its inputs (``peak_memory``: what is saved for the
+backward, scratch, the loss's temporaries) and what autograd keeps from the forward for the
+backward beyond the inputs (``kept_memory``; on any device). ``--recompute`` adds each variant of our kernels with
 ``recompute=True`` (only the inputs kept; the chunk states formed again in the backward).
 ``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")`` gets: the zoo's
 per-token loop of the model (``deltanet_matmul_bthd`` / ``gated_deltanet_matmul_bthd``, which
