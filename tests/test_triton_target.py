@@ -376,8 +376,40 @@ def test_low_precision_dots_stay_within_eager_bf16_error(kind, dot, monkeypatch)
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", dot)
     k, v, kw = scan_inputs(kind, T=48, dk=32, dv=32, dtype=torch.bfloat16)
     assert dot_precision(k, kw["q"]).startswith(dot)
-    do = torch.randn(k.shape[0], k.shape[1], v.shape[-1], generator=torch.Generator(k.device).manual_seed(1))
+    assert_within_eager_bf16_error(k, v, kw, lambda k_, v_, kw_: triton_chunkwise_scan(k_, v_, **kw_, chunk_size=16)[0])
 
+
+@pytest.mark.parametrize("kind", ["delta", "gated_delta"])
+def test_bf16_at_the_benchmark_configuration(kind):
+    """DeltaNet and Gated DeltaNet as the GPU benchmark runs them: bf16 inputs at their default
+    (bf16) dots, head dim 128, chunk 64 (the launchers' choice there on a GPU), fla's [B, T, H, D]
+    layout read in place, a partial last chunk: the output and every gradient within the error of
+    the loop run in bf16.  ``benchmarks/gpu_check.sh`` runs this file on a GPU, where it checks the
+    configuration whose backward a Hopper compiler is known to get wrong in fla's analogues of our
+    kernels (fla issues 640 and 984: a transposed tensor-core result fed to another product,
+    64-row chunks; the benchmark checks its tuned launches' gradients too)."""
+    k, v, kw = scan_inputs(kind, N=2, T=130, dk=128, dv=128, dtype=torch.bfloat16)
+    heads_last = lambda x: x.transpose(0, 1).unsqueeze(0)   # [N, T, .] -> [1, T, N, .]  # noqa: E731
+
+    def ours(k_, v_, kw_):
+        step = {n: heads_last(x) for n, x in kw_.items() if n != "initial_state"}
+        o, _ = triton_chunkwise_scan(heads_last(k_), heads_last(v_), **step, initial_state=kw_["initial_state"],
+                                     chunk_size=64)
+        return o[0].transpose(0, 1)
+
+    plans = []
+    triton_chunkwise_scan(heads_last(k), heads_last(v), **{n: heads_last(x) for n, x in kw.items()
+                                                          if n != "initial_state"},
+                          initial_state=kw["initial_state"], chunk_size=64, on_plan=plans.append)
+    assert plans == [f"the Triton kernels, chunk 64, {dot_precision(k, kw['q'])} dots"]
+    assert_within_eager_bf16_error(k, v, kw, ours)
+
+
+def assert_within_eager_bf16_error(k, v, kw, run):
+    """``run(k, v, kw)``'s output and its gradients wrt k, v, q, beta and the log-gate (for one
+    random output cotangent) no further from the float64 reference than the loop run in bf16
+    (``eager_in_bf16``; slack 1.5)."""
+    do = torch.randn(k.shape[0], k.shape[1], v.shape[-1], generator=torch.Generator(k.device).manual_seed(1))
     names = ["q"] + [n for n in ("beta", "log_gate") if n in kw]
 
     def out_and_grads(run, dtype):
@@ -389,7 +421,7 @@ def test_low_precision_dots_stay_within_eager_bf16_error(kind, dot, monkeypatch)
         return [o, *torch.autograd.grad(o, leaves, do.to(o.dtype))]
 
     want = out_and_grads(lambda k_, v_, kw_: reference(k_, v_, kw_)[0], torch.float64)
-    ours = out_and_grads(lambda k_, v_, kw_: triton_chunkwise_scan(k_, v_, **kw_, chunk_size=16)[0], torch.bfloat16)
+    ours = out_and_grads(run, torch.bfloat16)
     eager = out_and_grads(eager_in_bf16, torch.bfloat16)
     for name, got, ref, bound in zip(["o", "dk", "dv"] + [f"d{n}" for n in names], ours, want, eager):
         assert rel_err(got, ref) <= 1.5 * rel_err(bound, ref), name
