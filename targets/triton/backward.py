@@ -112,12 +112,13 @@ def _readout_dv_kernel(
     g_seq = seq_start(g_ptr, n, T, HEADS, dk if GATE == 2 else 1)
     mask = readout_mask(C, BEFORE)
     if GATE == 2:
-        A = channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C, BK, BKC, BEFORE)
-    else:
+        At = tl.trans(channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C, BK, BKC, BEFORE))
+    else:  # A^T formed as such, K Q^T * e^{Gq_r - G_s} at [s, r] (scores' decay of -Gq against -G), rather
+        # than a product's result transposed into another product (fla found Hopper compilers getting that wrong)
         _, G, Gq, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, BEFORE)
-        A = scores(gram(q_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), G, Gq, mask, GATE)
+        At = scores(gram(k_seq, q_seq, rows, T, dk, HEADS, C, BK, BKD, PREC), -Gq, -G, tl.trans(mask), GATE)
     do = load_operand(seq_start(do_ptr, n, T, HEADS, dv), rows, cols_v, T, dv, HEADS * dv)
-    store_tile(seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv), mm(tl.trans(A), do, PREC) * scale, rows, cols_v,
+    store_tile(seq_start(dvp_ptr, n, dvp_rows, dvp_heads, dv), mm(At, do, PREC) * scale, rows, cols_v,
                T, dv, dvp_heads * dv)
 
 
