@@ -257,6 +257,29 @@ def test_sass_counts_reads_loops():
     assert sass_counts(sass) == dict(instructions=6, barriers=1, loops=[(3, 1, 1)])
 
 
+def test_fla_comparison_metrics_and_site_check(tmp_path):
+    """benchmarks/sm90_vs_fla.py (fla is not installed here, so only its parts that need no fla): SASS loops
+    paired with source loops (constant-trip ones the compiler unrolled dropped, largest first), the
+    instruction-work metrics, the best-guess config, and the install hint for a site without fla."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sm90_vs_fla.py"
+    spec = importlib.util.spec_from_file_location("sm90_vs_fla", path)
+    vs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs)
+    source = [("V/BV", 1, True), ("K/BK", 2, True), ("chunks", 32, False), ("K/BK", 4, True)]
+    assert vs.match_loops([(10, 1, 0), (20, 2, 0)], source) == [((10, 1, 0), "K/BK", 2), ((20, 2, 0), "chunks", 32)]
+    assert vs.match_loops([(10, 1, 0)] * 3, source[2:3]) == [((10, 1, 0), "?", 1)] * 3
+    m = vs.metrics(100, [((10, 1, 0), "chunks", 32)], programs=264, warps=4, reg=128, shared=1024)
+    assert m["exec"] == 100 + 10 * 31 and m["bps"] == blocks_per_sm(128, 1024, 4) == 4
+    assert m["M"] == 410 * 1 and m["W4"] == 410 * 4 * 264 / 132 / 4 and m["cost"] == max(m["M"], m["W4"])
+    rows = [dict(stack=8, cost=1, exec=1), dict(stack=0, cost=5, exec=9), dict(stack=0, cost=5, exec=7)]
+    assert vs.best(rows) is rows[2]
+    with pytest.raises(SystemExit, match="pip install --no-deps --target .* fla-core==0.6.0 einops==0.8.1"):
+        vs.check_fla_site(tmp_path)
+
+
 def test_launch_blocks_on_cuda():
     """The chunk shrinks with the head dim on CUDA (and only there), less under bf16 dots (2-byte
     operands), and is at most 32 under fp32 ("ieee") dots, forward or backward (fp16 inputs: tf32
