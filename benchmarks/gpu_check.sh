@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The GPU part of the Triton target in one go, for a lent GPU machine (offline, its own torch/triton):
-# install nlcompile (no deps), the GPU benchmark, then the Triton test files on the GPU.
+# install nlcompile (no deps), the GPU benchmark, the autotuning candidates' check, then the Triton
+# test files on the GPU.
 #
 #   bash benchmarks/gpu_check.sh            # logs and bench.json under $OUT (default: gpu-logs/)
 #
 # Wheels in .whl/ (fla_core and its dependency einops, for the benchmark's flash-linear-attention
 # columns: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 # -d .whl fla-core==0.6.0 einops==0.8.1) are installed first, without their dependencies.
-# BENCH_S / TEST_S bound the two stages in seconds; DOTS lists
+# BENCH_S / CANDIDATES_S / TEST_S bound the three stages in seconds (CANDIDATES_S=0 skips the second,
+# benchmarks/gpu_candidates.py: every autotuning candidate of every kernel forced in turn and checked
+# against the fp32 reference, CANDIDATE_MODELS narrowing it); DOTS lists
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
 # program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
 # launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows, DTYPE (bf16, fp16,
@@ -59,6 +62,12 @@ grep "^nlcompile: tuned" "$OUT/bench.err" | head -40   # each kernel's tuning ti
 saved=$(mkdir -p "$OUT/triton-autotune" && cd "$OUT/triton-autotune" && pwd)
 (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 | xargs -0 -r cp --parents -t "$saved")
 echo "autotuning results saved: $(find "$OUT/triton-autotune" -name '*.autotune.json' | wc -l) files"
+if [ "${CANDIDATES_S:-120}" != 0 ]; then   # every autotuning candidate forced in turn, checked against the reference
+    timeout "${CANDIDATES_S:-120}" $PY benchmarks/gpu_candidates.py ${CANDIDATE_MODELS:+--models "$CANDIDATE_MODELS"} \
+        >"$OUT/candidates.md" 2>"$OUT/candidates.err"
+    echo "candidates rc=$? (1: a candidate marked WRONG, 124: cut short; rows so far in candidates.err)"
+    grep -E "WRONG|^device" "$OUT/candidates.md" | head -20
+fi
 NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
     tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
     tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1

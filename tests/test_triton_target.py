@@ -789,6 +789,45 @@ def test_gpu_benchmark_names_far_gradients():
     assert far[0].endswith("over 10x the torch target's 4.0e-03")
 
 
+def test_gpu_candidates_script(capsys):
+    """benchmarks/gpu_candidates.py on tiny shapes (a row per candidate of every kernel, each forced in
+    turn, none marked wrong), forcing a candidate takes (the grads kernel's launch goes through an
+    autotuner holding that candidate alone), and what it marks wrong."""
+    import importlib.util
+    import os
+    import pathlib
+
+    from nlcompile.targets.triton import backward, forward, tuning
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_candidates.py"
+    spec = importlib.util.spec_from_file_location("gpu_candidates", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--smoke", "--models", "GatedDeltaNet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| GatedDeltaNet |")]
+    kernels = [getattr(module, n) for module in (forward, backward)
+               for n in script.KERNELS[module.__name__.rsplit(".", 1)[1]]]
+    assert len(kernels) == 7 and len(rows) == 1 + sum(len(script.candidates(k, 16, "bf16")) for k in kernels)
+    assert "WRONG" not in out
+
+    assert "NLCOMPILE_TRITON_TUNE" not in os.environ   # the script's knob was set for its run only
+    k, v, kw = scan_inputs("gated_delta", T=20, dk=16, dv=40)
+    config = next(c for c in script.candidates(backward.GRADS, 40, "bf16") if c.kwargs["BV"] == 32)
+    with script.forced(backward, "GRADS", config):
+        tuned, runs = backward.GRADS.tuned, []
+        tuned.run = lambda *args, _run=tuned.run, **kwargs: runs.append(1) or _run(*args, **kwargs)
+        k.requires_grad_()
+        triton_chunkwise_scan(k, v, **kw)[0].sum().backward()
+        assert runs == [1] and [c.kwargs for c in tuned.configs] == [config.kwargs] == [dict(BV=32)]
+    assert backward.GRADS is not tuned and isinstance(backward.GRADS, tuning.ChunkKernel)
+
+    base = dict(model="m", kernel="(untuned launch)", config="-", err=1e-3, grad_err=4e-3)
+    fine, far, nan = (dict(base, kernel="x", err=e, grad_err=g) for e, g in ((9e-3, 3e-2), (2e-2, 1e-3),
+                                                                              (1e-3, float("nan"))))
+    assert script.wrong([base, fine, far, nan]) == [far, nan]
+
+
 def test_per_channel_delta_gate_after_falls_back_and_is_refused():
     """The gate-after order with a per-channel gate and beta has no chunkwise form: the target says
     so and the PyTorch scan it falls back to raises."""

@@ -1,0 +1,145 @@
+"""Every autotuning candidate of our chunk kernels, one at a time, checked against the fp32 reference (GPU).
+
+    .venv/bin/python benchmarks/gpu_candidates.py                          # needs a CUDA GPU
+    TRITON_INTERPRET=1 .venv/bin/python benchmarks/gpu_candidates.py --smoke   # tiny shapes on the CPU
+
+On CUDA the autotuner (``targets/triton/tuning.py``) may pick any candidate of a kernel's space for some
+shape, and a candidate that the GPU's Triton compiles wrong would then give wrong outputs or gradients
+without a word: fla documents Hopper miscompiles of its analogues of our backward kernels (a transposed
+tensor-core result fed to another product before Triton 3.7.1; 4 warps at 64-row chunks).  The tests run
+the untuned launch, and the benchmark checks only what the tuner chose at its shape.  This runs DeltaNet
+and Gated DeltaNet at the benchmark's configuration (bf16 inputs and dots, head dim 128, chunk 64, fla's
+[B, T, H, D] layout; B=2, H=4, T=200) with one kernel at a time forced to each of its candidates (the
+others at their untuned launch) and prints the output's and the gradients' max errors against the torch
+target's fp32 scan (``bench_triton.reference``).  A candidate over 10x the untuned launch's error (and over
+1e-2), or not finite, is marked WRONG and makes the exit status 1.  ``--smoke`` runs tiny shapes under
+TRITON_INTERPRET=1 to check the script (the interpreter ignores warps and stages).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_triton import grad_error, kernel_knobs, make_inputs, ours_in_place, reference, rel_err  # noqa: E402
+
+MODELS = ("DeltaNet", "GatedDeltaNet")
+KERNELS = dict(forward=("PREPARE", "STATES", "OUTPUT"), backward=("READOUT_DV", "STATES_BWD", "GRADS", "WY_GRADS"))
+
+
+def candidates(kernel, dv: int, prec: str) -> list:
+    """The configs the autotuner would time for ``kernel`` at value dim ``dv`` and dot precision ``prec``
+    (its space, BV clipped to dv and the candidates known to fault dropped: ``tuning._clip_value_blocks``)."""
+    from nlcompile.targets.triton import tuning
+
+    return tuning._clip_value_blocks(kernel.space.configs(), dict(dv=dv, PREC=prec))
+
+
+@contextlib.contextmanager
+def forced(module, name: str, config):
+    """``module.name`` (a ``tuning.ChunkKernel``) launched through the tuned path over ``config`` alone (the
+    autotuner runs a single candidate without timing it), whatever ``NLCOMPILE_TRITON_TUNE`` says."""
+    from nlcompile.targets.triton import tuning
+
+    class Forced(tuning.ChunkKernel):
+        def launch(self, *args):
+            enabled = tuning.tuning_enabled
+            tuning.tuning_enabled = lambda device: True
+            try:
+                super().launch(*args)
+            finally:
+                tuning.tuning_enabled = enabled
+
+    kernel = getattr(module, name)
+    space = tuning.Space(value_blocks=(config.kwargs["BV"],) if "BV" in config.kwargs else (),
+                         warps=(config.num_warps,), stages=(config.num_stages,), maxnreg=kernel.space.maxnreg)
+    setattr(module, name, Forced(kernel.fn, space, restore=kernel.restore))
+    try:
+        yield
+    finally:
+        setattr(module, name, kernel)
+
+
+def errors(x: dict, cotangent: torch.Tensor, want: torch.Tensor, want_grads: dict) -> tuple[float, float]:
+    """(output error, gradients' error) of our kernels on ``x`` against the reference."""
+    with torch.no_grad():
+        err = rel_err(ours_in_place(x), want)
+    return err, grad_error(ours_in_place, x, cotangent, want_grads)
+
+
+def check(models, B: int, H: int, T: int, D: int, device: torch.device) -> list[dict]:
+    """One row per (model, kernel, candidate), and one per model for the untuned launch."""
+    from nlcompile.targets.triton import backward, forward
+    from nlcompile.targets.triton.common import dot_precision
+
+    prec = dot_precision(torch.empty(0, dtype=torch.bfloat16), None)
+    kernels = [(module, name) for module in (forward, backward)
+               for name in KERNELS[module.__name__.rsplit(".", 1)[1]]]
+    rows = []
+    for model in models:
+        x = make_inputs(model, B, H, T, D, device, torch.bfloat16)
+        cotangent = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1)).to(device)
+        want, want_grads = reference(x, cotangent)
+        base = dict(model=model, kernel="(untuned launch)", config="-")
+        rows.append(dict(base, **dict(zip(("err", "grad_err"), errors(x, cotangent, want, want_grads)))))
+        print(f"  {model}: untuned launch {rows[-1]['err']:.1e} / {rows[-1]['grad_err']:.1e}", file=sys.stderr)
+        for module, name in kernels:
+            for config in candidates(getattr(module, name), D, prec):
+                with forced(module, name, config):
+                    err, grad_err = errors(x, cotangent, want, want_grads)
+                shown = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+                rows.append(dict(model=model, kernel=getattr(module, name).name, err=err, grad_err=grad_err,
+                                 config=f"{shown} warps={config.num_warps} stages={config.num_stages}".strip()))
+                print(f"  {model} {rows[-1]['kernel']} {rows[-1]['config']}: {err:.1e} / {grad_err:.1e}",
+                      file=sys.stderr, flush=True)
+    return rows
+
+
+def wrong(rows: list[dict], factor: float = 10.0, floor: float = 1e-2) -> list[dict]:
+    """Rows whose output or gradients' error is not finite, or over both ``floor`` and ``factor`` times
+    the untuned launch's for the same model."""
+    base = {r["model"]: r for r in rows if r["kernel"] == "(untuned launch)"}
+    return [r for r in rows for key in ("err", "grad_err")
+            if not (math.isfinite(r[key]) and r[key] <= max(factor * base[r["model"]][key], floor))]
+
+
+def table(rows: list[dict], device_name: str) -> str:
+    bad = {id(r) for r in wrong(rows)}
+    lines = [f"device: {device_name}", "", "| model | kernel | candidate | output error | gradients' error | |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['kernel']} | {r['config']} | {r['err']:.1e} | {r['grad_err']:.1e} | "
+              f"{'WRONG' if id(r) in bad else ''} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script (CPU interpreter ok)")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated: DeltaNet, GatedDeltaNet")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        shape = dict(B=1, H=2, T=70, D=16)
+    elif not torch.cuda.is_available():
+        print("gpu_candidates.py needs a CUDA GPU (--smoke under TRITON_INTERPRET=1 checks the script)",
+              file=sys.stderr)
+        return 2
+    else:
+        device, shape = torch.device("cuda"), dict(B=2, H=4, T=200, D=128)
+    models = args.models.split(",")
+    if set(models) - set(MODELS):
+        ap.error(f"--models: unknown {sorted(set(models) - set(MODELS))}; choose from {', '.join(MODELS)}")
+    with kernel_knobs({"NLCOMPILE_TRITON_TUNE": "0"}):   # every kernel but the forced one at its untuned launch
+        rows = check(models, device=device, **shape)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    print(table(rows, f"{name}; B={shape['B']} H={shape['H']} T={shape['T']} D={shape['D']}, bf16"))
+    return 1 if wrong(rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
