@@ -9,11 +9,11 @@ without a word: fla documents Hopper miscompiles of its analogues of our backwar
 tensor-core result fed to another product before Triton 3.7.1; 4 warps at 64-row chunks).  The tests run
 the untuned launch, and the benchmark checks only what the tuner chose at its shape.  This runs DeltaNet
 and Gated DeltaNet at the benchmark's configuration (bf16 inputs and dots, head dim 128, chunk 64, fla's
-[B, T, H, D] layout; B=2, H=4, T=200) with one kernel at a time forced to each of its candidates (the
-others at their untuned launch) and prints the output's and the gradients' max errors against the torch
-target's fp32 scan (``bench_triton.reference``).  A candidate over 10x the untuned launch's error (and over
-1e-2), or not finite, is marked WRONG and makes the exit status 1.  ``--smoke`` runs tiny shapes under
-TRITON_INTERPRET=1 to check the script (the interpreter ignores warps and stages).
+[B, T, H, D] layout; B=2, H=4, T=200) untuned, tuned, and with one kernel at a time forced to each of
+its candidates (the others at their untuned launch), and prints the output's and the gradients' max errors
+against the torch target's fp32 scan (``bench_triton.reference``).  A row over 10x the untuned launch's
+error (and over 1e-2), or not finite, is marked WRONG and makes the exit status 1.  ``--smoke`` runs tiny
+shapes under TRITON_INTERPRET=1 to check the script (the interpreter ignores warps and stages).
 """
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ def errors(x: dict, cotangent: torch.Tensor, want: torch.Tensor, want_grads: dic
 
 
 def check(models, B: int, H: int, T: int, D: int, device: torch.device) -> list[dict]:
-    """One row per (model, kernel, candidate), and one per model for the untuned launch."""
+    """One row per (model, kernel, candidate), and per model one for the untuned and one for the tuned
+    launch (run with ``NLCOMPILE_TRITON_TUNE=0``: every kernel but the forced one untuned)."""
     from nlcompile.targets.triton import backward, forward
     from nlcompile.targets.triton.common import dot_precision
 
@@ -85,9 +86,13 @@ def check(models, B: int, H: int, T: int, D: int, device: torch.device) -> list[
         x = make_inputs(model, B, H, T, D, device, torch.bfloat16)
         cotangent = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(1)).to(device)
         want, want_grads = reference(x, cotangent)
-        base = dict(model=model, kernel="(untuned launch)", config="-")
-        rows.append(dict(base, **dict(zip(("err", "grad_err"), errors(x, cotangent, want, want_grads)))))
-        print(f"  {model}: untuned launch {rows[-1]['err']:.1e} / {rows[-1]['grad_err']:.1e}", file=sys.stderr)
+        # the untuned launch, then the tuned one (on CUDA: every candidate compiled on a thread pool, so
+        # that the forced ones below find them compiled)
+        for launch, tune in (("(untuned launch)", "0"), ("(tuned launch)", "auto")):
+            with kernel_knobs({"NLCOMPILE_TRITON_TUNE": tune}):
+                err, grad_err = errors(x, cotangent, want, want_grads)
+            rows.append(dict(model=model, kernel=launch, config="-", err=err, grad_err=grad_err))
+            print(f"  {model}: {launch} {err:.1e} / {grad_err:.1e}", file=sys.stderr, flush=True)
         for module, name in kernels:
             for config in candidates(getattr(module, name), D, prec):
                 with forced(module, name, config):
