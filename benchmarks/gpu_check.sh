@@ -8,9 +8,10 @@
 # Wheels in .whl/ (fla_core and its dependency einops, for the benchmark's flash-linear-attention
 # columns: pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp
 # -d .whl fla-core==0.6.0 einops==0.8.1) are installed first, without their dependencies.
-# BENCH_S / CANDIDATES_S / TEST_S bound the three stages in seconds (CANDIDATES_S=0 skips the second,
-# benchmarks/gpu_candidates.py: every autotuning candidate of every kernel forced in turn and checked
-# against the fp32 reference, CANDIDATE_MODELS narrowing it); DOTS lists
+# BENCH_S / CANDIDATES_S / TEST_S bound the three stages in seconds, 0 skipping one (so that a lease's
+# 10-minute calls can split them); the second, benchmarks/gpu_candidates.py, forces every autotuning
+# candidate of every kernel in turn and checks it against the fp32 reference (CANDIDATE_MODELS narrows
+# it); DOTS lists
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
 # program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
 # launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows, DTYPE (bf16, fp16,
@@ -23,12 +24,13 @@
 # precisions and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about
 # 110 s with 12 workers.
 # Autotuning results (ours and fla's: Triton's *.autotune.json files, keyed on the kernel source, the
-# Triton version, the GPU architecture and the shapes) are copied from Triton's cache to
-# $OUT/triton-autotune after the benchmark; a folder .triton-autotune/ holding such a copy (carried
+# Triton version, the GPU architecture and the shapes) are packed from Triton's cache into
+# $OUT/triton-autotune.tgz after the benchmark (one file: the device tool returns at most 8, so the
+# install log is kept only when the install fails); a folder .triton-autotune/ holding them (carried
 # from an earlier run) is put into the cache first, so a rerun skips the tuning of unchanged kernels
 # (its "first fwd call" times are then not cold; an H100's results serve an H200 too, both sm_90).
-# To carry them: copy the returned triton-autotune/ to .triton-autotune/ (git-ignored) and add it
-# to the run's carry list beside .whl.
+# To carry them: `mkdir -p .triton-autotune && tar xzf triton-autotune.tgz -C .triton-autotune`
+# (git-ignored) and add .triton-autotune to the run's carry list beside .whl.
 set -u
 OUT=${OUT:-gpu-logs}
 PY=${PY:-python3}
@@ -44,32 +46,37 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
     || { cat "$OUT/install.log"; exit 1; }
+rm "$OUT/install.log"
 nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
                                    torch.cuda.get_device_name())"
-NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
-    --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
-    --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" \
-    --json "$OUT/bench.json" \
-    ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
-    2>"$OUT/bench.err" | tee "$OUT/bench.md"
-bench_rc=${PIPESTATUS[0]}
-echo "bench rc=$bench_rc"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5
-if [ "$bench_rc" != 0 ] && [ -s "$OUT/bench.json" ]; then   # cut short: the rows measured so far
-    $PY benchmarks/bench_triton.py --render "$OUT/bench.json" | tee "$OUT/bench.md"
+if [ "${BENCH_S:-300}" != 0 ]; then
+    NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
+        --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
+        --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" \
+        --json "$OUT/bench.json" \
+        ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
+        2>"$OUT/bench.err" | tee "$OUT/bench.md"
+    bench_rc=${PIPESTATUS[0]}
+    echo "bench rc=$bench_rc"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5
+    if [ "$bench_rc" != 0 ] && [ -s "$OUT/bench.json" ]; then   # cut short: the rows measured so far
+        $PY benchmarks/bench_triton.py --render "$OUT/bench.json" | tee "$OUT/bench.md"
+    fi
+    grep "^nlcompile: tuned" "$OUT/bench.err" | head -40   # each kernel's tuning time and choice
+    saved=$(cd "$OUT" && pwd)/triton-autotune.tgz
+    (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 | tar czf "$saved" --null -T -)
+    echo "autotuning results saved: $(tar tzf "$saved" 2>/dev/null | wc -l) files in triton-autotune.tgz"
 fi
-grep "^nlcompile: tuned" "$OUT/bench.err" | head -40   # each kernel's tuning time and choice
-saved=$(mkdir -p "$OUT/triton-autotune" && cd "$OUT/triton-autotune" && pwd)
-(cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 | xargs -0 -r cp --parents -t "$saved")
-echo "autotuning results saved: $(find "$OUT/triton-autotune" -name '*.autotune.json' | wc -l) files"
 if [ "${CANDIDATES_S:-120}" != 0 ]; then   # every autotuning candidate forced in turn, checked against the reference
     timeout "${CANDIDATES_S:-120}" $PY benchmarks/gpu_candidates.py ${CANDIDATE_MODELS:+--models "$CANDIDATE_MODELS"} \
         >"$OUT/candidates.md" 2>"$OUT/candidates.err"
     echo "candidates rc=$? (1: a candidate marked WRONG, 124: cut short; rows so far in candidates.err)"
     grep -E "WRONG|^device" "$OUT/candidates.md" | head -20
 fi
-NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
-    tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
-    tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
-echo "pytest rc=$?"
-grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
+if [ "${TEST_S:-240}" != 0 ]; then
+    NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
+        tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
+        tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
+    echo "pytest rc=$?"
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
+fi
