@@ -194,6 +194,19 @@ def reference(x: dict, cotangent: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return out.detach(), {n: t.grad for n, t in leaves.items()}
 
 
+def fixed_cotangent(B: int, T: int, H: int, D: int, device) -> torch.Tensor:
+    """A fixed random output cotangent [B, T, H, D], drawn on the CPU (the same numbers on every
+    device, whatever the default device is)."""
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    return torch.randn(B, T, H, D, generator=gen, device="cpu").to(device)
+
+
+def far(err: float, ref: float, factor: float = 10.0, floor: float = 1e-2) -> bool:
+    """An error that is not finite, or over both ``floor`` and ``factor`` times ``ref`` (the same error
+    of a run trusted to be right): what a wrong kernel looks like, not a rounding difference."""
+    return not err <= max(factor * ref, floor)
+
+
 def grad_error(fn, x: dict, cotangent: torch.Tensor, want: dict) -> float:
     """Max error of ``fn``'s gradients (q, k, v, beta and the gate) relative to ``want``'s
     (``reference``), each relative to its own largest magnitude."""
@@ -236,8 +249,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         impls["torch target"] = ({}, lambda x: ours(x, chunkwise_scan))
         for T in lengths:
             x = make_inputs(model, B, H, T, D, device, dtype)
-            gen = torch.Generator(device="cpu").manual_seed(1)
-            cotangent = torch.randn(B, T, H, D, generator=gen).to(device)
+            cotangent = fixed_cotangent(B, T, H, D, device)
             want, want_grads = reference(x, cotangent)
             grads = {n: t.requires_grad_(n in ("q", "k", "v")) for n, t in x.items()}
             for name, (wanted, fn) in impls.items():
@@ -305,18 +317,17 @@ def profile_text(row: dict) -> str:
             + "; ".join(f"{name[:60]} {t:.2f}" for name, t in row["profile"]))
 
 
-def far_gradients(rows: list[dict], factor: float = 10.0, floor: float = 1e-2) -> list[str]:
-    """Rows whose gradients' error is not finite, or over both ``floor`` and ``factor`` times the
-    torch target's (on the same inputs, in their dtype; with fp32 inputs that one is the reference
-    itself): what a wrong backward looks like."""
+def far_gradients(rows: list[dict]) -> list[str]:
+    """Rows whose gradients' error is ``far`` from the torch target's (on the same inputs, in their
+    dtype; with fp32 inputs that one is the reference itself): what a wrong backward looks like."""
     torch_rows = {(r["model"], r["T"]): r.get("grad_err") for r in rows if r["kernel"] == "torch target"}
-    far = []
+    named = []
     for r in rows:
         err, ref = r.get("grad_err"), torch_rows.get((r["model"], r["T"]))
-        if err is not None and ref is not None and not err <= max(factor * ref, floor):
-            far.append(f"{r['model']} T={r['T']} {r['kernel']}: gradients' error {err:.1e}, over {factor:g}x the "
-                       f"torch target's {ref:.1e}")
-    return far
+        if err is not None and ref is not None and far(err, ref):
+            named.append(f"{r['model']} T={r['T']} {r['kernel']}: gradients' error {err:.1e}, over 10x the "
+                         f"torch target's {ref:.1e}")
+    return named
 
 
 def table(rows: list[dict], device_name: str) -> str:

@@ -51,10 +51,10 @@ nvidia-smi -L
 $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|',
                                    torch.cuda.get_device_name())"
 if [ "${BENCH_S:-300}" != 0 ]; then
-    NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" \
-        --chunks "${CHUNKS:-auto}" --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
-        --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" \
-        --json "$OUT/bench.json" \
+    NLCOMPILE_VERBOSE=1 timeout "${BENCH_S:-300}" $PY benchmarks/bench_triton.py \
+        --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" --chunks "${CHUNKS:-auto}" \
+        --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
+        --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" --json "$OUT/bench.json" \
         ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
         2>"$OUT/bench.err" | tee "$OUT/bench.md"
     bench_rc=${PIPESTATUS[0]}
@@ -67,10 +67,11 @@ if [ "${BENCH_S:-300}" != 0 ]; then
     (cd "$TRITON_CACHE_DIR" 2>/dev/null && find . -name '*.autotune.json' -print0 | tar czf "$saved" --null -T -)
     echo "autotuning results saved: $(tar tzf "$saved" 2>/dev/null | wc -l) files in triton-autotune.tgz"
 fi
-if [ "${CANDIDATES_S:-120}" != 0 ]; then   # every autotuning candidate forced in turn, checked against the reference
-    timeout "${CANDIDATES_S:-120}" $PY benchmarks/gpu_candidates.py ${CANDIDATE_MODELS:+--models "$CANDIDATE_MODELS"} \
+if [ "${CANDIDATES_S:-180}" != 0 ]; then   # every autotuning candidate forced in turn, checked against the reference
+    timeout "${CANDIDATES_S:-180}" $PY benchmarks/gpu_candidates.py ${CANDIDATE_MODELS:+--models "$CANDIDATE_MODELS"} \
         >"$OUT/candidates.md" 2>"$OUT/candidates.err"
-    echo "candidates rc=$? (1: a candidate marked WRONG, 124: cut short; rows so far in candidates.err)"
+    echo "candidates rc=$? (1: a candidate marked WRONG, 124: cut short; verdicts so far in candidates.err)"
+    grep -E " WRONG$" "$OUT/candidates.err" | head -20
     grep -E "WRONG|^device" "$OUT/candidates.md" | head -20
 fi
 if [ "${TEST_S:-240}" != 0 ]; then

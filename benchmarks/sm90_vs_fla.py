@@ -34,7 +34,6 @@ import json
 import math
 import os
 import pickle
-import re
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from test_triton_sm90 import (GATED_DELTANET, DELTANET, SM90_SHARED_BYTES, blocks_per_sm,  # noqa: E402
-                              compile_all, kernel_specs, sass_counts)
+                              compile_all, compile_env, cubin_counts, kernel_specs)
 
 B, T, H = 8, 2048, 16           # the benchmark shape, K = V = 128, bf16
 K = V = 128
@@ -180,20 +179,6 @@ def record_launches(out: str) -> None:
     Path(out).write_bytes(pickle.dumps(records))
 
 
-def cubin_counts(cubin: bytes) -> dict:
-    """REG and STACK bytes per thread (``cuobjdump -res-usage``) and ``sass_counts`` of a cubin."""
-    import triton
-
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
-    reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    return dict(reg=reg, stack=stack, **sass_counts(sass))
-
-
 def compile_record(record: dict, target: GPUTarget) -> dict:
     """AOT-compile one recorded launch with its exact specialisation: shared bytes and ``cubin_counts``."""
     import triton
@@ -232,10 +217,9 @@ def check_fla_site(site: Path) -> None:
 
 
 def run_child(mode: str, site: Path, stdin: bytes = b"") -> bytes:
-    """Run this script's child ``mode`` with fla's site importable and without TRITON_INTERPRET (which would
-    replace the kernels' JITFunctions, as in test_triton_sm90's ``_worker``); what it wrote."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
+    """Run this script's child ``mode`` with fla's site importable (``compile_env``: without
+    TRITON_INTERPRET); what it wrote."""
+    env = compile_env()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "out")

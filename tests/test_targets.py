@@ -12,6 +12,8 @@ import nlcompile
 from nlcompile.loop_ops import SequentialLoop
 from nlcompile.memory import saved_storages
 
+from _benchmarks import load_benchmark
+
 
 def delta_loop(q, k, v, beta):
     S = torch.zeros(q.shape[0], q.shape[2], v.shape[2])
@@ -226,14 +228,9 @@ def test_recompute_warns_when_a_target_ignores_it():
 def test_recompute_benchmark_runs_in_smoke_mode(capsys, tmp_path):
     """benchmarks/bench_recompute.py on tiny shapes: both zoo layers keep less for the backward
     with recompute, and the table shows the two side by side."""
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_recompute.py"
-    spec = importlib.util.spec_from_file_location("bench_recompute", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_recompute")
     saved = tmp_path / "rows.json"
     assert bench.main(["--smoke", "--json", str(saved)]) == 0
     out = capsys.readouterr().out

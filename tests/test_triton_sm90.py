@@ -46,6 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from _benchmarks import load_benchmark
+
 SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block (opt-in maximum)
 # bf16 at the benchmark (its inputs, o asked in their dtype, their gradients); beta, g, states... are fp32
 BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr", "o_ptr", "do_ptr", "dk_ptr", "dv_ptr", "dq_ptr"}
@@ -82,9 +84,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
         dot = precs[module]
         launches = [dict(BV=b.BV, num_warps=b.num_warps, num_stages=None)]
         if space:   # as the autotuner prunes them (BV clipped to dv, candidates known to fault dropped)
-            from nlcompile.targets.triton.tuning import _clip_value_blocks
-
-            configs = _clip_value_blocks(kernel.space.configs(), dict(dv=dv, PREC=dot))
+            configs = kernel.candidates(dv, dot)
             launches = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
         for launch in launches:
             consts = dict(constexprs, PREC=dot)
@@ -139,14 +139,22 @@ def compile_sm90(spec: dict) -> dict:
                         options={key: spec[key] for key in ("num_warps", "num_stages", "maxnreg")
                                  if spec.get(key) is not None})
     seconds = time.time() - start
+    return dict(spec, shared=ck.metadata.shared, seconds=round(seconds, 1), **cubin_counts(ck.asm["cubin"]))
+
+
+def cubin_counts(cubin: bytes) -> dict:
+    """REG and STACK bytes per thread (``cuobjdump -res-usage``, Triton's bundled one) and ``sass_counts``
+    of a compiled kernel."""
+    import triton
+
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(ck.asm["cubin"])
+        f.write(cubin)
         f.flush()
-        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     reg, stack = (int(re.search(rf"{key}:(\d+)", usage).group(1)) for key in ("REG", "STACK"))
-    return dict(spec, shared=ck.metadata.shared, reg=reg, stack=stack, seconds=round(seconds, 1), **sass_counts(sass))
+    return dict(reg=reg, stack=stack, **sass_counts(sass))
 
 
 def sass_counts(sass: str) -> dict:
@@ -163,11 +171,17 @@ def sass_counts(sass: str) -> dict:
     return dict(instructions=len(code), barriers=sum("BAR" in t for _, t in code), loops=loops)
 
 
-def _worker(specs: list[dict]) -> list[dict]:
-    """Compile ``specs`` in a child process of this file (TRITON_INTERPRET removed)."""
+def compile_env() -> dict:
+    """The environment of a child process that compiles kernels: this one's without TRITON_INTERPRET
+    (which would replace the kernels' JITFunctions)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, said explicitly (no warning)
-    out = subprocess.run([sys.executable, __file__, "--compile"], input=json.dumps(specs), env=env,
+    return env
+
+
+def _worker(specs: list[dict]) -> list[dict]:
+    """Compile ``specs`` in a child process of this file (``compile_env``)."""
+    out = subprocess.run([sys.executable, __file__, "--compile"], input=json.dumps(specs), env=compile_env(),
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
@@ -261,13 +275,8 @@ def test_fla_comparison_metrics_and_site_check(tmp_path):
     """benchmarks/sm90_vs_fla.py (fla is not installed here, so only its parts that need no fla): SASS loops
     paired with source loops (constant-trip ones the compiler unrolled dropped, largest first), the
     instruction-work metrics, the best-guess config, and the install hint for a site without fla."""
-    import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "sm90_vs_fla.py"
-    spec = importlib.util.spec_from_file_location("sm90_vs_fla", path)
-    vs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(vs)
+    vs = load_benchmark("sm90_vs_fla")
     source = [("V/BV", 1, True), ("K/BK", 2, True), ("chunks", 32, False), ("K/BK", 4, True)]
     assert vs.match_loops([(10, 1, 0), (20, 2, 0)], source) == [((10, 1, 0), "K/BK", 2), ((20, 2, 0), "chunks", 32)]
     assert vs.match_loops([(10, 1, 0)] * 3, source[2:3]) == [((10, 1, 0), "?", 1)] * 3

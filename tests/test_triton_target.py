@@ -22,6 +22,7 @@ from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, triton
 from nlcompile.targets.triton_target import TritonTarget
 from nlcompile.zoo import LAYERS, MODELS
 
+from _benchmarks import load_benchmark
 from _compare import as_tuple, assert_close_outputs, assert_within_eager_error, rel_err, runs_under_autocast
 
 KINDS = ["additive", "decay", "decay_channel", "delta", "gated_delta", "kda"]
@@ -390,19 +391,16 @@ def test_bf16_at_the_benchmark_configuration(kind):
     64-row chunks; the benchmark checks its tuned launches' gradients too)."""
     k, v, kw = scan_inputs(kind, N=2, T=130, dk=128, dv=128, dtype=torch.bfloat16)
     heads_last = lambda x: x.transpose(0, 1).unsqueeze(0)   # [N, T, .] -> [1, T, N, .]  # noqa: E731
+    plans = []
 
     def ours(k_, v_, kw_):
         step = {n: heads_last(x) for n, x in kw_.items() if n != "initial_state"}
         o, _ = triton_chunkwise_scan(heads_last(k_), heads_last(v_), **step, initial_state=kw_["initial_state"],
-                                     chunk_size=64)
+                                     chunk_size=64, on_plan=plans.append)
         return o[0].transpose(0, 1)
 
-    plans = []
-    triton_chunkwise_scan(heads_last(k), heads_last(v), **{n: heads_last(x) for n, x in kw.items()
-                                                          if n != "initial_state"},
-                          initial_state=kw["initial_state"], chunk_size=64, on_plan=plans.append)
-    assert plans == [f"the Triton kernels, chunk 64, {dot_precision(k, kw['q'])} dots"]
     assert_within_eager_bf16_error(k, v, kw, ours)
+    assert plans == [f"the Triton kernels, chunk 64, {dot_precision(k, kw['q'])} dots"]
 
 
 def assert_within_eager_bf16_error(k, v, kw, run):
@@ -736,14 +734,9 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script),
     here with fp16 inputs (``--dtype``), and its table rendered again from the rows it saved; with
     recompute the kernels keep less for the backward."""
-    import importlib.util
     import json
-    import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_triton.py"
-    spec = importlib.util.spec_from_file_location("bench_triton", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_triton")
     saved = tmp_path / "rows.json"
     assert bench.main(["--smoke", "--dtype", "fp16", "--dots", "auto,ieee", "--compiled", "--recompute",
                        "--json", str(saved)]) == 0
@@ -756,9 +749,11 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
                    "nlcompile.compile (zoo loop, fp32 inside)"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
     rows = json.loads(saved.read_text())["rows"]
-    # every row's gradients checked against the fp32 reference: near it, and nothing named as far from it
-    assert all(r["grad_err"] < 2e-2 for r in rows), [(r["kernel"], r["grad_err"]) for r in rows]
-    assert "gradients' error" not in out
+    # every row's gradients checked against the fp32 reference: near it, and nothing of ours named as far
+    # from it (fla's rows, on a GPU machine with fla installed, are its own numerics)
+    ours = [r for r in rows if r["kernel"] != "fla"]
+    assert all(r["grad_err"] < 2e-2 for r in ours), [(r["kernel"], r["grad_err"]) for r in ours]
+    assert not [line for line in out.splitlines() if "gradients' error" in line and " fla: " not in line]
     kept = {(r["model"], r["kernel"]): r["kept_mib"] for r in rows}
     for model in ("DeltaNet", "GatedDeltaNet"):
         assert (kept[model, f"nlcompile-triton ({auto}, auto C=64, recompute)"]
@@ -772,13 +767,8 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
 def test_gpu_benchmark_names_far_gradients():
     """bench_triton.far_gradients names the rows whose gradients are not finite or far (over 10x
     and over 1e-2) from the torch target's error on the same inputs."""
-    import importlib.util
-    import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_triton.py"
-    spec = importlib.util.spec_from_file_location("bench_triton", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_triton")
     row = lambda kernel, err, T=2048: dict(model="DeltaNet", T=T, kernel=kernel, grad_err=err)  # noqa: E731
     rows = [row("torch target", 4e-3), row("ours ok", 3.9e-2), row("ours far", 4.1e-2), row("ours nan", float("nan")),
             row("fla", None), row("torch target", 0.0, T=8192), row("ours fp32", 9e-3, T=8192),
@@ -793,27 +783,23 @@ def test_gpu_candidates_script(capsys):
     """benchmarks/gpu_candidates.py on tiny shapes (a row per candidate of every kernel, each forced in
     turn, none marked wrong), forcing a candidate takes (the grads kernel's launch goes through an
     autotuner holding that candidate alone), and what it marks wrong."""
-    import importlib.util
     import os
-    import pathlib
 
     from nlcompile.targets.triton import backward, forward, tuning
 
-    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "gpu_candidates.py"
-    spec = importlib.util.spec_from_file_location("gpu_candidates", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("gpu_candidates")
+    tune = os.environ.get("NLCOMPILE_TRITON_TUNE")   # gpu_check.sh runs the tests with it set
     assert script.main(["--smoke", "--models", "GatedDeltaNet"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| GatedDeltaNet |")]
     kernels = [getattr(module, n) for module in (forward, backward)
                for n in script.KERNELS[module.__name__.rsplit(".", 1)[1]]]
-    assert len(kernels) == 7 and len(rows) == 2 + sum(len(script.candidates(k, 16, "bf16")) for k in kernels)
+    assert len(kernels) == 7 and len(rows) == 2 + sum(len(script.candidates(k, 64, "bf16", True)) for k in kernels)
     assert "WRONG" not in out
 
-    assert "NLCOMPILE_TRITON_TUNE" not in os.environ   # the script's knob was set for its run only
+    assert os.environ.get("NLCOMPILE_TRITON_TUNE") == tune   # the script's knob was set for its run only
     k, v, kw = scan_inputs("gated_delta", T=20, dk=16, dv=40)
-    config = next(c for c in script.candidates(backward.GRADS, 40, "bf16") if c.kwargs["BV"] == 32)
+    config = next(c for c in script.candidates(backward.GRADS, 40, "bf16", False) if c.kwargs["BV"] == 32)
     with script.forced(backward, "GRADS", config):
         tuned, runs = backward.GRADS.tuned, []
         tuned.run = lambda *args, _run=tuned.run, **kwargs: runs.append(1) or _run(*args, **kwargs)
@@ -825,7 +811,9 @@ def test_gpu_candidates_script(capsys):
     base = dict(model="m", kernel="(untuned launch)", config="-", err=1e-3, grad_err=4e-3)
     fine, far, nan = (dict(base, kernel="x", err=e, grad_err=g) for e, g in ((9e-3, 3e-2), (2e-2, 1e-3),
                                                                               (1e-3, float("nan"))))
-    assert script.wrong([base, fine, far, nan]) == [far, nan]
+    not_run = dict(base, kernel="x", note="not run (OutOfResources: ...)")
+    assert script.wrong([base, fine, far, nan, not_run]) == [far, nan]
+    assert "| m | x | - | - | - | not run (OutOfResources: ...) |" in script.table([base, not_run], "d")
 
 
 def test_per_channel_delta_gate_after_falls_back_and_is_refused():

@@ -44,9 +44,9 @@ per thread on sm_90.)
 Sums of a score gradient against the scores' own Gram matrix (dbeta and dg need
 sum_s dAkk_rs (k_r . k_s), the scalar gate's dg sum_s dA_rs (q_r . k_s)) are read off the
 products the key and query gradients already form, sum_s dX_rs (a_r . b_s) = a_r . (dX B)_r,
-instead of forming K K^T or Q K^T again (the readout_dv kernel still forms the scores A
-themselves); both the grads and the WY kernel may work through the key channels a block at a
-time, as only dA and dAkk [C, C] need all of them (see each).  Tiles are
+instead of forming K K^T or Q K^T again (the readout_dv kernel still forms the scores, as A^T);
+both the grads and the WY kernel may work through the key channels a block at a time, as only
+dA and dAkk [C, C] need all of them (see each).  Tiles are
 loaded where they are first needed, after the dv loops, not held through them.  Measured
 statically on sm_90 (d = 128, bf16 dots, 8 warps, ``python tests/test_triton_sm90.py --space``),
 against recomputing Tm and the Gram matrices: wy_grads at chunk 32 ~2.1-2.6 K instructions a
@@ -231,7 +231,11 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
         else:          # A = (Q K^T) * e^{Gq_r - G_s}
             dAg = dA * pair_decay(Gq, G, mask, GATE)
             dQ += mm(dAg, k, PREC)                                        # row r: sum_s dAg_rs k_s
-            dK += mm(tl.trans(dAg), q, PREC)                              # row s: sum_r dAg_rs q_r
+            # row s: sum_r dAg_rs q_r.  A product's result transposed into another product: fla found
+            # Hopper compilers before Triton 3.7.1 getting that wrong (fla issue 640); forming dA^T beside
+            # dA instead cost ~10% of this kernel statically, so it stays, checked on the GPU by
+            # test_bf16_at_the_benchmark_configuration and benchmarks/gpu_candidates.py
+            dK += mm(tl.trans(dAg), q, PREC)
         store_tile(dq_seq, dQ, rows, cols_k, T, dk, HEADS * dk)
 
     store_tile(dk_seq, dK, rows, cols_k, T, dk, HEADS * dk)
@@ -240,8 +244,8 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
         # The log-decays' gradient, read off the finished dQ and dK: G enters as e^{-G} with every
         # key (in Kt and, s-side, in A) and Gq as e^{Gq} with every query (in Qt and, r-side, in A),
         # so dL/dGq = q . dQ and dL/dG = -k . dK per row (and channel), with dA * A summed over s
-        # and over r not formed again; one reduction per row for a scalar gate.  Then G_L is G's
-        # last row, G = cumsum(g), and the readout "before" has Gq = G - g.
+        # and over r not formed again; for a scalar gate one reduction over the channels (with G_L's,
+        # two; were four).  Then G_L is G's last row, G = cumsum(g), and "before" has Gq = G - g.
         if HAS_Q:
             dG = _per_gate(q * dQ - k * dK, GATE)
         else:

@@ -142,6 +142,11 @@ class ChunkKernel:
             fixed["BV"] = blocks.BV
         self.fn[grid({**meta, **fixed})](*args, **meta, **fixed)
 
+    def candidates(self, dv: int, prec: str) -> list[triton.Config]:
+        """The configs the autotuner times at value dim ``dv`` and dot precision ``prec``: the space, BV
+        clipped to dv's block, the candidates known to fault dropped (``_clip_value_blocks``)."""
+        return _clip_value_blocks(self.space.configs(), dict(dv=dv, PREC=prec))
+
     def tuning_key(self, args: tuple, meta: dict) -> tuple:
         """The autotuner's cache key for these arguments (its key names' values, then every tensor's dtype)."""
         named = {**dict(zip(self.fn.arg_names, args)), **meta}
