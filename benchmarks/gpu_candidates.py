@@ -13,10 +13,10 @@ and Gated DeltaNet at the benchmark's configuration (bf16 inputs and dots, head 
 on) untuned, tuned, and with one kernel at a time forced to each of its candidates (the others at their
 untuned launch), and prints the output's and the gradients' max errors against the torch target's fp32
 scan (``bench_triton.reference``), each verdict as it comes on stderr.  A row over 10x the untuned
-launch's error (and over 1e-2), or not finite, is marked WRONG and makes the exit status 1; a candidate
-that does not compile or launch is listed as not run (the autotuner drops those).  ``--smoke`` runs tiny
-shapes under TRITON_INTERPRET=1 to check the script (the interpreter ignores warps and stages, so there
-one candidate per value block).
+launch's error (and over 1e-2), or not finite, is marked WRONG, and one that faults (an illegal address)
+FAULT; either makes the exit status 1.  A candidate that does not fit the GPU or compile is listed as not
+run (the autotuner drops those).  ``--smoke`` runs tiny shapes under TRITON_INTERPRET=1 to check the
+script (the interpreter ignores warps and stages, so there one candidate per value block).
 """
 from __future__ import annotations
 
@@ -33,6 +33,17 @@ from bench_triton import (far, fixed_cotangent, grad_error, kernel_knobs, make_i
 
 MODELS = ("DeltaNet", "GatedDeltaNet")
 KERNELS = dict(forward=("PREPARE", "STATES", "OUTPUT"), backward=("READOUT_DV", "STATES_BWD", "GRADS", "WY_GRADS"))
+
+
+def _dropped() -> tuple[type, ...]:
+    """The errors Triton's autotuner drops a candidate for (``Autotuner._bench``)."""
+    from triton.compiler.errors import CompileTimeAssertionFailure
+    from triton.runtime.errors import OutOfResources, PTXASError
+
+    return OutOfResources, PTXASError, CompileTimeAssertionFailure
+
+
+DROPPED = _dropped()
 
 
 def candidates(kernel, dv: int, prec: str, interpreted: bool) -> list:
@@ -91,8 +102,8 @@ def check(models, B: int, H: int, T: int, D: int, device: torch.device) -> list[
 
     def add(row: dict) -> None:   # each verdict printed as it comes: a run cut short still says what it saw
         rows.append(row)
-        verdict = row.get("note") or ("WRONG" if any(r is row for r in wrong(rows)) else "ok")
-        errs = "" if "note" in row else f" {row['err']:.1e} / {row['grad_err']:.1e}"
+        verdict = verdict_of(row, rows)
+        errs = f" {row['err']:.1e} / {row['grad_err']:.1e}" if "err" in row else ""
         print(f"  {row['model']} {row['kernel']} {row['config']}:{errs} {verdict}", file=sys.stderr, flush=True)
 
     for model in models:
@@ -113,27 +124,35 @@ def check(models, B: int, H: int, T: int, D: int, device: torch.device) -> list[
                 try:
                     with forced(module, name, config):
                         row["err"], row["grad_err"] = errors(x, cotangent, want, want_grads)
-                except Exception as e:  # noqa: BLE001 -- out of resources, a compile failure: the tuner drops it
+                except DROPPED as e:   # what the autotuner drops (it times them as infinitely slow)
                     row["note"] = f"not run ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
+                except Exception as e:  # noqa: BLE001 -- a fault (an illegal address...) is a wrong candidate
+                    row["fault"] = f"FAULT ({type(e).__name__}: {str(e).splitlines()[0][:80]})"
                 add(row)
     return rows
 
 
 def wrong(rows: list[dict]) -> list[dict]:
-    """Rows whose output or gradients' error is ``far`` from the untuned launch's for the same model."""
+    """Rows that faulted, or whose output or gradients' error is ``far`` from the untuned launch's for
+    the same model."""
     base = {r["model"]: r for r in rows if r["kernel"] == "(untuned launch)"}
-    return [r for r in rows if "note" not in r
+    return [r for r in rows if "fault" in r or "err" in r
             and any(far(r[key], base[r["model"]][key]) for key in ("err", "grad_err"))]
 
 
+def verdict_of(row: dict, rows: list[dict]) -> str:
+    """ok, WRONG, the fault, or why it did not run."""
+    if "err" not in row:
+        return row.get("fault") or row["note"]
+    return "WRONG" if any(r is row for r in wrong(rows)) else "ok"
+
+
 def table(rows: list[dict], device_name: str) -> str:
-    bad = {id(r) for r in wrong(rows)}
     lines = [f"device: {device_name}", "", "| model | kernel | candidate | output error | gradients' error | |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        errs = "- | -" if "note" in r else f"{r['err']:.1e} | {r['grad_err']:.1e}"
-        lines.append(f"| {r['model']} | {r['kernel']} | {r['config']} | {errs} | "
-                     f"{r.get('note') or ('WRONG' if id(r) in bad else '')} |")
+        errs = f"{r['err']:.1e} | {r['grad_err']:.1e}" if "err" in r else "- | -"
+        lines.append(f"| {r['model']} | {r['kernel']} | {r['config']} | {errs} | {verdict_of(r, rows)} |")
     return "\n".join(lines)
 
 

@@ -70,9 +70,8 @@ fi
 if [ "${CANDIDATES_S:-180}" != 0 ]; then   # every autotuning candidate forced in turn, checked against the reference
     timeout "${CANDIDATES_S:-180}" $PY benchmarks/gpu_candidates.py ${CANDIDATE_MODELS:+--models "$CANDIDATE_MODELS"} \
         >"$OUT/candidates.md" 2>"$OUT/candidates.err"
-    echo "candidates rc=$? (1: a candidate marked WRONG, 124: cut short; verdicts so far in candidates.err)"
-    grep -E " WRONG$" "$OUT/candidates.err" | head -20
-    grep -E "WRONG|^device" "$OUT/candidates.md" | head -20
+    echo "candidates rc=$? (1: a candidate WRONG or FAULT, 124: cut short; verdicts so far in candidates.err)"
+    grep -E " (WRONG$|FAULT )" "$OUT/candidates.err" | head -20
 fi
 if [ "${TEST_S:-240}" != 0 ]; then
     NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \

@@ -811,9 +811,14 @@ def test_gpu_candidates_script(capsys):
     base = dict(model="m", kernel="(untuned launch)", config="-", err=1e-3, grad_err=4e-3)
     fine, far, nan = (dict(base, kernel="x", err=e, grad_err=g) for e, g in ((9e-3, 3e-2), (2e-2, 1e-3),
                                                                               (1e-3, float("nan"))))
-    not_run = dict(base, kernel="x", note="not run (OutOfResources: ...)")
-    assert script.wrong([base, fine, far, nan, not_run]) == [far, nan]
-    assert "| m | x | - | - | - | not run (OutOfResources: ...) |" in script.table([base, not_run], "d")
+    not_run = dict(model="m", kernel="x", config="-", note="not run (OutOfResources: ...)")
+    fault = dict(model="m", kernel="x", config="-", fault="FAULT (RuntimeError: CUDA error: ...)")
+    assert script.wrong([base, fine, far, nan, not_run, fault]) == [far, nan, fault]
+    table = script.table([base, fine, far, not_run, fault], "d")
+    for line in ("| m | x | - | 9.0e-03 | 3.0e-02 | ok |", "| m | x | - | 2.0e-02 | 1.0e-03 | WRONG |",
+                 "| m | x | - | - | - | not run (OutOfResources: ...) |",
+                 "| m | x | - | - | - | FAULT (RuntimeError: CUDA error: ...) |"):
+        assert line in table
 
 
 def test_per_channel_delta_gate_after_falls_back_and_is_refused():
