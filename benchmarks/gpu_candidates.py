@@ -14,7 +14,8 @@ on) untuned, tuned, and with one kernel at a time forced to each of its candidat
 untuned launch), and prints the output's and the gradients' max errors against the torch target's fp32
 scan (``bench_triton.reference``), each verdict as it comes on stderr.  A row over 10x the untuned
 launch's error (and over 1e-2), or not finite, is marked WRONG, and one that faults (an illegal address)
-FAULT; either makes the exit status 1.  A candidate that does not fit the GPU or compile is listed as not
+FAULT (a fault loses the CUDA context, so the rows after it fault too: the first one names the
+candidate); either makes the exit status 1.  A candidate that does not fit the GPU or compile is listed as not
 run (the autotuner drops those).  ``--smoke`` runs tiny shapes under TRITON_INTERPRET=1 to check the
 script (the interpreter ignores warps and stages, so there one candidate per value block).
 """
