@@ -767,7 +767,6 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
 def test_gpu_benchmark_names_far_gradients():
     """bench_triton.far_gradients names the rows whose gradients are not finite or far (over 10x
     and over 1e-2) from the torch target's error on the same inputs."""
-
     bench = load_benchmark("bench_triton")
     row = lambda kernel, err, T=2048: dict(model="DeltaNet", T=T, kernel=kernel, grad_err=err)  # noqa: E731
     rows = [row("torch target", 4e-3), row("ours ok", 3.9e-2), row("ours far", 4.1e-2), row("ours nan", float("nan")),
@@ -786,6 +785,7 @@ def test_gpu_candidates_script(capsys):
     import os
 
     from nlcompile.targets.triton import backward, forward, tuning
+    from nlcompile.targets.triton_target import interpreting
 
     script = load_benchmark("gpu_candidates")
     tune = os.environ.get("NLCOMPILE_TRITON_TUNE")   # gpu_check.sh runs the tests with it set
@@ -794,7 +794,8 @@ def test_gpu_candidates_script(capsys):
     rows = [line for line in out.splitlines() if line.startswith("| GatedDeltaNet |")]
     kernels = [getattr(module, n) for module in (forward, backward)
                for n in script.KERNELS[module.__name__.rsplit(".", 1)[1]]]
-    assert len(kernels) == 7 and len(rows) == 2 + sum(len(script.candidates(k, 64, "bf16", True)) for k in kernels)
+    counts = [len(script.candidates(k, 64, "bf16", interpreting())) for k in kernels]
+    assert len(kernels) == 7 and len(rows) == 2 + sum(counts)
     assert "WRONG" not in out
 
     assert os.environ.get("NLCOMPILE_TRITON_TUNE") == tune   # the script's knob was set for its run only
