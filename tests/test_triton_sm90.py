@@ -275,7 +275,6 @@ def test_fla_comparison_metrics_and_site_check(tmp_path):
     """benchmarks/sm90_vs_fla.py (fla is not installed here, so only its parts that need no fla): SASS loops
     paired with source loops (constant-trip ones the compiler unrolled dropped, largest first), the
     instruction-work metrics, the best-guess config, and the install hint for a site without fla."""
-
     vs = load_benchmark("sm90_vs_fla")
     source = [("V/BV", 1, True), ("K/BK", 2, True), ("chunks", 32, False), ("K/BK", 4, True)]
     assert vs.match_loops([(10, 1, 0), (20, 2, 0)], source) == [((10, 1, 0), "K/BK", 2), ((20, 2, 0), "chunks", 32)]
