@@ -6,7 +6,8 @@
 On CUDA the autotuner (``targets/triton/tuning.py``) may pick any candidate of a kernel's space for some
 shape, and a candidate that the GPU's Triton compiles wrong would then give wrong outputs or gradients
 without a word: fla documents Hopper miscompiles of its analogues of our backward kernels (a transposed
-tensor-core result fed to another product before Triton 3.7.1; 4 warps at 64-row chunks).  The tests run
+tensor-core result fed to another product before Triton 3.7.1, a pattern ours avoid since
+``common.transposed``; 4 warps at 64-row chunks).  The tests run
 the untuned launch, and the benchmark checks only what the tuner chose at its shape.  This runs DeltaNet
 and Gated DeltaNet at the benchmark's configuration (bf16 inputs and dots, head dim 128, chunk 64, fla's
 [B, T, H, D] layout; B=2, H=4, T=256: a multiple of 16 as the benchmark's T, which Triton specialises

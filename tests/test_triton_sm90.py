@@ -52,7 +52,7 @@ SM90_SHARED_BYTES = 232448  # H100: 227 KB of shared memory per block (opt-in ma
 # bf16 at the benchmark (its inputs, o asked in their dtype, their gradients); beta, g, states... are fp32
 BF16_POINTERS = {"k_ptr", "v_ptr", "q_ptr", "o_ptr", "do_ptr", "dk_ptr", "dv_ptr", "dq_ptr"}
 BF16_OPERANDS = {"H_ptr", "h_ptr", "w_ptr", "dhn_ptr", "u_ptr", "vp_ptr", "src_ptr", "vals_ptr", "dvp_ptr",
-                 "dw_ptr", "tm_ptr"}  # bf16 dots: bf16 too
+                 "dw_ptr", "tm_ptr", "tr_ptr"}  # bf16 dots: bf16 too
 # (name, delta, gate): gate 0 none, 1 scalar, 2 per key channel
 DELTANET, GATED_DELTANET, KDA = ("DeltaNet", True, 0), ("GatedDeltaNet", True, 1), ("KDA", True, 2)
 ALL_KINDS = [("additive", False, 0), ("decay", False, 1), ("channel", False, 2), DELTANET, GATED_DELTANET, KDA]

@@ -52,6 +52,13 @@ statically on sm_90 (d = 128, bf16 dots, 8 warps, ``python tests/test_triton_sm9
 against recomputing Tm and the Gram matrices: wy_grads at chunk 32 ~2.1-2.6 K instructions a
 program -> ~1.4-1.8 K, at chunk 64 ~5.7-6.4 K -> ~2.1-2.3 K and no spills (were 344-416 B per
 thread); Gated DeltaNet's grads kernel at chunk 32 no spills (were 96-104 B).
+No product's result goes transposed into another product: the readout_dv kernel forms A^T as
+such, and the grads and WY kernels transpose dA and dAkk's [C, C] score gradients through a
+scratch tile of their own in global memory (``common.transposed``), the route fla took after
+finding Triton 3.4-3.7.0 miscompiling ``tl.trans`` of such a result on Hopper (the lent GPU
+machines run Triton 3.6).  Static sm_90 (Triton 3.6, d = 128, bf16 dots, 8 warps, BV = 32): grads
+DeltaNet / Gated DeltaNet 776 / 1616 -> 832 / 1680 instructions, WY 1768 / 2160 -> 1848 / 2224
+(3-4% of a program's dynamic count; forming dA^T beside dA instead cost ~10%, and dAkk^T ~40%).
 Every exponent is masked (to -inf) before exp and is <= 0 for gates in (0, 1], so
 nothing overflows. Positions t >= T load as zeros (neutral steps), give zero
 gradients and are never stored.
@@ -68,7 +75,7 @@ from torch import Tensor
 from .common import (
     MAX_HEAD_DIM, Blocks, block_gates, channel_decay, channel_scores, chunk_gates, decayed, dot_precision,
     gradient_dtype, gram, kernel_dtype, kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype,
-    pair_decay, readout_mask, reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile,
+    pair_decay, readout_mask, reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile, transposed,
 )
 from .tuning import ChunkKernel, Space
 
@@ -178,8 +185,8 @@ def _states_bwd_kernel(
 
 @triton.jit
 def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_state, dw_seq, dk_seq, dq_seq, dg_seq,
-                 rows, cols_k, T, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr, C: tl.constexpr,
-                 BV: tl.constexpr, HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr,
+                 tr_seq, rows, cols_k, T, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
+                 C: tl.constexpr, BV: tl.constexpr, HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr,
                  BEFORE: tl.constexpr, PREC: tl.constexpr):
     """``_grads_kernel``'s work for the key channels ``cols_k`` (all of them, or a block of them:
     every gradient but dA is per channel; a scalar gate's dg, a sum over channels, is returned).
@@ -231,11 +238,7 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
         else:          # A = (Q K^T) * e^{Gq_r - G_s}
             dAg = dA * pair_decay(Gq, G, mask, GATE)
             dQ += mm(dAg, k, PREC)                                        # row r: sum_s dAg_rs k_s
-            # row s: sum_r dAg_rs q_r.  A product's result transposed into another product: fla found
-            # Hopper compilers before Triton 3.7.1 getting that wrong (fla issue 640); forming dA^T beside
-            # dA instead cost ~10% of this kernel statically, so it stays, checked on the GPU by
-            # test_bf16_at_the_benchmark_configuration and benchmarks/gpu_candidates.py
-            dK += mm(tl.trans(dAg), q, PREC)
+            dK += mm(transposed(dAg, tr_seq, C), q, PREC)                # row s: sum_r dAg_rs q_r
         store_tile(dq_seq, dQ, rows, cols_k, T, dk, HEADS * dk)
 
     store_tile(dk_seq, dK, rows, cols_k, T, dk, HEADS * dk)
@@ -268,7 +271,7 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
 @triton.jit(do_not_specialize=["N"])
 def _grads_kernel(
     k_ptr, v_ptr, q_ptr, g_ptr, h_ptr, vp_ptr, dvp_ptr, do_ptr, dhn_ptr,   # inputs
-    dk_ptr, dq_ptr, dg_ptr, dw_ptr,                                        # outputs
+    dk_ptr, dq_ptr, dg_ptr, dw_ptr, tr_ptr,                                # outputs, scratch
     T, N, NC, scale, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKG: tl.constexpr,
     HAS_Q: tl.constexpr, DELTA: tl.constexpr, GATE: tl.constexpr, BEFORE: tl.constexpr, PREC: tl.constexpr,
@@ -299,8 +302,8 @@ def _grads_kernel(
     dg = tl.zeros([C], dtype=tl.float32)
     for c0 in tl.static_range(0, BK, BKG):
         dg += _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h, dhn, dw_seq, dk_seq, dq_seq, dg_seq,
-                           rows, c0 + tl.arange(0, BKG), T, scale, HEADS, dk, dv, C, BV, HAS_Q, DELTA, GATE, BEFORE,
-                           PREC)
+                           tr_ptr + (n * NC + i) * C * C, rows, c0 + tl.arange(0, BKG), T, scale, HEADS, dk, dv, C,
+                           BV, HAS_Q, DELTA, GATE, BEFORE, PREC)
     if GATE == 1:
         store_steps(dg_seq, dg, rows, T, HEADS)
 
@@ -308,7 +311,7 @@ def _grads_kernel(
 @triton.jit(do_not_specialize=["N"])
 def _wy_grads_kernel(
     k_ptr, v_ptr, b_ptr, coef_ptr, g_ptr, tm_ptr, dvp_ptr, dw_ptr,     # inputs
-    dk_ptr, dv_ptr, db_ptr, dcoef_ptr, dg_ptr,                 # outputs (dk, dg: added to)
+    dk_ptr, dv_ptr, db_ptr, dcoef_ptr, dg_ptr, tr_ptr,         # outputs (dk, dg: added to), scratch
     T, N, NC, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
     C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
     GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
@@ -363,11 +366,11 @@ def _wy_grads_kernel(
         BKW: tl.constexpr = BK
     _wy_key_grads(k_seq, g_seq, dw_ptr + n * NC * C * dk, seq_start(dk_ptr, n, T, HEADS, dk),
                   seq_start(dg_ptr, n, T, HEADS, dk if GATE == 2 else 1), seq_start(db_ptr, n, T, HEADS, 1), Tm, dTm,
-                  b, rows, T, HEADS, dk, C, BK, BKW, GATE, PREC)
+                  tr_ptr + (n * NC + i) * C * C, b, rows, T, HEADS, dk, C, BK, BKW, GATE, PREC)
 
 
 @triton.jit
-def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows, T, HEADS: tl.constexpr,
+def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, tr_seq, b, rows, T, HEADS: tl.constexpr,
                   dk: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BKW: tl.constexpr, GATE: tl.constexpr,
                   PREC: tl.constexpr):
     """``_wy_grads_kernel``'s work after its dv loop, BKW key channels at a time: dKb = Tm^T dW and
@@ -393,7 +396,7 @@ def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, b, rows
         dAb = dAkk * b[:, None]
     else:          # the decayed score gradients are the same for every block too
         dAE = dAkk * pair_decay(G, G, strict, GATE)                   # dAkk_rs e^{G_r - G_s}
-        dAEb_t = tl.trans(dAE * b[:, None])
+        dAEb_t = transposed(dAE * b[:, None], tr_seq, C)
     db = tl.zeros([C], dtype=tl.float32)
     dg_rows = tl.zeros([C], dtype=tl.float32)   # a scalar gate's dG, summed over the channels
     for c0 in tl.static_range(0, BK, BKW):
@@ -556,14 +559,17 @@ def chunk_backward(
     # tensors: the WY kernel's tuning restores dk and dg with copy_, which bumps autograd versions)
     dg_ = dg if g is not None else unused
     dw = torch.empty(n, nc * chunk, key_dim, **operands) if delta else unused   # dL/dW, a dot operand of the WY kernel
+    # [C, C] per chunk for ``common.transposed`` (the readout's and WY form's score gradients; not with
+    # a per-channel gate, whose kernels form no such product)
+    tr = torch.empty(n * nc * chunk * chunk, **operands) if gate != 2 and (q is not None or delta) else unused
     GRADS.launch(lambda m: (nc, n),
-                 (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw,
+                 (k, v, q_, g_, H, Vp_, dvp, do_, dhn, dk, dq if q is not None else unused, dg_, dw, tr,
                   t, n, nc, float(scale), heads, key_dim, value_dim),
                  dict(flags, BKG=_grads_key_block(blocks, gate, delta, prec)), blocks, dev)
     if delta:
         WY_GRADS.launch(lambda m: (nc, n),
                         (k, v, beta_, beta_ if coef is None else c(coef), g_, c(Tm), dvp, dw, dk, dv, dbeta,
-                         unused if coef is None else dcoef, dg_, t, n, nc, heads, key_dim, value_dim),
+                         unused if coef is None else dcoef, dg_, tr, t, n, nc, heads, key_dim, value_dim),
                         dict(C=chunk, BK=blocks.BK, BKC=blocks.BKC, BKD=blocks.BKD, GATE=gate,
                              HAS_COEF=coef is not None, PREC=prec),
                         blocks, dev)

@@ -188,6 +188,20 @@ def store_tile(ptr, x, rows, cols, n_rows, n_cols, row_stride):
 
 
 @triton.jit
+def transposed(x, scratch, C: tl.constexpr):
+    """x^T of a [C, C] tile by way of ``scratch``, this program's own [C, C] tile in global memory
+    (written, then read back transposed), not ``tl.trans``: a tensor-core product's result
+    transposed into another product is what fla found Triton 3.4-3.7.0 miscompiling on Hopper (fla
+    issue 640; the lent GPU machines run Triton 3.6).  In the scratch's dtype (the dots' operand
+    dtype: what ``mm`` rounds to anyway)."""
+    r = tl.arange(0, C)
+    tl.debug_barrier()   # every thread done with the scratch's previous contents
+    store_tile(scratch, x, r, r, C, C, C)
+    tl.debug_barrier()
+    return tl.load(scratch + r[None, :] * C + r[:, None])
+
+
+@triton.jit
 def decayed(x, log_decay, GATE: tl.constexpr):
     """x e^{log_decay} (fp32), or ``x`` as it is without a gate (GATE 0: every log-decay is 0, and
     an operand tile goes to ``mm`` as ``load_operand`` read it)."""
