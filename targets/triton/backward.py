@@ -396,7 +396,6 @@ def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, tr_seq,
         dAb = dAkk * b[:, None]
     else:          # the decayed score gradients are the same for every block too
         dAE = dAkk * pair_decay(G, G, strict, GATE)                   # dAkk_rs e^{G_r - G_s}
-        dAEb_t = transposed(dAE * b[:, None], tr_seq, C)
     db = tl.zeros([C], dtype=tl.float32)
     dg_rows = tl.zeros([C], dtype=tl.float32)   # a scalar gate's dG, summed over the channels
     for c0 in tl.static_range(0, BK, BKW):
@@ -412,7 +411,7 @@ def _wy_key_grads(k_seq, g_seq, dw_seq, dk_seq, dg_seq, db_seq, Tm, dTm, tr_seq,
             dKs = tl.sum(dAb[:, :, None] * k[:, None, :] * E3, 0)      # sum_r b_r dAkk_rs k_rc E_rsc
         else:
             dKr = mm(dAE, k, PREC)                                    # row r: sum_s dAE_rs k_s
-            dKs = mm(dAEb_t, k, PREC)                                 # row s: sum_r dAE_rs b_r k_r
+            dKs = mm(transposed(dAE * b[:, None], tr_seq, C), k, PREC)  # row s: sum_r dAE_rs b_r k_r
         kdKr = k * dKr
         dKbk = dKb * decayed(k, G, GATE)                              # dKb k e^G
         db += tl.sum(kdKr + dKbk, 1)
