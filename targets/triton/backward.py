@@ -57,8 +57,8 @@ such, and the grads and WY kernels transpose dA and dAkk's [C, C] score gradient
 scratch tile of their own in global memory (``common.transposed``), the route fla took after
 finding Triton 3.4-3.7.0 miscompiling ``tl.trans`` of such a result on Hopper (the lent GPU
 machines run Triton 3.6).  Static sm_90 (Triton 3.6, d = 128, bf16 dots, 8 warps, BV = 32): grads
-DeltaNet / Gated DeltaNet 776 / 1616 -> 832 / 1680 instructions, WY 1768 / 2160 -> 1848 / 2224
-(3-4% of a program's dynamic count; forming dA^T beside dA instead cost ~10%, and dAkk^T ~40%).
+DeltaNet / Gated DeltaNet 776 / 1616 -> 832 / 1680 instructions, WY 1768 / 2160 -> 1840 / 2208
+(2-5% of a program's dynamic count; forming dA^T beside dA instead cost ~10%, and dAkk^T ~40%).
 Every exponent is masked (to -inf) before exp and is <= 0 for gates in (0, 1], so
 nothing overflows. Positions t >= T load as zeros (neutral steps), give zero
 gradients and are never stored.
