@@ -54,9 +54,10 @@ program -> ~1.4-1.8 K, at chunk 64 ~5.7-6.4 K -> ~2.1-2.3 K and no spills (were 
 thread); Gated DeltaNet's grads kernel at chunk 32 no spills (were 96-104 B).
 No product's result goes transposed into another product: the readout_dv kernel forms A^T as
 such, and the grads and WY kernels transpose dA and dAkk's [C, C] score gradients through a
-scratch tile of their own in global memory (``common.transposed``), the route fla took after
-finding Triton 3.4-3.7.0 miscompiling ``tl.trans`` of such a result on Hopper (the lent GPU
-machines run Triton 3.6).  Static sm_90 (Triton 3.6, d = 128, bf16 dots, 8 warps, BV = 32): grads
+scratch tile of their own in global memory (``common.transposed``), a round trip like the one
+proposed in fla's PR 826 after Triton 3.4-3.7.0 miscompiled ``tl.trans`` of such a result on Hopper
+(fla itself refuses those Tritons there; the lent GPU machines run Triton 3.6).  Static sm_90
+(Triton 3.6, d = 128, bf16 dots, 8 warps, BV = 32, 2 stages as the tuning space's): grads
 DeltaNet / Gated DeltaNet 776 / 1616 -> 832 / 1680 instructions, WY 1768 / 2160 -> 1840 / 2208
 (2-5% of a program's dynamic count; forming dA^T beside dA instead cost ~10%, and dAkk^T ~40%).
 Every exponent is masked (to -inf) before exp and is <= 0 for gates in (0, 1], so

@@ -193,7 +193,9 @@ def transposed(x, scratch, C: tl.constexpr):
     (written, then read back transposed), not ``tl.trans``: a tensor-core product's result
     transposed into another product is what fla found Triton 3.4-3.7.0 miscompiling on Hopper (fla
     issue 640; the lent GPU machines run Triton 3.6).  In the scratch's dtype (the dots' operand
-    dtype: what ``mm`` rounds to anyway)."""
+    dtype: what ``mm`` rounds to anyway).  The barriers make it correct whichever thread reads what
+    another wrote (the layouts are the compiler's choice), so every thread of the program must
+    reach the call: call it outside data-dependent branches (constexpr ones are fine)."""
     r = tl.arange(0, C)
     tl.debug_barrier()   # every thread done with the scratch's previous contents
     store_tile(scratch, x, r, r, C, C, C)
