@@ -248,8 +248,8 @@ def _chunk_grads(k_seq, q_seq, do_seq, g_seq, vals_seq, dvp_seq, h_state, dhn_st
         # The log-decays' gradient, read off the finished dQ and dK: G enters as e^{-G} with every
         # key (in Kt and, s-side, in A) and Gq as e^{Gq} with every query (in Qt and, r-side, in A),
         # so dL/dGq = q . dQ and dL/dG = -k . dK per row (and channel), with dA * A summed over s
-        # and over r not formed again; for a scalar gate one reduction over the channels (with G_L's,
-        # two; were four).  Then G_L is G's last row, G = cumsum(g), and "before" has Gq = G - g.
+        # and over r not formed again: for a scalar gate one reduction over the channels here, one for
+        # G_L's above.  Then G_L is G's last row, G = cumsum(g), and "before" has Gq = G - g.
         if HAS_Q:
             dG = _per_gate(q * dQ - k * dK, GATE)
         else:
