@@ -34,7 +34,8 @@ from bench_triton import (far, fixed_cotangent, grad_error, kernel_knobs, make_i
                           reference, rel_err)
 
 MODELS = ("DeltaNet", "GatedDeltaNet")
-KERNELS = dict(forward=("PREPARE", "STATES", "OUTPUT"), backward=("READOUT_DV", "STATES_BWD", "GRADS", "WY_GRADS"))
+KERNELS = dict(forward=("WY_INVERSE", "PREPARE", "STATES", "OUTPUT"),
+               backward=("READOUT_DV", "STATES_BWD", "GRADS", "WY_GRADS"))
 
 
 def _dropped() -> tuple[type, ...]:

@@ -340,7 +340,8 @@ def fla_rows(records: list[dict], results: dict) -> list[dict]:
 
 # kernel: (phase, grid, label and trips of its loops); nc: chunks, N: sequences (B x H), vb: value blocks dv / BV
 OURS = {
-    "_prepare_kernel": ("fwd", ("nc", "N"), "inverse cols", 15),  # common.unit_lower_inverse's 15 steps
+    "_wy_inverse_kernel": ("fwd", ("nc", "N"), "block inverse", 15),  # wy_inverse._diagonal_inverse's 15 steps
+    "_prepare_kernel": ("fwd", ("nc", "N"), "", 1),
     "_states_kernel": ("fwd", ("N", "vb"), "chunks", "nc"),
     "_output_kernel": ("fwd", ("nc", "N", "vb"), "", 1),
     "_readout_dv_kernel": ("bwd", ("nc", "N", "vb"), "", 1),
@@ -357,10 +358,10 @@ def our_rows(workers: int) -> list[dict]:
     for r in compile_all(specs, workers):
         phase, grid, label, trips = OURS[r["kernel"]]
         c = r["constexprs"]
-        dims = dict(nc=T // c["C"], N=B * H, vb=-(-V // c["BV"]))
+        dims = dict(nc=T // c["C"], N=B * H, vb=-(-V // c.get("BV", V)))
         loops = [(tuple(loop), label, dims.get(trips, trips)) for loop in r["loops"]]
         rows.append(make_row("ours", r["kind"], phase, r["kernel"], tuple(dims[g] for g in grid), r["num_warps"],
-                             r["num_stages"] or "default", f"BV={c['BV']}", r, loops))
+                             r["num_stages"] or "default", f"BV={c['BV']}" if "BV" in c else "", r, loops))
     return rows
 
 

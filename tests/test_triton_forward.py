@@ -209,7 +209,7 @@ def _inverse_kernel(a_ptr, out_ptr, C: tl.constexpr):
 
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_wy_inverse_matches_float64(chunk):
-    """The blocked inverse (I + tril(a, -1))^{-1} of the WY form (16x16 diagonal blocks, then
+    """The blocked inverse (I + tril(a, -1))^{-1} of the WY form with a per-channel gate (16x16 diagonal blocks, then
     Horner over the block levels; its products at C = 64 are tf32x3, emulated here) at fp32 rounding,
     also for ill-conditioned matrices (entries of the inverse up to ~1e8 at C = 64); the diagonal
     and upper part of ``a`` are ignored."""
@@ -221,6 +221,31 @@ def test_wy_inverse_matches_float64(chunk):
     _inverse_kernel[(6,)](a.float().contiguous(), out, C=chunk)
     err = (out.double() - expected).abs().amax((1, 2)) / expected.abs().amax((1, 2))
     assert err.max() < 2e-5, err
+
+
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_blocked_wy_inverse_matches_float64(chunk):
+    """The delta family's WY inverse as ``wy_inverse`` forms it without a per-channel gate ([16, 16]
+    blocks: the diagonal ones by substitution, the ones below by block forward substitution in
+    tf32x3 products, emulated here) is as accurate as the whole-tile inverse (``unit_lower_inverse``)
+    on the same matrices, also ill-conditioned ones (inverse entries ~1e3, ~1e5 and ~1e12 at chunks
+    16, 32, 64).  Keys in {-1, 0, 1} and betas in eighths make Akk exact in fp32, so the error is the
+    inverse's alone."""
+    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
+    n, t, dk = 4, 2 * chunk, 16
+    k = torch.randint(-1, 2, (n, t, dk), generator=gen).float()
+    beta = torch.randint(1, 9, (n, t), generator=gen) / 8
+    tm = chunk_forward(k, torch.zeros(n, t, 16), None, beta, None, None, chunk, False)[5]
+    akk = torch.stack([(beta[:, s, None] * (k[:, s] @ k[:, s].transpose(1, 2))).tril(-1)
+                       for s in (slice(i * chunk, (i + 1) * chunk) for i in range(t // chunk))], 1)
+    akk = akk.reshape(-1, chunk, chunk)   # [n * chunks, C, C], exact
+    want = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + akk.double())
+    whole = torch.empty_like(akk)
+    _inverse_kernel[(akk.shape[0],)](akk.contiguous(), whole, C=chunk)
+    error = lambda x: ((x.double() - want).abs().amax((1, 2)) / want.abs().amax((1, 2))).max().item()  # noqa: E731
+    blocked = error(tm.reshape(-1, chunk, chunk))
+    assert want.abs().max() > {16: 1e2, 32: 1e4, 64: 1e11}[chunk]
+    assert blocked <= max(3 * error(whole), 1e-6) and blocked < 2e-4, (blocked, error(whole))
 
 
 @triton.jit

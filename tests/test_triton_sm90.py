@@ -72,6 +72,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     from nlcompile.targets.triton import backward, forward
     from nlcompile.targets.triton.common import kernel_blocks
     from nlcompile.targets.triton.ops import kernel_chunk
+    from nlcompile.targets.triton.wy_inverse import inverse_key_block
 
     name, delta, gate = kind
     dv = dk if dv is None else dv
@@ -82,7 +83,7 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
 
     def add(module, kernel, **constexprs):
         dot = precs[module]
-        launches = [dict(BV=b.BV, num_warps=b.num_warps, num_stages=None)]
+        launches = [dict(BV=b.BV, num_warps=kernel.untuned_warps(b), num_stages=None)]
         if space:   # as the autotuner prunes them (BV clipped to dv, candidates known to fault dropped)
             configs = kernel.candidates(dv, dot)
             launches = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in configs]
@@ -100,7 +101,10 @@ def kernel_specs(kind: tuple[str, bool, int], dk: int, dv: int | None = None, be
     base = dict(C=chunk, BK=b.BK, GATE=gate, HEADS=heads, dk=dk, dv=dv)
     value_heads = 1 if delta else heads
     if delta:
-        add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, BKD=b.BKD, HAS_COEF=True)
+        if gate != 2:
+            add("forward", forward.WY_INVERSE, C=chunk, BK=b.BK, BKD=inverse_key_block(b, "cuda"), GATE=gate,
+                HEADS=heads, dk=dk)
+        add("forward", forward.PREPARE, **base, BV=b.BV_prepare, BKC=b.BKC, HAS_COEF=True)
     add("forward", forward.STATES, **base, HAS_BETA=delta, src_heads=value_heads)
     if with_q:
         add("forward", forward.OUTPUT, **base, BKC=b.BKC, BKD=b.BKD, BEFORE=before, vals_heads=value_heads)
@@ -213,7 +217,7 @@ def table(results: list[dict]) -> str:
     for r in results:
         c = r["constexprs"]
         flags = ",".join(f"{k}={int(v)}" for k, v in c.items() if k in ("HAS_Q", "BEFORE", "HAS_BETA"))
-        rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['PREC']} | {c['C']} | {c['BV']} | "
+        rows.append(f"| {r['kernel']} | {r['kind']} | {r['d']} | {c['PREC']} | {c['C']} | {c.get('BV', '-')} | "
                     f"{c.get('BKC', '-')} | {r['num_warps']} | {r.get('num_stages') or 'default'} | {flags} | "
                     f"{r['shared']} | {r['reg']} | {r['stack']} | "
                     f"{blocks_per_sm(r['reg'], r['shared'], r['num_warps'])} | {r['instructions']} / {r['barriers']} | "

@@ -795,7 +795,7 @@ def test_gpu_candidates_script(capsys):
     kernels = [getattr(module, n) for module in (forward, backward)
                for n in script.KERNELS[module.__name__.rsplit(".", 1)[1]]]
     counts = [len(script.candidates(k, 64, "bf16", interpreting())) for k in kernels]
-    assert len(kernels) == 7 and len(rows) == 2 + sum(counts)
+    assert len(kernels) == 8 and len(rows) == 2 + sum(counts)
     assert "WRONG" not in out
 
     assert os.environ.get("NLCOMPILE_TRITON_TUNE") == tune   # the script's knob was set for its run only

@@ -15,6 +15,7 @@ import torch
 
 from nlcompile.targets.triton import backward, forward, tuning
 from nlcompile.targets.triton.backward import chunk_backward
+from nlcompile.targets.triton.common import kernel_blocks
 from nlcompile.targets.triton.forward import chunk_forward
 from test_triton_backward import (
     KINDS, assert_grads_close, chunk_intermediates, make_inputs, reference_grads,
@@ -39,7 +40,7 @@ def _cpu_tuned(kernel: tuning.ChunkKernel, winner: int) -> tuning.ChunkKernel:
 def tuned_on_cpu(request, monkeypatch):
     """Force the tuned path; the candidate that wins is the fixture's parameter."""
     monkeypatch.setattr(tuning, "tuning_enabled", lambda device: True)
-    for module, names in ((forward, ("PREPARE", "STATES", "OUTPUT")),
+    for module, names in ((forward, ("WY_INVERSE", "PREPARE", "STATES", "OUTPUT")),
                           (backward, ("READOUT_DV", "STATES_BWD", "GRADS", "WY_GRADS"))):
         for name in names:
             monkeypatch.setattr(module, name, _cpu_tuned(getattr(module, name), request.param))
@@ -92,8 +93,8 @@ def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
     x = make_inputs("gated_delta", 37, 16, 40)
     for _ in range(2):
         chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
-    assert [name for name, _ in calls] == ["_prepare_kernel", "_states_kernel", "_output_kernel"]
-    for kernel, (_, key) in zip((forward.PREPARE, forward.STATES, forward.OUTPUT), calls):
+    assert [name for name, _ in calls] == ["_wy_inverse_kernel", "_prepare_kernel", "_states_kernel", "_output_kernel"]
+    for kernel, (_, key) in zip((forward.WY_INVERSE, forward.PREPARE, forward.STATES, forward.OUTPUT), calls):
         assert key in kernel.tuned.cache
 
 
@@ -124,6 +125,18 @@ def test_space_and_clipping():
     # not reused for another; the tuned BV is not
     assert {"N", "dk", "dv", "C", "GATE", "HAS_BETA", "PREC"} <= set(forward.STATES.tuned.keys)
     assert "BV" not in forward.STATES.tuned.keys and "BV" in forward.PREPARE.tuned.keys
+
+
+def test_untuned_warps(monkeypatch):
+    """The untuned launch's warps: the device's (``Blocks.num_warps``), or a kernel's own where its
+    space fixes them (the WY inverse's [16, 16] tiles: one warp), both overridden by a forced
+    ``NLCOMPILE_TRITON_WARPS``."""
+    monkeypatch.delenv("NLCOMPILE_TRITON_WARPS", raising=False)
+    blocks = kernel_blocks("cuda", 128, 128, 64, "bf16")
+    assert blocks.num_warps == 8
+    assert forward.WY_INVERSE.untuned_warps(blocks) == 1 and forward.STATES.untuned_warps(blocks) == 8
+    monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "2")
+    assert forward.WY_INVERSE.untuned_warps(blocks) == 2 == forward.STATES.untuned_warps(blocks)
 
 
 def test_when_tuning_applies(monkeypatch):

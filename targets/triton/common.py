@@ -26,6 +26,8 @@ INTERPRETED = tl.constexpr(interpreting())
 @triton.jit
 def unit_lower_inverse(a, C: tl.constexpr):
     """``(I + tril(a, -1))^{-1}`` of a [C, C] fp32 block; the diagonal and upper part of ``a`` are ignored.
+    The per-channel gate's WY inverse (``channel_wy_factors``, in the prepare kernel); without one
+    the inverse is a kernel of its own in [16, 16] tiles (``wy_inverse``).
 
     Blocked, as flash-linear-attention inverts its chunks: the 16x16 diagonal blocks first, all at
     once as one [C/16, 16, 16] tile, by right-looking substitution (step j subtracts column j of
@@ -331,16 +333,6 @@ def channel_scores(q_seq, k_seq, g_seq, rows, T, dk, HEADS, mask, C: tl.constexp
             Gq_c = G_c
         A += tl.sum(q_c[:, None, :] * k_c[None, :, :] * channel_decay(Gq_c, G_c, mask), 2)
     return A
-
-
-@triton.jit
-def wy_factors(kk, b, G, C: tl.constexpr, GATE: tl.constexpr):
-    """The delta rule's chunk factors from kk = K K^T [C,C], b [C] and a scalar (or no) gate
-    G [C,1]: (Tm, eb) with Akk = diag(b) K K^T * E, E_rs = e^{G_r - G_s} (s < r, else 0),
-    Tm = (I + Akk)^{-1} and eb = b e^G [C,1], so W = Tm (K * eb) and U = Tm V."""
-    r = tl.arange(0, C)
-    Tm = unit_lower_inverse(b[:, None] * kk * pair_decay(G, G, r[:, None] > r[None, :], GATE), C)
-    return Tm, decayed(b[:, None], G, GATE)
 
 
 @triton.jit

@@ -16,8 +16,9 @@ cumsum of g inside the chunk, G_L its value at the last row, Gq = G or G - g)::
     O_i     = (Q e^{Gq}) H_i + A V',  A_rs = sum_c q_rc k_sc e^{Gq_rc - G_sc}  (s <= r, or s < r "before")
             (times ``scale``, the queries' factor: the readout is S^T (scale q))
 
-Three kernels: ``_prepare_kernel`` (delta only, parallel over chunks: W, U and the WY inverse Tm,
-which the backward reads),
+Four kernels: ``wy_inverse._wy_inverse_kernel`` (delta only, no gate or a scalar one, parallel over
+chunks: the WY inverse Tm, which the backward reads too), ``_prepare_kernel`` (delta only, parallel over
+chunks: W and U; with a per-channel gate Tm too),
 ``_states_kernel`` (sequential over chunks, parallel over sequences and value
 blocks: stores H_i and overwrites U with V') and ``_output_kernel`` (parallel
 over chunks: O).  Positions t >= T are masked to k = v = q = 0, b = 0, g = 0,
@@ -35,9 +36,10 @@ from torch import Tensor
 from .common import (
     INTERPRETED, MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, decayed, dot_precision, gram,
     kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences,
-    store_tile, wy_factors,
+    store_tile,
 )
 from .tuning import ChunkKernel, Space
+from .wy_inverse import _wy_inverse_kernel, inverse_key_block
 
 __all__ = ["chunk_forward"]
 
@@ -52,7 +54,7 @@ _FLOAT_INPUTS = (torch.float32, torch.bfloat16, torch.float16)
 def _prepare_kernel(
     k_ptr, v_ptr, beta_ptr, coef_ptr, g_ptr, w_ptr, u_ptr, tm_ptr,
     T, N, L, HEADS: tl.constexpr, dk: tl.constexpr, dv: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr, BKD: tl.constexpr,
+    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BKC: tl.constexpr,
     GATE: tl.constexpr, HAS_COEF: tl.constexpr, PREC: tl.constexpr,
 ):
     """Delta family, one chunk per program (grid (nc, N)): the WY/UT factors W [C, dk] and U [C, dv].
@@ -60,9 +62,10 @@ def _prepare_kernel(
     Akk_rs = b_r (k_r . k_s) e^{G_r - G_s} for s < r; Tm = (I + Akk)^{-1};
     W = Tm diag(b e^G) K and U = Tm V.  Written to rows i*C .. i*C+C-1 of the
     padded [N, L = nc*C, .] buffers (U into the V' buffer, which the states
-    kernel then corrects in place), and Tm too ([N, L, C]: the backward's WY kernel reads it
-    instead of inverting again; rounded to the dots' operand dtype, as every product here uses
-    it).  GATE: 0 none, 1 scalar, 2 per key channel in the "gate first" order
+    kernel then corrects in place).  Tm ([N, L, C], in the dots' operand dtype, as every product
+    here uses it; the backward's WY kernel reads it instead of inverting again) is read, as
+    ``wy_inverse._wy_inverse_kernel`` wrote it, except with a per-channel gate, whose Tm is
+    inverted here and written.  GATE: 0 none, 1 scalar, 2 per key channel in the "gate first" order
     S_t = (I - b_t k_t k_t^T) diag(e^{g_t}) S_{t-1} + k_t v_t^T (Kimi Delta Attention): then Akk_rs = b_r sum_c k_rc k_sc e^{G_rc - G_sc} (built like the per-channel
     readout scores, BKC channels at a time) and W = Tm (b e^G * K) with e^G per channel.
     HAS_COEF: v is scaled here by the write coefficient ``coef`` (U = Tm diag(coef) V), not before.
@@ -82,12 +85,12 @@ def _prepare_kernel(
     _, G, _, _ = chunk_gates(g_seq, rows, T, dk, HEADS, C, BK, GATE, False)
     if GATE == 2:
         tm, eb = channel_wy_factors(k_seq, g_seq, b, G, rows, T, dk, HEADS, C, BK, BKC)
+        store_tile(tm_ptr + n * L * C, tm, rows, tl.arange(0, C), L, C, C)
     else:
-        kk = gram(k_seq, k_seq, rows, T, dk, HEADS, C, BK, BKD, PREC)
-        tm, eb = wy_factors(kk, b, G, C, GATE)
+        tm = load_operand(tm_ptr + n * L * C, rows, tl.arange(0, C), L, C, C)
+        eb = decayed(b[:, None], G, GATE)
     store_tile(w_ptr + n * L * dk, mm(tm, K * eb, PREC), rows, cols_k, L, dk, dk)
     store_tile(u_ptr + n * L * dv, mm(tm, V, PREC), rows, cols_v, L, dv, dv)
-    store_tile(tm_ptr + n * L * C, tm, rows, tl.arange(0, C), L, C, C)
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -180,10 +183,11 @@ def _output_kernel(
 # it overwrites U with V' in place (``vp_ptr``, the same buffer as ``src_ptr`` for the delta family;
 # without beta ``src_ptr`` is the caller's v, which must not be restored: a copy_ would bump its
 # autograd version, so ``vp_ptr`` is then a scratch element).
+WY_INVERSE = ChunkKernel(_wy_inverse_kernel, Space(warps=(1, 2, 4), stages=(1,), fixed_warps=1))
 PREPARE = ChunkKernel(_prepare_kernel, Space())
 STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2)), restore=("vp_ptr",))
 OUTPUT = ChunkKernel(_output_kernel, Space(value_blocks=(32, 64, 128), stages=(2,)))
-KERNELS = (PREPARE, STATES, OUTPUT)
+KERNELS = (WY_INVERSE, PREPARE, STATES, OUTPUT)
 
 
 # --------------------------------------------------------------------------- launcher
@@ -298,9 +302,13 @@ def chunk_forward(
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
     unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
     if delta:
+        if gate != 2:
+            WY_INVERSE.launch(lambda m: (nc, n), (k, beta, g_arg, Tm, t, n, L, heads, dk),
+                              dict(C=c, BK=blocks.BK, BKD=inverse_key_block(blocks, dev), GATE=gate, PREC=prec),
+                              blocks, dev)
         PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, Tm, t, n, L,
                                            heads, dk, dv),
-                       dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, BKD=blocks.BKD, HAS_COEF=coef is not None),
+                       dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, HAS_COEF=coef is not None),
                        blocks, dev)
     src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
     STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),

@@ -51,6 +51,7 @@ class Space:
     warps: tuple[int, ...] = (4, 8)
     stages: tuple[int, ...] = (2, 3)
     maxnreg: Optional[int] = None        # register cap on CUDA, tuned or not
+    fixed_warps: Optional[int] = None    # warps of the untuned launch on CUDA (None: ``Blocks.num_warps``)
 
     def configs(self) -> list[triton.Config]:
         return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=s, maxnreg=self.maxnreg)
@@ -58,16 +59,16 @@ class Space:
 
 
 def _clip_value_blocks(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Candidates with BV at most the value dim's block (wider ones would only compute padding), deduplicated.
+    """Candidates with BV at most the value dim's block (wider ones would only compute padding), deduplicated
+    (a kernel without value blocks, such as the WY inverse, takes no dv: its candidates as they are).
 
     Dropped: BV = 32 with one pipeline stage under bf16 dots: on an H100 (Triton 3.6) the forward
     states kernel at chunk 64 faulted with an illegal address in exactly those two candidates
     (4 and 8 warps; every other candidate and the fixed launch ran and gave finite outputs)."""
     args = {**named_args, **kwargs}
-    limit = block(args["dv"])
     kept: dict[tuple, triton.Config] = {}
     for c in configs:
-        kw = {name: (min(x, limit) if name == "BV" else x) for name, x in c.kwargs.items()}
+        kw = {name: (min(x, block(args["dv"])) if name == "BV" else x) for name, x in c.kwargs.items()}
         if kw.get("BV") == 32 and c.num_stages == 1 and str(args.get("PREC", "")).startswith("bf16"):
             continue
         kept.setdefault((tuple(sorted(kw.items())), c.num_warps, c.num_stages),
@@ -137,10 +138,16 @@ class ChunkKernel:
                 print(f"nlcompile: tuned {self.name} in {time.perf_counter() - start:.1f} s ({how}): "
                       f"{describe(self.tuned.best_config)}", file=sys.stderr)
             return
-        fixed = dict(num_warps=blocks.num_warps, maxnreg=self.space.maxnreg if device.type == "cuda" else None)
+        fixed = dict(num_warps=self.untuned_warps(blocks),
+                     maxnreg=self.space.maxnreg if device.type == "cuda" else None)
         if self.space.value_blocks:
             fixed["BV"] = blocks.BV
         self.fn[grid({**meta, **fixed})](*args, **meta, **fixed)
+
+    def untuned_warps(self, blocks: Blocks) -> int:
+        """Warps of the untuned launch: the space's own where it fixes them (a kernel of [16, 16]
+        tiles), unless ``NLCOMPILE_TRITON_WARPS`` forces them for every kernel; else the device's."""
+        return knobs.triton_warps() or self.space.fixed_warps or blocks.num_warps
 
     def candidates(self, dv: int, prec: str) -> list[triton.Config]:
         """The configs the autotuner times at value dim ``dv`` and dot precision ``prec``: the space, BV
