@@ -340,7 +340,7 @@ def fla_rows(records: list[dict], results: dict) -> list[dict]:
 
 # kernel: (phase, grid, label and trips of its loops); nc: chunks, N: sequences (B x H), vb: value blocks dv / BV
 OURS = {
-    "_wy_inverse_kernel": ("fwd", ("nc", "N"), "block inverse", 15),  # wy_inverse._diagonal_inverse's 15 steps
+    "_wy_inverse_kernel": ("fwd", ("nc", "N"), "block inverse", 15),  # wy_inverse._diagonal_inverses' 15 steps
     "_prepare_kernel": ("fwd", ("nc", "N"), "", 1),
     "_states_kernel": ("fwd", ("N", "vb"), "chunks", "nc"),
     "_output_kernel": ("fwd", ("nc", "N", "vb"), "", 1),
@@ -351,6 +351,15 @@ OURS = {
 }
 
 
+def _loop_label(result: dict, loop: tuple, label: str, trips: int) -> tuple[str, int]:
+    """A loop's label and trips: the kernel's (``OURS``), except the WY inverse's key loop (the one
+    without shuffles, beside its substitution's), which takes BK / BKD trips."""
+    c = result["constexprs"]
+    if result["kernel"] == "_wy_inverse_kernel" and not loop[2]:
+        return "K/BKD", c["BK"] // c["BKD"]
+    return label, trips
+
+
 def our_rows(workers: int) -> list[dict]:
     """A row per autotune candidate of our kernels (DeltaNet and Gated DeltaNet, d = 128, bf16 dots)."""
     specs = [s for kind in (DELTANET, GATED_DELTANET) for s in kernel_specs(kind, K, prec="bf16", space=True)]
@@ -359,7 +368,7 @@ def our_rows(workers: int) -> list[dict]:
         phase, grid, label, trips = OURS[r["kernel"]]
         c = r["constexprs"]
         dims = dict(nc=T // c["C"], N=B * H, vb=-(-V // c.get("BV", V)))
-        loops = [(tuple(loop), label, dims.get(trips, trips)) for loop in r["loops"]]
+        loops = [(tuple(loop), *_loop_label(r, loop, label, dims.get(trips, trips))) for loop in r["loops"]]
         rows.append(make_row("ours", r["kind"], phase, r["kernel"], tuple(dims[g] for g in grid), r["num_warps"],
                              r["num_stages"] or "default", f"BV={c['BV']}" if "BV" in c else "", r, loops))
     return rows

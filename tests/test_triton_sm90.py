@@ -12,7 +12,7 @@ program walks, which nothing here can time).
 
 Checked: the benchmark shape (dk = dv = 128, bf16 k/v/q) for DeltaNet (delta rule, no
 gate), Gated DeltaNet (delta rule, scalar gate) and KDA (delta rule, per-key-channel gate,
-gate first; chunk 16), forward (prepare, states, output with the readout after) and
+gate first; chunk 16), forward (WY inverse, prepare, states, output with the readout after) and
 backward (readout_dv, states_bwd, grads, wy_grads) kernels, and Gated DeltaNet at dk = dv = 64 and 256,
 with tf32 forward and ieee backward dots (what the launchers pick for fp16 inputs); the
 forward kernels for fp32 inputs (ieee) of DeltaNet at 128 and Gated DeltaNet at 256; DeltaNet,
@@ -260,6 +260,10 @@ def test_kernels_fit_h100_shared_memory():
     starved = [f"{r['kind']} d={r['d']}: {r['reg']} registers" for r in results
                if r["kernel"] in ("_grads_kernel", "_wy_grads_kernel", "_states_bwd_kernel") and r["reg"] <= 32]
     assert not starved, f"grads kernel starved of registers: {starved}"
+    # the WY inverse runs at one warp, where an unrolled key loop of fp32 dots spilled 4.4 KB
+    spilled = [f"{r['kind']} d={r['d']} {r['constexprs']['PREC']}: {r['stack']} B" for r in results
+               if r["kernel"] == "_wy_inverse_kernel" and r["stack"]]
+    assert not spilled, f"WY inverse kernel spills: {spilled}"
 
 
 def test_sass_counts_reads_loops():

@@ -34,16 +34,12 @@ def unit_lower_inverse(a, C: tl.constexpr):
     each block times row j of its inverse from the rows below: 15 steps), then the blocks below the
     diagonal by Horner's rule over the block levels, with D^{-1} the block-diagonal inverse and M =
     D^{-1} tril_block(a): (I + M)^{-1} D^{-1} = D^{-1} - M (D^{-1} - M (...)), exact since M^{C/16}
-    = 0: C/16 products with M's own, all fp32-accurate (``exact_mm``). Why: the sequential chain.
-    Compiled for sm_90 here (d = 128, 8 warps; dynamic counts = loop body x trips + the rest), the
-    row-by-row substitution over the whole [C, C] tile it replaces cost the prepare kernel: DeltaNet
-    C = 64 (bf16 dots) 63 steps of 226 instructions, 10 barriers and 42 shuffles, ~15 K instructions
-    and ~660 barriers a program, now ~5 K and 55 (15 steps of 79 instructions, no barrier); Gated
-    DeltaNet C = 32 ~7.4 K and ~590, now ~3.0 K and ~67; DeltaNet C = 32 3.0 K and ~210, now 2.9 K
-    and ~67 (``python tests/test_triton_sm90.py --all`` lists every kernel's loops). Rounding on par
-    with the substitution (measured when this replaced it, random unit lower matrices up to C = 64:
-    within 3x of its error, ~1e-6 for inverses with entries of 1e8; tests/test_triton_forward.py
-    checks against float64).
+    = 0: C/16 products with M's own, all fp32-accurate (``exact_mm``). Why: the sequential chain
+    (a row-by-row substitution over the whole [C, C] tile, which this replaced, took 2.5-3 times
+    the instructions and 9-12 times the barriers in the then fused prepare kernel, static sm_90).
+    Rounding on par with the substitution (measured when this replaced it, random unit lower
+    matrices up to C = 64: within 3x of its error, ~1e-6 for inverses with entries of 1e8;
+    tests/test_triton_forward.py checks against float64).
     """
     NB: tl.constexpr = C // 16
     rows = tl.arange(0, C)
@@ -293,7 +289,7 @@ def channel_decay(Gq, G, mask):
 @triton.jit
 def gram(a_seq, b_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
          PREC: tl.constexpr):
-    """[C, C] A B^T of the chunk's ``rows`` of two [T, dk] matrices, rows HEADS * dk apart (Q K^T, K K^T),
+    """[C, C] A B^T of the chunk's ``rows`` of two [T, dk] matrices, rows HEADS * dk apart (Q K^T),
     BKD key channels at a time (loaded from memory: an fp32 dot holds its operands' whole
     reduction dim in registers, so BKD < BK bounds them on a GPU)."""
     acc = tl.zeros((C, C), dtype=tl.float32)
@@ -444,7 +440,7 @@ class Blocks:
     BV: int          # value columns per program (states, output, states_bwd) and per step of the grads' dv loop
     BV_prepare: int  # value columns of the prepare kernel: all of dv
     BKC: int         # key channels per step of the per-channel-gate scores ([C, C, BKC] products)
-    BKD: int         # key channels per step of the [C, C] Gram products Q K^T, K K^T (``gram``)
+    BKD: int         # key channels per step of the [C, C] Gram product Q K^T (``gram``)
     num_warps: int
 
 

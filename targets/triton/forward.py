@@ -182,8 +182,9 @@ def _output_kernel(
 # more programs resident) and two, not three (more shared memory, no fewer registers on sm_90);
 # it overwrites U with V' in place (``vp_ptr``, the same buffer as ``src_ptr`` for the delta family;
 # without beta ``src_ptr`` is the caller's v, which must not be restored: a copy_ would bump its
-# autograd version, so ``vp_ptr`` is then a scratch element).
-WY_INVERSE = ChunkKernel(_wy_inverse_kernel, Space(warps=(1, 2, 4), stages=(1,), fixed_warps=1))
+# autograd version, so ``vp_ptr`` is then a scratch element).  The WY inverse's [16, 16] tiles want
+# few warps: one untuned (the fewest warp-instructions; ``wy_inverse``), two and four tuned.
+WY_INVERSE = ChunkKernel(_wy_inverse_kernel, Space(warps=(1, 2, 4), stages=(1, 2), fixed_warps=1))
 PREPARE = ChunkKernel(_prepare_kernel, Space())
 STATES = ChunkKernel(_states_kernel, Space(value_blocks=(32, 64), stages=(1, 2)), restore=("vp_ptr",))
 OUTPUT = ChunkKernel(_output_kernel, Space(value_blocks=(32, 64, 128), stages=(2,)))

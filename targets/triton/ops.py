@@ -14,9 +14,9 @@ outputs, and a cached backward called the new op with the old arguments; then ``
 What the backward needs beyond the inputs (the states entering each chunk H, the corrected values
 V', W and the WY inverses: at d = 128 about 4.5x the keys' size at chunk 64, H alone 2x; 6x and 4x
 at chunk 32) is kept
-from the forward, or with ``recompute`` formed again in the backward by the forward's prepare and
-states kernels (as flash-linear-attention does): then only the inputs are saved, bit-identical
-gradients for one more pass of those two kernels.
+from the forward, or with ``recompute`` formed again in the backward by the forward's WY-inverse,
+prepare and states kernels (as flash-linear-attention does): then only the inputs are saved,
+bit-identical gradients for one more pass of those kernels.
 
 ``triton_chunkwise_scan`` has the keyword API of ``targets.scan.chunkwise_scan`` (the loop modules
 call either); it prepares the kernel inputs with ordinary, differentiable torch ops (gates to log
@@ -112,7 +112,7 @@ def _backward(ctx, do, dh_final, *_intermediates):
     k, v, q, beta, g, h0, coef, *intermediates = ctx.saved_tensors
     if h0 is None:   # only its shape matters to the backward
         h0 = k.new_empty(ctx.h0_shape, dtype=torch.float32)
-    if not intermediates:   # recompute: the forward's prepare and states kernels again (no readout)
+    if not intermediates:   # recompute: the forward's WY-inverse, prepare and states kernels again (no readout)
         intermediates = chunk_scan(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef,
                                    compute_dtype=ctx.compute_dtype)[2:]
     states, v_new, w, tm = intermediates

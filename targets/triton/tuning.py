@@ -51,7 +51,7 @@ class Space:
     warps: tuple[int, ...] = (4, 8)
     stages: tuple[int, ...] = (2, 3)
     maxnreg: Optional[int] = None        # register cap on CUDA, tuned or not
-    fixed_warps: Optional[int] = None    # warps of the untuned launch on CUDA (None: ``Blocks.num_warps``)
+    fixed_warps: Optional[int] = None    # warps of the untuned launch (None: ``Blocks.num_warps``)
 
     def configs(self) -> list[triton.Config]:
         return [triton.Config({} if bv is None else {"BV": bv}, num_warps=w, num_stages=s, maxnreg=self.maxnreg)

@@ -3,14 +3,15 @@
 Akk = tril(diag(b) K K^T * e^{G_r - G_s}, -1) is formed as its blocks of 16 x 16 on and below the
 diagonal, each a tile of its own (the ten of chunk 64); the diagonal blocks are inverted by
 substitution, all four in one loop, and the blocks below by block forward substitution,
-X_ij = -X_ii sum_{j <= m < i} A_im X_mj, in fp32-accurate products of [16, 16] tiles (tf32x3), as
-flash-linear-attention's fused ``kkt_solve`` kernel does it.  Why not the whole [C, C] tile
+X_ij = -X_ii sum_{j <= m < i} A_im X_mj, in fp32-accurate products of [16, 16] tiles (tf32x3:
+three tf32 tensor-core products each), as flash-linear-attention's fused ``kkt_solve`` kernel
+works (its products are fp32 FMAs, which spilled 450-630 B at one warp here).  Why not the whole [C, C] tile
 (``common.unit_lower_inverse``, still the per-channel gate's, in the prepare kernel): there the
 inverse was about two thirds of the prepare kernel's work at chunk 64 (four [64, 64] products in
 tf32x3, mostly on zero blocks, at 4 warps); here the products touch only the nonzero blocks, and
 the [16, 16] tiles let the kernel run at one warp, eight programs to a multiprocessor.  Static
 sm_90 (Triton 3.9, d = 128, bf16 dots, T = 2048, B = 8, H = 16; ``benchmarks/sm90_vs_fla.py``):
-inverse and prepare kernels together 85 K (DeltaNet) and 92 K (Gated DeltaNet) warp-instructions
+inverse and prepare kernels together 85 K (DeltaNet) and 94 K (Gated DeltaNet) warp-instructions
 per SM scheduler, against 150 K and 157 K for the fused prepare kernel, and 172 K and 105 K for
 fla's kernels doing the same.  Tm goes to its buffer (the blocks above the diagonal as zeros), in
 the dots' operand dtype; the prepare kernel reads it for W and U, the backward as before.
@@ -21,26 +22,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import INTERPRETED, Blocks, load_operand, load_steps, mm, pair_decay, seq_start, store_tile, tf32x3_emulated
+from .common import INTERPRETED, Blocks, block_gates, load_operand, load_steps, mm, scores, seq_start, store_tile
 
 
 def inverse_key_block(blocks: Blocks, device: torch.device | str) -> int:
-    """Key channels per step of the kernel's Gram blocks: 16 on CUDA (static sm_90, d = 128, bf16
-    dots, one warp: its ten [16, 16] accumulators and four [16, BKD] key tiles spill 40-56 B at
-    BKD = 32 or 64, none at 16), all of them on the CPU interpreter (fewer steps to interpret)."""
-    return 16 if torch.device(device).type == "cuda" else blocks.BK
+    """Key channels per step of the kernel's Gram blocks: up to 64 on CUDA (static sm_90, d = 128,
+    bf16 dots, one warp: no spill at one to three pipeline stages with Triton 3.6 or 3.9, where 16
+    or 32 spill 32 B at two or three stages with 3.9; instructions within 3%), all of them on the
+    CPU interpreter (fewer steps to interpret)."""
+    return min(blocks.BK, 64) if torch.device(device).type == "cuda" else blocks.BK
 
 
 @triton.jit
 def _block_gates(g_seq, rows, before, T, HEADS, GATE: tl.constexpr):
     """(G, total): G, the chunk's inclusive cumsum of the log-gate, at ``rows`` (a block of 16) as
-    [16, 1], given ``before``, the sum of the chunk's log-gates before them; total = before + their
-    sum (zeros without a gate)."""
-    if GATE == 0:
-        return tl.zeros([16, 1], tl.float32), before
-    else:
-        g = load_steps(g_seq, rows, T, HEADS)
-        return (tl.cumsum(g, 0) + before)[:, None], before + tl.sum(g, 0)
+    [16, 1], given ``before`` [1, 1], the sum of the chunk's log-gates before them; total = before +
+    their sum (zeros without a gate)."""
+    _, G, _, G_last = block_gates(g_seq, rows, rows, T, 1, HEADS, 16, GATE, False)
+    return G + before, before + G_last
 
 
 @triton.jit
@@ -49,11 +48,10 @@ def _akk_block(kk, b, Gi, Gj, GATE: tl.constexpr, DIAGONAL: tl.constexpr):
     lower on the diagonal (DIAGONAL), whole below it (every row there comes after every column)."""
     r = tl.arange(0, 16)
     if DIAGONAL:
-        return b[:, None] * kk * pair_decay(Gi, Gj, r[:, None] > r[None, :], GATE)
-    elif GATE == 0:
-        return b[:, None] * kk
+        mask = r[:, None] > r[None, :]
     else:
-        return b[:, None] * kk * tl.exp(Gi - tl.trans(Gj))
+        mask = r[:, None] >= 0
+    return b[:, None] * scores(kk, Gj, Gi, mask, GATE)
 
 
 @triton.jit
@@ -84,13 +82,8 @@ def _diagonal_inverses(a0, a1, a2, a3, NB: tl.constexpr):
     return x0, x1, x2, x3
 
 
-@triton.jit
-def _exact(a, b):
-    """[16, 16] x [16, 16] accurate to fp32: the inverse carries no tf32/bf16 rounding."""
-    if INTERPRETED:
-        return tf32x3_emulated(a, b)
-    else:
-        return tl.dot(a, b, input_precision="tf32x3")
+# fp32-accurate products of [16, 16] tiles (``common.mm``): the inverse carries no tf32/bf16 rounding
+_EXACT = tl.constexpr("tf32x3-interpreted" if INTERPRETED.value else "tf32x3")
 
 
 @triton.jit
@@ -108,8 +101,7 @@ def _wy_inverse_kernel(
 ):
     """One chunk per program (grid (nc, N)): its Tm = (I + Akk)^{-1} into rows i*C .. i*C+C-1 of
     the [N, L, C] buffer (module docstring), in the buffer's dtype.  C in {16, 32, 64}; GATE 0 or 1.
-    The Gram blocks K_i K_j^T are products at the kernel's dot precision (as the fused kernel's
-    K K^T), BKD key channels at a time."""
+    The Gram blocks K_i K_j^T are products at the kernel's dot precision, BKD key channels at a time."""
     i = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
     NB: tl.constexpr = C // 16
@@ -120,7 +112,8 @@ def _wy_inverse_kernel(
     g_seq = seq_start(g_ptr, n, T, HEADS, 1)
     tm = tm_ptr + n * L * C
 
-    # Gram blocks K_i K_j^T (j <= i), BKD channels at a time, each key block loaded once a step
+    # Gram blocks K_i K_j^T (j <= i), BKD channels at a time, each key block loaded once a step (a
+    # loop, not unrolled: unrolled, fp32 "ieee" dots at chunk 32 spilled 4.4 KB at one warp on sm_90)
     z = tl.zeros([16, 16], tl.float32)
     kk00 = z
     kk10 = z
@@ -132,7 +125,7 @@ def _wy_inverse_kernel(
     kk31 = z
     kk32 = z
     kk33 = z
-    for c0 in tl.static_range(0, BK, BKD):
+    for c0 in range(0, BK, BKD):
         cols = c0 + tl.arange(0, BKD)
         k0 = load_operand(k_seq, start + r, cols, T, dk, HEADS * dk)
         kk00 += mm(k0, tl.trans(k0), PREC)
@@ -153,7 +146,7 @@ def _wy_inverse_kernel(
 
     # per block of rows: beta, G and the diagonal block's inverse (the four substitutions in one loop)
     b0 = load_steps(b_seq, start + r, T, HEADS)
-    G0, gsum = _block_gates(g_seq, start + r, 0.0, T, HEADS, GATE)
+    G0, gsum = _block_gates(g_seq, start + r, tl.zeros([1, 1], tl.float32), T, HEADS, GATE)
     a0 = _akk_block(kk00, b0, G0, G0, GATE, True)
     b1 = b0
     b2 = b0
@@ -180,20 +173,22 @@ def _wy_inverse_kernel(
     # the blocks below, row by row: X_ij = -X_ii sum_{j <= m < i} A_im X_mj
     _store_block(tm, X00, start, 0, 0, L, C)
     if NB > 1:
-        X10 = -_exact(X11, _exact(_akk_block(kk10, b1, G1, G0, GATE, False), X00))
+        A10 = _akk_block(kk10, b1, G1, G0, GATE, False)
+        X10 = -mm(X11, mm(A10, X00, _EXACT), _EXACT)
         _store_block(tm, z, start, 0, 1, L, C)
         _store_block(tm, X10, start, 1, 0, L, C)
         _store_block(tm, X11, start, 1, 1, L, C)
         if NB > 2:
+            A20 = _akk_block(kk20, b2, G2, G0, GATE, False)
             A21 = _akk_block(kk21, b2, G2, G1, GATE, False)
-            X21 = -_exact(X22, _exact(A21, X11))
-            X20 = -_exact(X22, _exact(_akk_block(kk20, b2, G2, G0, GATE, False), X00) + _exact(A21, X10))
+            X21 = -mm(X22, mm(A21, X11, _EXACT), _EXACT)
+            X20 = -mm(X22, mm(A20, X00, _EXACT) + mm(A21, X10, _EXACT), _EXACT)
+            A30 = _akk_block(kk30, b3, G3, G0, GATE, False)
             A31 = _akk_block(kk31, b3, G3, G1, GATE, False)
             A32 = _akk_block(kk32, b3, G3, G2, GATE, False)
-            X32 = -_exact(X33, _exact(A32, X22))
-            X31 = -_exact(X33, _exact(A31, X11) + _exact(A32, X21))
-            A30 = _akk_block(kk30, b3, G3, G0, GATE, False)
-            X30 = -_exact(X33, _exact(A30, X00) + _exact(A31, X10) + _exact(A32, X20))
+            X32 = -mm(X33, mm(A32, X22, _EXACT), _EXACT)
+            X31 = -mm(X33, mm(A31, X11, _EXACT) + mm(A32, X21, _EXACT), _EXACT)
+            X30 = -mm(X33, mm(A30, X00, _EXACT) + mm(A31, X10, _EXACT) + mm(A32, X20, _EXACT), _EXACT)
             for bj in tl.static_range(0, 4):
                 _store_block(tm, z, start, 0 + (bj >= 2), 2 + bj % 2, L, C)
             _store_block(tm, X20, start, 2, 0, L, C)
