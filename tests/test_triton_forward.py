@@ -209,10 +209,10 @@ def _inverse_kernel(a_ptr, out_ptr, C: tl.constexpr):
 
 @pytest.mark.parametrize("chunk", [16, 32, 64])
 def test_wy_inverse_matches_float64(chunk):
-    """The blocked inverse (I + tril(a, -1))^{-1} of the WY form with a per-channel gate (16x16 diagonal blocks, then
-    Horner over the block levels; its products at C = 64 are tf32x3, emulated here) at fp32 rounding,
-    also for ill-conditioned matrices (entries of the inverse up to ~1e8 at C = 64); the diagonal
-    and upper part of ``a`` are ignored."""
+    """The blocked inverse (I + tril(a, -1))^{-1} of the WY form with a per-channel gate (16x16
+    diagonal blocks, then Horner over the block levels; its products at C = 64 are tf32x3, emulated
+    here) at fp32 rounding, also for ill-conditioned matrices (entries of the inverse up to ~1e8 at
+    C = 64); the diagonal and upper part of ``a`` are ignored."""
     gen = torch.Generator(torch.get_default_device()).manual_seed(11)
     a = torch.randn(6, chunk, chunk, generator=gen, dtype=torch.float64)
     a[:3] *= 0.3

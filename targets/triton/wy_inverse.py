@@ -1,12 +1,13 @@
-"""The delta family's WY inverse Tm = (I + Akk)^{-1} of each chunk, in blocks of 16 rows (no gate, or a scalar one).
+"""The delta family's WY inverse Tm = (I + Akk)^{-1} of each chunk in blocks of 16 rows, for the
+scans with no gate or a scalar one.
 
 Akk = tril(diag(b) K K^T * e^{G_r - G_s}, -1) is formed as its blocks of 16 x 16 on and below the
 diagonal, each a tile of its own (the ten of chunk 64); the diagonal blocks are inverted by
 substitution, all four in one loop, and the blocks below by block forward substitution,
 X_ij = -X_ii sum_{j <= m < i} A_im X_mj, in fp32-accurate products of [16, 16] tiles (tf32x3:
-three tf32 tensor-core products each), as flash-linear-attention's fused ``kkt_solve`` kernel
-works (its products are fp32 FMAs, which spilled 450-630 B at one warp here).  Why not the whole [C, C] tile
-(``common.unit_lower_inverse``, still the per-channel gate's, in the prepare kernel): there the
+three tf32 tensor-core products each), as flash-linear-attention's fused ``kkt_solve`` kernel works
+(its products are fp32 FMAs, which spilled 450-630 B at one warp here).  Why not the whole [C, C]
+tile (``common.unit_lower_inverse``, still the per-channel gate's, in the prepare kernel): there the
 inverse was about two thirds of the prepare kernel's work at chunk 64 (four [64, 64] products in
 tf32x3, mostly on zero blocks, at 4 warps); here the products touch only the nonzero blocks, and
 the [16, 16] tiles let the kernel run at one warp, eight programs to a multiprocessor.  Static
