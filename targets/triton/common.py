@@ -289,7 +289,7 @@ def channel_decay(Gq, G, mask):
 @triton.jit
 def gram(a_seq, b_seq, rows, T, dk, HEADS, C: tl.constexpr, BK: tl.constexpr, BKD: tl.constexpr,
          PREC: tl.constexpr):
-    """[C, C] A B^T of the chunk's ``rows`` of two [T, dk] matrices, rows HEADS * dk apart (Q K^T),
+    """[C, C] A B^T of the chunk's ``rows`` of two [T, dk] matrices, rows HEADS * dk apart (Q K^T, K Q^T),
     BKD key channels at a time (loaded from memory: an fp32 dot holds its operands' whole
     reduction dim in registers, so BKD < BK bounds them on a GPU)."""
     acc = tl.zeros((C, C), dtype=tl.float32)
@@ -440,7 +440,7 @@ class Blocks:
     BV: int          # value columns per program (states, output, states_bwd) and per step of the grads' dv loop
     BV_prepare: int  # value columns of the prepare kernel: all of dv
     BKC: int         # key channels per step of the per-channel-gate scores ([C, C, BKC] products)
-    BKD: int         # key channels per step of the [C, C] Gram product Q K^T (``gram``)
+    BKD: int         # key channels per step of the [C, C] Gram products Q K^T, K Q^T (``gram``)
     num_warps: int
 
 
