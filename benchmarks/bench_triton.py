@@ -143,16 +143,29 @@ def compiled_zoo_model(model: str, D: int):
     return lambda x: compiled(x["q"] * D ** 0.5, x["k"], x["v"], x["g"], x["beta"])
 
 
-def fla_kernel(model: str):
+FLA_UNCHECKED = "fla, its Triton check off (timing only)"
+
+
+def fla_kernel(model: str, unchecked: bool = False):
+    """fla's chunk kernel of ``model`` on our inputs; None if fla is not importable.  ``unchecked``:
+    with fla's refusal of its gated backward on Triton < 3.7.1 on Hopper turned off (fla says that
+    Triton compiles its gated ``chunk_bwd_dqkwg`` wrong there; the row's gradients' error shows
+    whether it did), so that its backward can be timed on the lent machines' Triton 3.6."""
     try:
         if model == "DeltaNet":
             from fla.ops.delta_rule import chunk_delta_rule as fn
         else:
             from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fn
+        from fla.ops.common import chunk_o
     except ImportError as e:
         print(f"fla not importable: {e}", file=sys.stderr)
         return None
-    return lambda x: fn(**x, scale=1.0)[0]
+    checked = chunk_o.TRITON_ABOVE_3_7_1
+
+    def call(x):   # the flag is read by the backward, which autograd runs right after this call
+        chunk_o.TRITON_ABOVE_3_7_1 = True if unchecked else checked
+        return fn(**x, scale=1.0)[0]
+    return call
 
 
 def variant_knobs(prec: str, warps: str, chunk: str) -> dict[str, str]:
@@ -216,7 +229,7 @@ def grad_error(fn, x: dict, cotangent: torch.Tensor, want: dict) -> float:
 
 
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
-            profile_T=None, on_row=None, compiled=False, recompute=False) -> list[dict]:
+            profile_T=None, on_row=None, compiled=False, recompute=False, fla_unchecked=False) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's and the
     gradients' max errors relative to the torch target's fp32 scan on the same (rounded) inputs.  ``on_row(rows)``
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
@@ -244,6 +257,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         if fla is not None:   # right after our first variant: a run cut short still has a ratio to fla
             first = next(iter(impls.items()))
             impls = dict([first, ("fla", ({}, fla)), *list(impls.items())[1:]])
+        if fla is not None and fla_unchecked and model == "GatedDeltaNet":
+            impls[FLA_UNCHECKED] = ({}, fla_kernel(model, unchecked=True))
         if compiled:
             impls["nlcompile.compile (zoo loop, fp32 inside)"] = ({}, compiled_zoo_model(model, D))
         impls["torch target"] = ({}, lambda x: ours(x, chunkwise_scan))
@@ -270,7 +285,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         row["grad_err"] = grad_error(fn, x, cotangent, want_grads)
                         row["peak_mib"] = peak_memory(step, device)
                         row["kept_mib"] = kept_memory(lambda: fn(grads), grads.values())
-                    if profile_T == T:
+                    if profile_T == T and row["fwd_bwd"] is not None:   # (a refused backward: none)
                         row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
                 rows.append(row)
@@ -339,9 +354,13 @@ def table(rows: list[dict], device_name: str) -> str:
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
+    unchecked = {(r["model"], r["T"]): r for r in rows if r["kernel"] == FLA_UNCHECKED}
     for r in rows:
         ref = fla.get((r["model"], r["T"]), {})
-        ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {ratio(r['fwd_bwd'], ref.get('fwd_bwd'))}"
+        both = ratio(r["fwd_bwd"], ref.get("fwd_bwd"))
+        if ref.get("fwd_bwd") is None and (r["model"], r["T"]) in unchecked:   # fla refused its backward
+            both = ratio(r["fwd_bwd"], unchecked[r["model"], r["T"]]["fwd_bwd"]) + " (†)"
+        ratios = f"{ratio(r['fwd'], ref.get('fwd'))} | {both}"
         peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
         kept = "-" if r.get("kept_mib") is None else f"{r['kept_mib']:.1f}"
         grad_err = "-" if r.get("grad_err") is None else f"{r['grad_err']:.1e}"
@@ -353,6 +372,8 @@ def table(rows: list[dict], device_name: str) -> str:
             profiles.append(profile_text(r))
     if not fla:
         notes.append("fla not installed: no ratios")
+    if unchecked:
+        notes.append(f"(†): to the row '{FLA_UNCHECKED}', where fla refused its backward")
     notes += far_gradients(rows)
     return "\n".join(lines + [""] + notes + profiles + tuned_launches())
 
@@ -376,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                     "recompute=True (the chunk states formed again in the backward, only the inputs kept)")
     ap.add_argument("--compiled", action="store_true", help="also time the zoo's per-token loop of each model "
                     "compiled with nlcompile.compile(target='triton')")
+    ap.add_argument("--fla-unchecked", action="store_true", help="also time fla's Gated DeltaNet with its "
+                    "refusal of the backward on Triton < 3.7.1 on Hopper turned off (timing only: fla says its "
+                    "gradients are wrong there; the row's gradients' error shows it)")
     ap.add_argument("--render", metavar="JSON", help="only print the table of rows saved by --json (e.g. by a run "
                     "cut short by a time limit)")
     args = ap.parse_args(argv)
@@ -408,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
                    DTYPES[args.dtype], repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
-                   args.profile, on_row=save, compiled=args.compiled, recompute=args.recompute)
+                   args.profile, on_row=save, compiled=args.compiled, recompute=args.recompute,
+                   fla_unchecked=args.fla_unchecked)
     print(table(rows, device_name))
     return 0
 

@@ -17,12 +17,14 @@
 # launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows, DTYPE (bf16, fp16,
 # fp32) and DIM (128) set the inputs' dtype and head dim; PROFILE=T adds each
 # kernel's device time at that T; COMPILED=1 adds the zoo's loop compiled by nlcompile.compile;
-# RECOMPUTE=1 adds each variant of our kernels with the chunk states recomputed in the backward.  The
+# RECOMPUTE=1 adds each variant of our kernels with the chunk states recomputed in the backward;
+# FLA_UNCHECKED=1 adds fla's Gated DeltaNet with its refusal of the backward on Triton < 3.7.1 on
+# Hopper turned off (timing only; its gradients' error shows whether Triton compiled it wrong).  The
 # tests run the untuned launch (NLCOMPILE_TRITON_TUNE=0: tuning every test shape would take minutes)
-# and test_triton_tuning.py the tuned one, every candidate.  Seen on an H100 (2026-11-26, before
-# the autotuning, which adds each variant's candidates to its first call): the benchmark with two
-# precisions and PROFILE=8192 took over 250 s (kernel compiles, fla's autotuning); the tests about
-# 110 s with 12 workers.
+# and test_triton_tuning.py the tuned one, every candidate.  Seen on an H200 (2026-11-27): the
+# benchmark with DOTS=auto, both models and lengths, PROFILE=8192 and FLA_UNCHECKED=1 about 300 s
+# (kernel compiles, our tuning about 30 s a model, fla's autotuning); the tests 55 s with 16 workers
+# where the benchmark had run before, over 100 s on a fresh machine (compiles).
 # Autotuning results (ours and fla's: Triton's *.autotune.json files, keyed on the kernel source, the
 # Triton version, the GPU architecture and the shapes) are packed from Triton's cache into
 # $OUT/triton-autotune.tgz after the benchmark (one file: the device tool returns at most 8, so the
@@ -55,7 +57,7 @@ if [ "${BENCH_S:-300}" != 0 ]; then
         --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" --chunks "${CHUNKS:-auto}" \
         --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
         --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" --json "$OUT/bench.json" \
-        ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
+        ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} ${FLA_UNCHECKED:+--fla-unchecked} \
         2>"$OUT/bench.err" | tee "$OUT/bench.md"
     bench_rc=${PIPESTATUS[0]}
     echo "bench rc=$bench_rc"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5
@@ -74,9 +76,10 @@ if [ "${CANDIDATES_S:-180}" != 0 ]; then   # every autotuning candidate forced i
     grep -E " (WRONG$|FAULT )" "$OUT/candidates.err" | head -20
 fi
 if [ "${TEST_S:-240}" != 0 ]; then
-    NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -q -n "${WORKERS:-12}" -p no:cacheprovider \
-        tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
+    # -v: each failure is named as it happens (a run cut short by TEST_S names those it reached)
+    NLCOMPILE_TRITON_TUNE=0 timeout "${TEST_S:-240}" $PY -m pytest -v -n "${WORKERS:-12}" -p no:cacheprovider \
+        -p no:benchmark tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
         tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
-    echo "pytest rc=$?"
-    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/tests.log" | tail -40
+    echo "pytest rc=$? ($(grep -c " PASSED " "$OUT/tests.log") passed before any cut)"
+    grep -E "(^| )(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | head -60
 fi

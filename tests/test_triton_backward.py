@@ -172,7 +172,7 @@ def test_chunk32_dk_gt_dv(kind):
 
 
 @pytest.mark.parametrize("kind", ["decay_channel", "gated_delta"])
-def test_chunk64(kind):
+def test_chunk64(kind, uncapped_chunk):
     run_case(kind, T=70, C=64, dk=16, dv=16, before=True)
 
 

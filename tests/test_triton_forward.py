@@ -135,7 +135,7 @@ def test_dk_differs_from_dv(kind, dk, dv):
 
 
 @pytest.mark.parametrize("kind", ["channel", "gated_delta"])
-def test_chunk_64(kind):
+def test_chunk_64(kind, uncapped_chunk):
     _check(_inputs(kind, 70, seed=4), chunk=64, before=True)
 
 
@@ -146,7 +146,7 @@ def test_growing_gates_are_exact(kind):
 
 
 @pytest.mark.parametrize("kind", ["decay", "channel", "gated_delta"])
-def test_strong_decay_underflows_cleanly(kind):
+def test_strong_decay_underflows_cleanly(kind, uncapped_chunk):
     """Log-gates -8*softplus(randn): e^G underflows to 0 inside a 64-chunk; the masked exponents
     keep every factor finite and the result still matches."""
     x = _inputs(kind, 70, seed=10)
@@ -224,7 +224,7 @@ def test_wy_inverse_matches_float64(chunk):
 
 
 @pytest.mark.parametrize("chunk", [16, 32, 64])
-def test_blocked_wy_inverse_matches_float64(chunk):
+def test_blocked_wy_inverse_matches_float64(chunk, uncapped_chunk):
     """The delta family's WY inverse as ``wy_inverse`` forms it without a per-channel gate ([16, 16]
     blocks: the diagonal ones by substitution, the ones below by block forward substitution in
     tf32x3 products, emulated here) is as accurate as the whole-tile inverse (``unit_lower_inverse``)

@@ -17,8 +17,8 @@ import triton.language as tl
 import nlcompile
 from nlcompile.memory import saved_storages
 from nlcompile.targets.scan import sequential_scan
-from nlcompile.targets.triton.common import dot_precision, round_to_bf16
-from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, triton_chunkwise_scan
+from nlcompile.targets.triton.common import dot_precision, interpreting, round_to_bf16
+from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, kernel_chunk, triton_chunkwise_scan
 from nlcompile.targets.triton_target import TritonTarget
 from nlcompile.zoo import LAYERS, MODELS
 
@@ -80,6 +80,14 @@ def test_scan_forward_and_gradients_match_sequential(kind, readout):
     check_against_float64(*scan_inputs(kind), readout)
 
 
+
+def launched_chunk(per_channel: bool = False, d: int = 16, *precs: str) -> int:
+    """The chunk the launchers pick for a loop's 64-chunk scan with head dims ``d`` at the dot
+    precisions ``precs`` ("ieee" unless given) on this test's device: 64 (16 with a per-channel gate)
+    in the interpreter; on a GPU fp32 "ieee" dots cap it at 32 (``common.kernel_blocks``)."""
+    return kernel_chunk(64, per_channel, torch.get_default_device(), d, d, precs or ("ieee",))
+
+
 @pytest.mark.parametrize("kind", ["decay_channel", "delta", "gated_delta", "kda"])
 def test_tf32x3_dots_keep_fp32_exactness(kind, monkeypatch):
     """``NLCOMPILE_TRITON_DOT=tf32x3`` (three tf32 tensor-core products per dot, emulated here as an
@@ -88,7 +96,7 @@ def test_tf32x3_dots_keep_fp32_exactness(kind, monkeypatch):
     only a GPU can tell."""
     monkeypatch.setenv("NLCOMPILE_TRITON_DOT", "tf32x3")
     k, v, kw = scan_inputs(kind)
-    assert dot_precision(k, kw["q"]) == "tf32x3-interpreted"
+    assert dot_precision(k, kw["q"]) == ("tf32x3-interpreted" if interpreting() else "tf32x3")
     check_against_float64(k, v, kw)
 
 
@@ -513,7 +521,7 @@ def test_zoo_models_compile_to_kernels_and_match_eager(name):
     report = compiled.explain(*entry.make_inputs(B=1, H=2, T=7, D=16))
     assert [lp.rewrite for lp in report.loops] == ["chunkwise"] * len(report.loops), str(report)
     for lp in report.loops:   # the zoo's loops compute in fp32; per-channel gates get chunk 16
-        chunks = [16 if s.per_channel else 64 for s in lp.states]
+        chunks = [launched_chunk(s.per_channel) for s in lp.states]
         assert lp.runs == tuple(f"S{s.index} on the Triton kernels, chunk {c}, ieee dots"
                                 for s, c in zip(lp.states, chunks)), str(report)
     assert compiled.captures == 1
@@ -631,7 +639,7 @@ def test_a_loop_that_upcasts_bf16_inputs_runs_the_kernels_in_fp32(monkeypatch):
     assert calls and all(c[n].dtype == torch.bfloat16 and c["compute_dtype"] == torch.float32
                          for c in calls for n in ("k", "v", "q"))
     (loop,) = compiled.explain(q, k, v, beta).loops
-    assert loop.runs == ("S0 on the Triton kernels, chunk 64, ieee dots",)
+    assert loop.runs == (f"S0 on the Triton kernels, chunk {launched_chunk(d=32)}, ieee dots",)
     for i, name in enumerate(("o", "dq", "dk", "dv", "dbeta")):
         got, eager, exact = runs["ours"][i], runs["eager"][i], runs["exact"][i]
         assert got.dtype == eager.dtype, name
@@ -649,9 +657,10 @@ def test_a_layer_under_autocast_runs_the_kernels_in_bf16():
     (x,) = entry.make_inputs(B=1, T=70, d_model=32)
     compiled = nlcompile.compile(model, target="triton")
     assert_within_eager_error(*runs_under_autocast(compiled, model, x))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
         (loop,) = compiled.explain(x).loops
-    assert loop.runs == (f"S0 on the Triton kernels, chunk 64, {dot_precision(x.bfloat16(), None)} dots",)
+    prec = dot_precision(x.bfloat16(), None)
+    assert loop.runs == (f"S0 on the Triton kernels, chunk {launched_chunk(False, 16, prec)}, {prec} dots",)
 
 
 @pytest.mark.parametrize("name", sorted(LAYERS))
@@ -718,13 +727,15 @@ def test_compiled_layer_recomputes_on_request():
         grads = torch.autograd.grad(as_tuple(out)[0].square().sum(), list(model.parameters()))
         runs[recompute] = grads, sum(saved.values())
         (loop,) = compiled.explain(x).loops
-        assert loop.runs == ("S0 on the Triton kernels, chunk 64, ieee dots"
+        assert loop.runs == (f"S0 on the Triton kernels, chunk {launched_chunk()}, ieee dots"
                              + (", chunk states recomputed in the backward" if recompute else ""),)
     (kept, kept_bytes), (again, lean_bytes) = runs[False], runs[True]
-    # exactly the op's intermediates are no longer kept (2 heads, 2 chunks of 64, dk = dv = 16,
-    # fp32), and a copy of the initial state is, for the recomputation
-    n, chunks, rows, d = 2, 2, 128, 16
-    states, v_new, w, tm, h0 = n * chunks * d * d, n * rows * d, n * rows * d, n * rows * 64, n * d * d
+    # exactly the op's intermediates are no longer kept (2 heads, T = 70 in chunks of c, dk = dv =
+    # 16, fp32), and a copy of the initial state is, for the recomputation
+    n, c, d = 2, launched_chunk(), 16
+    chunks = -(-70 // c)
+    rows = chunks * c
+    states, v_new, w, tm, h0 = n * chunks * d * d, n * rows * d, n * rows * d, n * rows * c, n * d * d
     assert kept_bytes - lean_bytes == 4 * (states + v_new + w + tm - h0), (kept_bytes, lean_bytes)
     for g, w in zip(again, kept):
         assert torch.equal(g, w)
@@ -743,9 +754,10 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "B=1 H=2 D=16, fp16 q, k, v" in out.splitlines()[0]
     fp16 = torch.empty(0, dtype=torch.float16)   # "auto": the precisions chosen for fp16 inputs, named as chosen
-    auto = f"{dot_precision(fp16, None)}/{dot_precision(fp16, None, backward=True)}"
-    for kernel in (f"nlcompile-triton ({auto}, auto C=64)", "nlcompile-triton (ieee, auto C=64)",
-                   "nlcompile-triton (ieee, auto C=64, recompute)", "torch target",
+    precs = dot_precision(fp16, None), dot_precision(fp16, None, backward=True)
+    auto, c = "/".join(precs), launched_chunk(False, 16, *precs)
+    for kernel in (f"nlcompile-triton ({auto}, auto C={c})", f"nlcompile-triton (ieee, auto C={launched_chunk()})",
+                   f"nlcompile-triton (ieee, auto C={launched_chunk()}, recompute)", "torch target",
                    "nlcompile.compile (zoo loop, fp32 inside)"):
         assert f"| DeltaNet | 40 | {kernel} |" in out and f"| GatedDeltaNet | 40 | {kernel} |" in out
     rows = json.loads(saved.read_text())["rows"]
@@ -756,8 +768,8 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     assert not [line for line in out.splitlines() if "gradients' error" in line and " fla: " not in line]
     kept = {(r["model"], r["kernel"]): r["kept_mib"] for r in rows}
     for model in ("DeltaNet", "GatedDeltaNet"):
-        assert (kept[model, f"nlcompile-triton ({auto}, auto C=64, recompute)"]
-                < kept[model, f"nlcompile-triton ({auto}, auto C=64)"] / 5)
+        assert (kept[model, f"nlcompile-triton ({auto}, auto C={c}, recompute)"]
+                < kept[model, f"nlcompile-triton ({auto}, auto C={c})"] / 5)
     assert bench.main(["--render", str(saved)]) == 0
     rendered = capsys.readouterr().out
     assert [line for line in rendered.splitlines() if line.startswith("| ")] == \
