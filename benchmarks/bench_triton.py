@@ -17,7 +17,9 @@ cotangent: a backward kernel the GPU's Triton compiled wrong shows there, not in
 error; a row far from the torch target's own is named under the table), the device memory a
 forward+backward step holds at its peak beyond its inputs (``peak_memory``: what is saved for the
 backward, scratch, the loss's temporaries) and what autograd keeps from the forward for the
-backward beyond the inputs (``kept_memory``; on any device). ``--recompute`` adds each variant of our kernels with
+backward beyond the inputs (``kept_memory``; on any device), and where a forward call's time goes:
+its host time (the Python and the launches) and its pace with calls queued back to back
+(``host_and_queued``). ``--recompute`` adds each variant of our kernels with
 ``recompute=True`` (only the inputs kept; the chunk states formed again in the backward).
 ``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")`` gets: the zoo's
 per-token loop of the model (``deltanet_matmul_bthd`` / ``gated_deltanet_matmul_bthd``, which
@@ -45,6 +47,31 @@ import torch
 import torch.nn.functional as F
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def host_and_queued(fn, device: torch.device, repeats: int) -> tuple[float, float]:
+    """Where a call's time goes: the median host seconds of one call (the Python and the launches,
+    timed from an idle GPU to the call's return, without waiting for the kernels), and the seconds
+    per call of ``repeats`` calls queued back to back (CUDA events around them all: the GPU's own
+    pace once the host runs ahead).  A call timed alone (``timed``) takes about the larger of the
+    two; the host's time above the queued one is what the launching costs it."""
+    host = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+    if device.type != "cuda":
+        return statistics.median(host), statistics.median(host)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return statistics.median(host), start.elapsed_time(end) / 1e3 / repeats
 
 
 def first_call(fn, device: torch.device) -> float:
@@ -274,6 +301,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         row["first_s"] = first_call(lambda: fn(x), device)
                         row["err"] = rel_err(fn(x), want)
                         row["fwd"] = timed(lambda: fn(x), device, repeats)
+                        row["fwd_host"], row["fwd_queued"] = host_and_queued(lambda: fn(x), device, repeats)
                     step = lambda: fn(grads).float().square().sum().backward()  # noqa: E731
                     try:
                         row["fwd_bwd"] = timed(step, device, repeats)
@@ -297,7 +325,8 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                 if row.get("kept_mib") is not None:
                     both += f", kept for the backward {row['kept_mib']:.1f} MiB"
                 grad_err = f", gradients' error {row['grad_err']:.1e}" if "grad_err" in row else ""
-                print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms, fwd+bwd {both}, "
+                print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms (host {row['fwd_host'] * 1e3:.2f}, "
+                      f"queued {row['fwd_queued'] * 1e3:.2f}), fwd+bwd {both}, "
                       f"error {row['err']:.1e}{grad_err}, first fwd call {row['first_s']:.1f} s", file=sys.stderr,
                       flush=True)
     return rows
@@ -349,8 +378,9 @@ def table(rows: list[dict], device_name: str) -> str:
     fla = {(r["model"], r["T"]): r for r in rows if r["kernel"] == "fla"}
     lines = [f"device: {device_name}", "",
              "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 "
-             "| gradients' max error vs fp32 | first fwd call (s) | fwd+bwd peak memory (MiB) | kept for bwd (MiB) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| gradients' max error vs fp32 | first fwd call (s) | fwd+bwd peak memory (MiB) | kept for bwd (MiB) "
+             "| fwd host / queued (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -365,7 +395,8 @@ def table(rows: list[dict], device_name: str) -> str:
         kept = "-" if r.get("kept_mib") is None else f"{r['kept_mib']:.1f}"
         grad_err = "-" if r.get("grad_err") is None else f"{r['grad_err']:.1e}"
         lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
-                     f"{r['err']:.1e} | {grad_err} | {r['first_s']:.1f} | {peak} | {kept} |")
+                     f"{r['err']:.1e} | {grad_err} | {r['first_s']:.1f} | {peak} | {kept} | "
+                     f"{ms(r.get('fwd_host'))} / {ms(r.get('fwd_queued'))} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
         if "profile" in r:
