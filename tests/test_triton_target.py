@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import nlcompile
 from nlcompile.memory import saved_storages
@@ -53,9 +54,9 @@ def reference(k, v, kw, readout="after"):
     return sequential_scan(d(k), d(v), readout=readout, **{n: d(x) for n, x in kw.items()})
 
 
-def check_against_float64(k, v, kw, readout="after", q_scale=1.0):
+def check_against_float64(k, v, kw, readout="after", q_scale=1.0, chunk=16):
     """Output, final state and the gradients wrt every tensor input of ``triton_chunkwise_scan``
-    (chunk 16, no fallback: its warning fails the test) within 1e-4 of scale of float64
+    (chunk 16 unless asked, no fallback: its warning fails the test) within 1e-4 of scale of float64
     ``sequential_scan`` (queries times ``q_scale`` there)."""
     names = ["k", "v", *(n for n, x in kw.items() if torch.is_tensor(x))]
     leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
@@ -63,7 +64,7 @@ def check_against_float64(k, v, kw, readout="after", q_scale=1.0):
         x.requires_grad_(True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=16, q_scale=q_scale, **kw)
+        o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=chunk, q_scale=q_scale, **kw)
     o_ref, s_ref = reference(k, v, dict(kw, q=kw["q"] * q_scale), readout)
     assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
     w_o, w_s = torch.randn_like(o), torch.randn_like(s)
@@ -78,7 +79,6 @@ def check_against_float64(k, v, kw, readout="after", q_scale=1.0):
 def test_scan_forward_and_gradients_match_sequential(kind, readout):
     """Every kind runs on the kernels."""
     check_against_float64(*scan_inputs(kind), readout)
-
 
 
 def launched_chunk(per_channel: bool = False, d: int = 16, *precs: str) -> int:
@@ -447,6 +447,48 @@ def test_round_to_bf16_rounds_to_nearest_even():
     y = torch.empty_like(x)
     _round_to_bf16_kernel[(1,)](x, y, x.numel(), B=triton.next_power_of_2(x.numel()))
     assert torch.equal(y, x.bfloat16().float())
+
+
+@pytest.mark.parametrize("kind", ["decay", "gated_delta", "kda"])
+@pytest.mark.parametrize("zeros", [0.25, 0.5])
+def test_zero_log_gates_run_in_the_kernels(kind, zeros):
+    """Log-gates of -inf (zero gates: state resets), a quarter or half of the steps, run in the
+    kernels, floored at ``ops.LOG_GATE_FLOOR`` (no fallback, no check of the gates on the host):
+    forward and gradients within 1e-4 of scale of float64 with the true zeros, at the chunk the
+    launchers pick (64 for a scalar gate; largest error 4e-5).  Without the floor the kernels give
+    NaN (the interpreter raises on -inf - -inf)."""
+    k, v, kw = scan_inputs(kind, T=70)
+    gen = torch.Generator(torch.get_default_device()).manual_seed(1)
+    zero = torch.rand(kw["log_gate"].shape, generator=gen) < zeros
+    kw["log_gate"] = kw["log_gate"].masked_fill(zero, float("-inf"))
+    check_against_float64(k, v, kw, chunk=64)
+
+
+class _HostReads(TorchDispatchMode):
+    """Records the ops that read a tensor's value on the host (``.item()``, ``bool()``: on a GPU a
+    sync, which stops the host from queueing work ahead and which a CUDA graph capture refuses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["additive", "decay", "delta", "gated_delta", "kda", "decay_channel"])
+def test_the_kernels_path_reads_no_value_on_the_host(kind):
+    """Forward and backward through the kernels read no tensor's value on the host: log-gates are
+    floored, not checked (``ops.LOG_GATE_FLOOR``).  Gates given as such are the exception, one
+    read: their zeros and signs are checked (those fall back)."""
+    k, v, kw = scan_inputs(kind)
+    leaves = [x.requires_grad_(True) for x in (k, v, *kw.values()) if torch.is_tensor(x)]
+    with _HostReads() as reads:
+        o, s = triton_chunkwise_scan(k, v, **kw)
+        torch.autograd.grad(o.square().sum() + s.sum(), leaves)
+    assert len(reads.seen) == (1 if "gate" in kw else 0), reads.seen
 
 
 def test_gates_with_zeros_fall_back_exactly_with_a_warning():
