@@ -313,8 +313,11 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         row["grad_err"] = grad_error(fn, x, cotangent, want_grads)
                         row["peak_mib"] = peak_memory(step, device)
                         row["kept_mib"] = kept_memory(lambda: fn(grads), grads.values())
-                    if profile_T == T and row["fwd_bwd"] is not None:   # (a refused backward: none)
-                        row["profile"] = kernel_profile(step)
+                    if profile_T == T:
+                        with torch.no_grad():
+                            row["profile_fwd"] = kernel_profile(lambda: fn(x), top=20)
+                        if row["fwd_bwd"] is not None:   # (a refused backward: none)
+                            row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
                 rows.append(row)
                 if on_row is not None:
@@ -357,8 +360,12 @@ def kernel_profile(step, top: int = 10) -> list[tuple[str, float]]:
 
 
 def profile_text(row: dict) -> str:
-    return (f"{row['model']} T={row['T']} {row['kernel']}, one fwd+bwd, device ms per kernel: "
-            + "; ".join(f"{name[:60]} {t:.2f}" for name, t in row["profile"]))
+    """Device ms per kernel of one forward (every kernel it launches) and of one fwd+bwd step."""
+    text = lambda events: "; ".join(f"{name[:60]} {t:.3f}" for name, t in events)  # noqa: E731
+    lines = [f"{row['model']} T={row['T']} {row['kernel']}, one fwd, device ms per kernel: {text(row['profile_fwd'])}"]
+    if "profile" in row:
+        lines.append(f"  one fwd+bwd: {text(row['profile'])}")
+    return "\n".join(lines)
 
 
 def far_gradients(rows: list[dict]) -> list[str]:
@@ -399,7 +406,7 @@ def table(rows: list[dict], device_name: str) -> str:
                      f"{ms(r.get('fwd_host'))} / {ms(r.get('fwd_queued'))} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
-        if "profile" in r:
+        if "profile_fwd" in r:
             profiles.append(profile_text(r))
     if not fla:
         notes.append("fla not installed: no ratios")
@@ -423,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="2048,8192", help="comma-separated sequence lengths (not with --smoke)")
     ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
                     "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
-    ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T")
+    ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T, "
+                    "over one forward (every kernel) and one forward+backward step (the 10 longest)")
     ap.add_argument("--recompute", action="store_true", help="also time each variant of our kernels with "
                     "recompute=True (the chunk states formed again in the backward, only the inputs kept)")
     ap.add_argument("--compiled", action="store_true", help="also time the zoo's per-token loop of each model "
