@@ -74,7 +74,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    MAX_HEAD_DIM, Blocks, block_gates, channel_decay, channel_scores, chunk_gates, decayed, dot_precision,
+    MAX_HEAD_DIM, Blocks, block_gates, cdiv, channel_decay, channel_scores, chunk_gates, decayed, dot_precision,
     gradient_dtype, gram, kernel_dtype, kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype,
     pair_decay, readout_mask, reverse_cumsum, scores, seq_start, sequences, store_steps, store_tile, transposed,
 )
@@ -525,7 +525,7 @@ def chunk_backward(
                      else torch.empty(x.shape, dtype=gradient_dtype(x, as_dtype), device=x.device))
     dk, dv, dq, dbeta, dg, dcoef = own(k), own(v), own(q), like(beta), like(g), like(coef)
     dh0 = torch.empty(n, key_dim, value_dim, **f32)
-    nc = triton.cdiv(t, chunk)
+    nc = cdiv(t, chunk)
 
     c = lambda x: x.contiguous()  # noqa: E731
     k, v, H, dh_final = c(k), c(v), c(H), c(dh_final.float())  # H, W: fp32 or bf16 (``operand_dtype``)
@@ -547,11 +547,11 @@ def chunk_backward(
     flags = dict(C=chunk, BK=blocks.BK, GATE=gate, BEFORE=bool(before), PREC=prec)
     dev = k.device
     if q is not None:
-        READOUT_DV.launch(lambda m: (nc, n, triton.cdiv(value_dim, m["BV"])),
+        READOUT_DV.launch(lambda m: (nc, n, cdiv(value_dim, m["BV"])),
                           (k, q_, g_, do_, dvp, t, n, dvp_rows, float(scale), heads, key_dim, value_dim, dvp_heads),
                           dict(flags, BKC=blocks.BKC, BKD=blocks.BKD), blocks, dev)
     flags.update(HAS_Q=q is not None, DELTA=delta)
-    STATES_BWD.launch(lambda m: (n, triton.cdiv(value_dim, m["BV"])),
+    STATES_BWD.launch(lambda m: (n, cdiv(value_dim, m["BV"])),
                       (k, q_, g_, W_, do_, dh_final, dhn, dvp, dh0, t, n, nc, dvp_rows, float(scale), heads, key_dim,
                        value_dim, dvp_heads),
                       flags, blocks, dev)

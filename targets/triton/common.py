@@ -428,7 +428,15 @@ def sequences(k: Tensor) -> tuple[int, int, int, tuple[int, ...]]:
 
 def block(d: int) -> int:
     """Register block for a head dim of size d: the next power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, 1 << (d - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the launchers.  This and ``block`` are plain Python on purpose:
+    ``triton.cdiv`` and ``triton.next_power_of_2`` go through Triton's constexpr wrapper, some
+    3 us a call on the host, and a call of the scan asked them a dozen times before its first
+    launch (the host time before a call's first launch is the GPU's idle time)."""
+    return -(-a // b)
 
 
 @dataclass(frozen=True)

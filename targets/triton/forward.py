@@ -34,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .common import (
-    INTERPRETED, MAX_HEAD_DIM, channel_scores, channel_wy_factors, chunk_gates, decayed, dot_precision, gram,
+    INTERPRETED, MAX_HEAD_DIM, cdiv, channel_scores, channel_wy_factors, chunk_gates, decayed, dot_precision, gram,
     kernel_blocks, load_operand, load_steps, load_tile, mm, operand_dtype, readout_mask, scores, seq_start, sequences,
     store_tile,
 )
@@ -274,7 +274,7 @@ def chunk_forward(
     blocks = kernel_blocks(dev, dk, dv, chunk, prec)
 
     c = chunk
-    nc = triton.cdiv(t, c)
+    nc = cdiv(t, c)
     L = nc * c
     f32 = dict(device=dev, dtype=torch.float32)
     k, v = k.contiguous(), v.contiguous()
@@ -312,12 +312,12 @@ def chunk_forward(
                        dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, HAS_COEF=coef is not None),
                        blocks, dev)
     src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
-    STATES.launch(lambda m: (n, triton.cdiv(dv, m["BV"])),
+    STATES.launch(lambda m: (n, cdiv(dv, m["BV"])),
                   (k, src, g_arg, W if delta else unused, Vp if delta else unused, h0, H, h_final,
                    t, n, src_rows, nc, heads, src_heads, dk, dv),
                   dict(meta, HAS_BETA=delta), blocks, dev)
     if q is not None:
-        OUTPUT.launch(lambda m: (nc, n, triton.cdiv(dv, m["BV"])),
+        OUTPUT.launch(lambda m: (nc, n, cdiv(dv, m["BV"])),
                       (q, k, src, g_arg, H, o, t, n, src_rows, nc, float(scale), heads, src_heads, dk, dv),
                       dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)
     return o, h_final, H, Vp, W, Tm

@@ -32,14 +32,13 @@ import warnings
 from typing import Callable, Optional
 
 import torch
-import triton
 from torch import Tensor
 
 from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan, recomputing
 from nlcompile.targets.triton.backward import chunk_backward
 from nlcompile.targets.triton.common import (
-    MAX_HEAD_DIM, block, dot_precision, gradient_dtype, kernel_blocks, kernel_dtype, operand_dtype, sequences,
+    MAX_HEAD_DIM, block, cdiv, dot_precision, gradient_dtype, kernel_blocks, kernel_dtype, operand_dtype, sequences,
 )
 from nlcompile.targets.triton.forward import chunk_forward
 
@@ -75,7 +74,7 @@ def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor]
 def _(k, v, q, beta, g, h0, chunk, before, coef=None, out_dtype=None, scale=1.0, recompute=False, compute_dtype=None):
     n, t, _, prefix = sequences(k)
     dk, dv = k.shape[-1], v.shape[-1]
-    nc = triton.cdiv(t, chunk)
+    nc = cdiv(t, chunk)
     f32 = dict(dtype=torch.float32, device=k.device)
     operands = dict(dtype=operand_dtype(dot_precision(k, q, compute_dtype=compute_dtype)), device=k.device)
     o = k.new_empty((*prefix, dv), dtype=out_dtype or torch.float32) if q is not None else k.new_empty(_EMPTY, **f32)
