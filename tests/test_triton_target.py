@@ -783,6 +783,19 @@ def test_compiled_layer_recomputes_on_request():
         assert torch.equal(g, w)
 
 
+def test_host_overhead_benchmark_runs(capsys):
+    """benchmarks/host_overhead.py times the Python of the kernels' path (launches stubbed), and
+    puts the launcher back after."""
+    from nlcompile.targets.triton import tuning
+
+    launch = tuning.ChunkKernel.launch
+    assert load_benchmark("host_overhead").main(["--calls", "20"]) == 0
+    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| DeltaNet", "| Gated DeltaNet"))]
+    assert len(rows) == 2 and all(float(us) > 0 for row in rows for us in row[1:])
+    assert tuning.ChunkKernel.launch is launch
+
+
 def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script),
     here with fp16 inputs (``--dtype``), and its table rendered again from the rows it saved; with
