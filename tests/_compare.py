@@ -33,8 +33,8 @@ def assert_within_eager_error(got, eager, exact) -> None:
 
 def runs_under_autocast(compiled, model: torch.nn.Module, x: torch.Tensor) -> list[list[torch.Tensor]]:
     """Output and parameter gradients (of the output's sum of squares) of ``compiled`` and of
-    ``model`` run under bf16 autocast (on ``x``'s device), and of an fp64 copy of ``model`` run without: the three
-    arguments of ``assert_within_eager_error``."""
+    ``model`` run under bf16 autocast (on ``x``'s device), and of an fp64 copy of ``model`` run
+    without: the three arguments of ``assert_within_eager_error``."""
     in_fp64 = copy.deepcopy(model).double()
     runs = []
     for fn, module, inputs, autocast in ((compiled, model, x, True), (model, model, x, True),

@@ -454,9 +454,9 @@ def test_round_to_bf16_rounds_to_nearest_even():
 def test_zero_log_gates_run_in_the_kernels(kind, zeros):
     """Log-gates of -inf (zero gates: state resets), a quarter or half of the steps, run in the
     kernels, floored at ``ops.LOG_GATE_FLOOR`` (no fallback, no check of the gates on the host):
-    forward and gradients within 1e-4 of scale of float64 with the true zeros, at the chunk the
-    launchers pick (64 for a scalar gate; largest error 4e-5).  Without the floor the kernels give
-    NaN (the interpreter raises on -inf - -inf)."""
+    forward and gradients within 1e-4 of scale of float64 with the true zeros, chunk 64 asked (the
+    interpreter runs it for a scalar gate, 16 for a per-channel one; largest error 4e-5).  Without
+    the floor the kernels give NaN (the interpreter raises on -inf - -inf)."""
     k, v, kw = scan_inputs(kind, T=70)
     gen = torch.Generator(torch.get_default_device()).manual_seed(1)
     zero = torch.rand(kw["log_gate"].shape, generator=gen) < zeros
