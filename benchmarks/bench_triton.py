@@ -52,9 +52,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def host_and_queued(fn, device: torch.device, repeats: int) -> tuple[float, float]:
     """Where a call's time goes: the median host seconds of one call (the Python and the launches,
     timed from an idle GPU to the call's return, without waiting for the kernels), and the seconds
-    per call of ``repeats`` calls queued back to back (CUDA events around them all: the GPU's own
-    pace once the host runs ahead).  A call timed alone (``timed``) takes about the larger of the
-    two; the host's time above the queued one is what the launching costs it."""
+    per call of ``repeats`` calls queued back to back (CUDA events around them all: the pace of the
+    slower of host and GPU once the host may run ahead).  A call timed alone (``timed``) takes at
+    least its host time, and at least the GPU's work plus the host's time to the first launch; a
+    queued pace under the time alone is what a model's stream of calls would gain."""
     host = []
     for _ in range(repeats):
         if device.type == "cuda":
@@ -171,6 +172,7 @@ def compiled_zoo_model(model: str, D: int):
 
 
 FLA_UNCHECKED = "fla, its Triton check off (timing only)"
+_FLA_CHECK: dict[str, object] = {}   # fla's own value of the flag its refusal reads, taken once
 
 
 def fla_kernel(model: str, unchecked: bool = False):
@@ -187,7 +189,9 @@ def fla_kernel(model: str, unchecked: bool = False):
     except ImportError as e:
         print(f"fla not importable: {e}", file=sys.stderr)
         return None
-    checked = chunk_o.TRITON_ABOVE_3_7_1
+    checked = _FLA_CHECK.setdefault("TRITON_ABOVE_3_7_1", getattr(chunk_o, "TRITON_ABOVE_3_7_1", None))
+    if checked is None:   # an fla without that refusal: nothing to turn off
+        return None if unchecked else (lambda x: fn(**x, scale=1.0)[0])
 
     def call(x):   # the flag is read by the backward, which autograd runs right after this call
         chunk_o.TRITON_ABOVE_3_7_1 = True if unchecked else checked
@@ -284,8 +288,9 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
         if fla is not None:   # right after our first variant: a run cut short still has a ratio to fla
             first = next(iter(impls.items()))
             impls = dict([first, ("fla", ({}, fla)), *list(impls.items())[1:]])
-        if fla is not None and fla_unchecked and model == "GatedDeltaNet":
-            impls[FLA_UNCHECKED] = ({}, fla_kernel(model, unchecked=True))
+        unchecked = fla_kernel(model, unchecked=True) if fla is not None and fla_unchecked else None
+        if unchecked is not None and model == "GatedDeltaNet":
+            impls[FLA_UNCHECKED] = ({}, unchecked)
         if compiled:
             impls["nlcompile.compile (zoo loop, fp32 inside)"] = ({}, compiled_zoo_model(model, D))
         impls["torch target"] = ({}, lambda x: ours(x, chunkwise_scan))
@@ -360,12 +365,12 @@ def kernel_profile(step, top: int = 10) -> list[tuple[str, float]]:
 
 
 def profile_text(row: dict) -> str:
-    """Device ms per kernel of one forward (every kernel it launches) and of one fwd+bwd step."""
+    """Device ms per kernel of one forward (every kernel it launches) and of one fwd+bwd step (rows
+    saved before the forward's profile have only the latter)."""
     text = lambda events: "; ".join(f"{name[:60]} {t:.3f}" for name, t in events)  # noqa: E731
-    lines = [f"{row['model']} T={row['T']} {row['kernel']}, one fwd, device ms per kernel: {text(row['profile_fwd'])}"]
-    if "profile" in row:
-        lines.append(f"  one fwd+bwd: {text(row['profile'])}")
-    return "\n".join(lines)
+    parts = [f"one {what}, device ms per kernel: {text(row[key])}"
+             for what, key in (("fwd", "profile_fwd"), ("fwd+bwd", "profile")) if key in row]
+    return f"{row['model']} T={row['T']} {row['kernel']}, " + "\n  ".join(parts)
 
 
 def far_gradients(rows: list[dict]) -> list[str]:
@@ -406,7 +411,7 @@ def table(rows: list[dict], device_name: str) -> str:
                      f"{ms(r.get('fwd_host'))} / {ms(r.get('fwd_queued'))} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
-        if "profile_fwd" in r:
+        if "profile_fwd" in r or "profile" in r:
             profiles.append(profile_text(r))
     if not fla:
         notes.append("fla not installed: no ratios")

@@ -81,5 +81,6 @@ if [ "${TEST_S:-240}" != 0 ]; then
         -p no:benchmark tests/test_triton_forward.py tests/test_triton_backward.py tests/test_triton_target.py \
         tests/test_triton_tuning.py >"$OUT/tests.log" 2>&1
     echo "pytest rc=$? ($(grep -c " PASSED " "$OUT/tests.log") passed before any cut)"
-    grep -E "(^| )(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT/tests.log" | head -60
+    grep -E "^\[gw[0-9]+\].* (FAILED|ERROR) " "$OUT/tests.log" | head -60   # as they happened (errors: tests.log)
+    grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1
 fi

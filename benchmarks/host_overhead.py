@@ -36,7 +36,7 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int) -> dict[str
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     launches: list[float] = []
-    stubbed = tuning.ChunkKernel.launch
+    original = tuning.ChunkKernel.launch
     tuning.ChunkKernel.launch = lambda self, *args, **kwargs: launches.append(time.perf_counter())
     try:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +70,7 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int) -> dict[str
             if i >= warm:
                 step.append(time.perf_counter() - t0)
     finally:
-        tuning.ChunkKernel.launch = stubbed
+        tuning.ChunkKernel.launch = original
     us = lambda xs: statistics.median(xs) * 1e6  # noqa: E731
     return {"to the first launch": us(first), "forward": us(forward), "forward+backward": us(step)}
 

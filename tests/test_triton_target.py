@@ -56,15 +56,18 @@ def reference(k, v, kw, readout="after"):
 
 def check_against_float64(k, v, kw, readout="after", q_scale=1.0, chunk=16):
     """Output, final state and the gradients wrt every tensor input of ``triton_chunkwise_scan``
-    (chunk 16 unless asked, no fallback: its warning fails the test) within 1e-4 of scale of float64
+    (chunk 16 unless asked, no fallback) within 1e-4 of scale of float64
     ``sequential_scan`` (queries times ``q_scale`` there)."""
     names = ["k", "v", *(n for n, x in kw.items() if torch.is_tensor(x))]
     leaves = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
     for x in leaves:
         x.requires_grad_(True)
+    plans = []
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=chunk, q_scale=q_scale, **kw)
+        o, s = triton_chunkwise_scan(k, v, readout=readout, chunk_size=chunk, q_scale=q_scale, on_plan=plans.append,
+                                     **kw)
+    assert plans[0].startswith("the Triton kernels"), plans   # (a fallback warns once per process only)
     o_ref, s_ref = reference(k, v, dict(kw, q=kw["q"] * q_scale), readout)
     assert rel_err(o, o_ref) <= 1e-4 and rel_err(s, s_ref) <= 1e-4
     w_o, w_s = torch.randn_like(o), torch.randn_like(s)
@@ -466,11 +469,19 @@ def test_zero_log_gates_run_in_the_kernels(kind, zeros):
 
 class _HostReads(TorchDispatchMode):
     """Records the ops that read a tensor's value on the host (``.item()``, ``bool()``: on a GPU a
-    sync, which stops the host from queueing work ahead and which a CUDA graph capture refuses)."""
+    sync, which stops the host from queueing work ahead and which a CUDA graph capture refuses).
+    A custom op is one op to a dispatch mode, its Python not seen: ``inside`` records in a
+    function that such an op calls too."""
 
-    def __init__(self):
+    def __init__(self, seen: list | None = None):
         super().__init__()
-        self.seen = []
+        self.seen = [] if seen is None else seen
+
+    def inside(self, fn):
+        def recorded(*args, **kwargs):
+            with _HostReads(self.seen):
+                return fn(*args, **kwargs)
+        return recorded
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
@@ -479,13 +490,19 @@ class _HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("kind", ["additive", "decay", "delta", "gated_delta", "kda", "decay_channel"])
-def test_the_kernels_path_reads_no_value_on_the_host(kind):
-    """Forward and backward through the kernels read no tensor's value on the host: log-gates are
-    floored, not checked (``ops.LOG_GATE_FLOOR``).  Gates given as such are the exception, one
+def test_the_kernels_path_reads_no_value_on_the_host(kind, monkeypatch):
+    """Forward and backward through the kernels read no tensor's value on the host, around the
+    custom ops and inside them (``chunk_forward``, ``chunk_backward`` and what they call): log-gates
+    are floored, not checked (``ops.LOG_GATE_FLOOR``).  Gates given as such are the exception, one
     read: their zeros and signs are checked (those fall back)."""
+    import nlcompile.targets.triton.ops as ops
+
+    reads = _HostReads()
+    for name in ("chunk_forward", "chunk_backward"):
+        monkeypatch.setattr(ops, name, reads.inside(getattr(ops, name)))
     k, v, kw = scan_inputs(kind)
     leaves = [x.requires_grad_(True) for x in (k, v, *kw.values()) if torch.is_tensor(x)]
-    with _HostReads() as reads:
+    with reads:
         o, s = triton_chunkwise_scan(k, v, **kw)
         torch.autograd.grad(o.square().sum() + s.sum(), leaves)
     assert len(reads.seen) == (1 if "gate" in kw else 0), reads.seen

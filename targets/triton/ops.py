@@ -65,8 +65,10 @@ def chunk_scan(k: Tensor, v: Tensor, q: Optional[Tensor], beta: Optional[Tensor]
                out_dtype: Optional[torch.dtype] = None, scale: float = 1.0, recompute: bool = False,
                compute_dtype: Optional[torch.dtype] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(o, final state, states entering each chunk, corrected values, W, the chunks' WY inverses Tm);
-    see ``forward.chunk_forward``.  ``recompute``: the autograd formula saves only the inputs and
-    forms the last four again in the backward (the forward computes the same either way)."""
+    see ``forward.chunk_forward``.  Log-gates ``g`` as the kernels take them: finite (a caller of
+    the op floors them, as ``triton_chunkwise_scan`` does at ``LOG_GATE_FLOOR``).  ``recompute``:
+    the autograd formula saves only the inputs and forms the last four again in the backward (the
+    forward computes the same either way)."""
     return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, compute_dtype)
 
 
