@@ -57,7 +57,8 @@ if [ "${BENCH_S:-300}" != 0 ]; then
         --dots "${DOTS:-auto,ieee}" --warps "${WARPS:-auto}" --chunks "${CHUNKS:-auto}" \
         --models "${MODELS:-DeltaNet,GatedDeltaNet}" --lengths "${LENGTHS:-2048,8192}" \
         --dtype "${DTYPE:-bf16}" --dim "${DIM:-128}" --json "$OUT/bench.json" \
-        ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} ${FLA_UNCHECKED:+--fla-unchecked} \
+        ${PROFILE:+--profile "$PROFILE"} ${COMPILED:+--compiled} ${RECOMPUTE:+--recompute} \
+        ${FLA_UNCHECKED:+--fla-unchecked} \
         2>"$OUT/bench.err" | tee "$OUT/bench.md"
     bench_rc=${PIPESTATUS[0]}
     echo "bench rc=$bench_rc"; grep -v "^nlcompile: tuned" "$OUT/bench.err" | tail -5

@@ -6,15 +6,15 @@
 On a GPU, a call timed alone (as ``bench_triton.py`` times them) leaves the GPU idle until the
 host's first launch, and a host slower than the GPU's work shows in the time of every call: at
 T=2048 on an H200 our forward took 0.95 ms against fla's 0.82 while its kernels' work grew with T
-no faster than fla's (README, GPU section).  This measures the Python of that path on the CPU,
+no faster than fla's (README, GPU section).  This measures the Python of that path on the host,
 with ``tuning.ChunkKernel.launch`` replaced by a stub that records when it is called: the host
 time from the call to its first launch, and the whole call (forward, no autograd), and a forward +
 backward step (autograd on q, k, v).  What it leaves out: Triton's own launcher and the autotuner's
 lookup (``launch`` is stubbed), which only a GPU runs.  Inputs are on the GPU where there is one,
-else on the CPU under ``TRITON_INTERPRET=1`` (the kernels' device check), small (B=1, H=2 by default) and with the initial
-state given: large CPU tensors would add the CPU allocator's and memsets' costs, which a GPU's
-caching allocator and its kernels do not have.  Medians over many calls; absolute times drift with
-the machine's load.
+else on the CPU under ``TRITON_INTERPRET=1`` (the kernels' device check), small (B=1, H=2 by
+default) and with the initial state given: large CPU tensors would add the CPU allocator's and
+memsets' costs, which a GPU's caching allocator and its kernels do not have.  Medians over many
+calls; absolute times drift with the machine's load.
 """
 from __future__ import annotations
 
