@@ -190,7 +190,7 @@ def fla_kernel(model: str, unchecked: bool = False):
         print(f"fla not importable: {e}", file=sys.stderr)
         return None
     checked = _FLA_CHECK.setdefault("TRITON_ABOVE_3_7_1", getattr(chunk_o, "TRITON_ABOVE_3_7_1", None))
-    if checked is None:   # an fla without that refusal: nothing to turn off
+    if checked is None or checked is True:   # no refusal in this fla, or not on this Triton: nothing to turn off
         return None if unchecked else (lambda x: fn(**x, scale=1.0)[0])
 
     def call(x):   # the flag is read by the backward, which autograd runs right after this call
