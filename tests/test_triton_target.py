@@ -508,6 +508,33 @@ def test_the_kernels_path_reads_no_value_on_the_host(kind, monkeypatch):
     assert len(reads.seen) == (1 if "gate" in kw else 0), reads.seen
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; on the CPU "
+                    "test_the_kernels_path_reads_no_value_on_the_host checks what they need")
+@pytest.mark.parametrize("kind", ["gated_delta", "kda"])
+def test_a_cuda_graph_captures_the_kernels(kind):
+    """With log-gates the kernels' forward reads no value on the host, so a CUDA graph captures
+    it: replayed on other inputs copied into the captured ones, it gives what a plain call gives."""
+    k, v, kw = scan_inputs(kind)
+    inputs = [k, v, *(x for x in kw.values() if torch.is_tensor(x))]
+    run = lambda: triton_chunkwise_scan(k, v, **kw)  # noqa: E731
+    with torch.no_grad():
+        side = torch.cuda.Stream()   # compiles (and tunes, where on) outside the capture
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = run()
+        k2, v2, kw2 = scan_inputs(kind, seed=1)
+        for mine, other in zip(inputs, [k2, v2, *(x for x in kw2.values() if torch.is_tensor(x))]):
+            mine.copy_(other)
+        graph.replay()
+        want = run()
+    for got, ref in zip(captured, want):
+        assert rel_err(got, ref) <= 1e-6
+
+
 def test_gates_with_zeros_fall_back_exactly_with_a_warning():
     k, v, kw = scan_inputs("decay_channel", T=20)
     kw["gate"][:, 5] = 0.0
