@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nlcompile
 from nlcompile.memory import saved_storages
 from nlcompile.targets.scan import sequential_scan
-from nlcompile.targets.triton.common import dot_precision, interpreting, round_to_bf16
+from nlcompile.targets.triton.common import cdiv, dot_precision, interpreting, round_to_bf16
 from nlcompile.targets.triton.ops import chunk_scan, chunk_scan_backward, kernel_chunk, triton_chunkwise_scan
 from nlcompile.targets.triton_target import TritonTarget
 from nlcompile.zoo import LAYERS, MODELS
@@ -819,7 +819,7 @@ def test_compiled_layer_recomputes_on_request():
     # exactly the op's intermediates are no longer kept (2 heads, T = 70 in chunks of c, dk = dv =
     # 16, fp32), and a copy of the initial state is, for the recomputation
     n, c, d = 2, launched_chunk(), 16
-    chunks = -(-70 // c)
+    chunks = cdiv(70, c)
     rows = chunks * c
     states, v_new, w, tm, h0 = n * chunks * d * d, n * rows * d, n * rows * d, n * rows * c, n * d * d
     assert kept_bytes - lean_bytes == 4 * (states + v_new + w + tm - h0), (kept_bytes, lean_bytes)
