@@ -260,7 +260,7 @@ def grad_error(fn, x: dict, cotangent: torch.Tensor, want: dict) -> float:
 
 
 def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), warps=("auto",), chunks=("auto",),
-            profile_T=None, on_row=None, compiled=False, recompute=False, fla_unchecked=False) -> list[dict]:
+            profile_lengths=(), on_row=None, compiled=False, recompute=False, fla_unchecked=False) -> list[dict]:
     """One row per (model, T, kernel): fwd and fwd+bwd median seconds, and the output's and the
     gradients' max errors relative to the torch target's fp32 scan on the same (rounded) inputs.  ``on_row(rows)``
     is called after each row (so a run cut short by a time limit still leaves its rows)."""
@@ -318,7 +318,7 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         row["grad_err"] = grad_error(fn, x, cotangent, want_grads)
                         row["peak_mib"] = peak_memory(step, device)
                         row["kept_mib"] = kept_memory(lambda: fn(grads), grads.values())
-                    if profile_T == T:
+                    if T in profile_lengths:
                         with torch.no_grad():
                             row["profile_fwd"] = kernel_profile(lambda: fn(x), top=20)
                         if row["fwd_bwd"] is not None:   # (a refused backward: none)
@@ -435,8 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", default="2048,8192", help="comma-separated sequence lengths (not with --smoke)")
     ap.add_argument("--chunks", default="auto", help="comma-separated chunk lengths to time our kernels with "
                     "(auto: the launchers' choice; 16, 32, 64), crossed with --dots and --warps")
-    ap.add_argument("--profile", type=int, metavar="T", help="also list each kernel's device time at this T, "
-                    "over one forward (every kernel) and one forward+backward step (the 10 longest)")
+    ap.add_argument("--profile", default="", metavar="T[,T...]", help="also list each kernel's device time at "
+                    "these lengths, over one forward (every kernel) and one forward+backward step (the 10 longest)")
     ap.add_argument("--recompute", action="store_true", help="also time each variant of our kernels with "
                     "recompute=True (the chunk states formed again in the backward, only the inputs kept)")
     ap.add_argument("--compiled", action="store_true", help="also time the zoo's per-token loop of each model "
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
                    DTYPES[args.dtype], repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
-                   args.profile, on_row=save, compiled=args.compiled, recompute=args.recompute,
+                   [int(t) for t in args.profile.split(",") if t], on_row=save, compiled=args.compiled, recompute=args.recompute,
                    fla_unchecked=args.fla_unchecked)
     print(table(rows, device_name))
     return 0

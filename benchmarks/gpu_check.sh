@@ -15,8 +15,8 @@
 # the tl.dot precisions the benchmark times (auto = the choice by input dtype), WARPS the warps per
 # program (auto = autotuned, fixed = the untuned launch), CHUNKS the chunk lengths (auto = the
 # launchers' choice; all three crossed); MODELS and LENGTHS narrow the rows, DTYPE (bf16, fp16,
-# fp32) and DIM (128) set the inputs' dtype and head dim; PROFILE=T adds each
-# kernel's device time at that T; COMPILED=1 adds the zoo's loop compiled by nlcompile.compile;
+# fp32) and DIM (128) set the inputs' dtype and head dim; PROFILE=T[,T...] adds each
+# kernel's device time at those T; COMPILED=1 adds the zoo's loop compiled by nlcompile.compile;
 # RECOMPUTE=1 adds each variant of our kernels with the chunk states recomputed in the backward;
 # FLA_UNCHECKED=1 adds fla's Gated DeltaNet with its refusal of the backward on Triton < 3.7.1 on
 # Hopper turned off (timing only; its gradients' error shows whether Triton compiled it wrong).  The

@@ -1,44 +1,116 @@
-"""Host time of one call of the Triton kernels' scan, the kernel launches stubbed out (any machine).
+"""Host time of one call of the Triton kernels' scan, the kernels themselves not run (any machine).
 
     .venv/bin/python benchmarks/host_overhead.py             # DeltaNet and Gated DeltaNet shapes
     .venv/bin/python benchmarks/host_overhead.py --T 2048
+    .venv/bin/python benchmarks/host_overhead.py --triton    # through Triton's launch path too (no GPU)
 
 On a GPU, a call timed alone (as ``bench_triton.py`` times them) leaves the GPU idle until the
 host's first launch, and a host slower than the GPU's work shows in the time of every call: at
 T=2048 on an H200 our forward took 0.95 ms against fla's 0.82 while its kernels' work grew with T
-no faster than fla's (README, GPU section).  This measures the Python of that path on the host,
-with ``tuning.ChunkKernel.launch`` replaced by a stub that records when it is called: the host
-time from the call to its first launch, and the whole call (forward, no autograd), and a forward +
-backward step (autograd on q, k, v).  What it leaves out: Triton's own launcher and the autotuner's
-lookup (``launch`` is stubbed), which only a GPU runs.  Inputs are on the GPU where there is one,
-else on the CPU under ``TRITON_INTERPRET=1`` (the kernels' device check), small (B=1, H=2 by
-default) and with the initial state given: large CPU tensors would add the CPU allocator's and
-memsets' costs, which a GPU's caching allocator and its kernels do not have.  Medians over many
-calls; absolute times drift with the machine's load.
+no faster than fla's (README, GPU section).  This measures the Python of that path on the host:
+the host time from the call to its first launch, the whole call (forward, no autograd), and a
+forward + backward step (autograd on q, k, v).  By default ``tuning.ChunkKernel.launch`` is
+replaced by a stub that records when it is called, which leaves out Triton's launch path.
+``--triton`` (no GPU needed; not on one, where ``bench_triton.py``'s host column measures the real
+thing) keeps that path as a GPU runs it, in a child process where Triton compiles for CUDA: the
+autotuner (each key's first candidate taken untimed) and ``JITFunction.run`` (argument binding,
+specialisation, its kernel cache), under a stand-in CUDA driver (an sm_90 target) and with a
+stand-in compiled kernel whose ``run``, where the C launcher would be called, only records the
+launch (what it leaves out: that launcher, a few microseconds a kernel).  Inputs are on the GPU
+where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without ``--triton``: the
+kernels' device check), small (B=1, H=2 by default) and with the initial state given: large CPU
+tensors would add the CPU allocator's and memsets' costs, which a GPU's caching allocator and
+its kernels do not have.  Medians over many calls; absolute times drift with the machine's load.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():   # CPU tensors pass the kernels' device check only in the interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_CHILD = "--triton-child"   # the child process of --triton (Triton not interpreted there)
+if not torch.cuda.is_available() and TRITON_CHILD not in sys.argv:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU tensors pass the kernels' device check
 
 
-def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int) -> dict[str, float]:
-    """Median host microseconds: to the first launch, the forward call, a forward+backward step."""
+@contextmanager
+def launches_stubbed(record: Callable[[], None]) -> Iterator[None]:
+    """``ChunkKernel.launch`` replaced by ``record``."""
     from nlcompile.targets.triton import tuning
+
+    original = tuning.ChunkKernel.launch
+    tuning.ChunkKernel.launch = lambda self, *args, **kwargs: record()
+    try:
+        yield
+    finally:
+        tuning.ChunkKernel.launch = original
+
+
+_RECORD: list[Callable[[], None]] = []   # the launch recorder of the current triton_launch_path
+
+
+@contextmanager
+def triton_launch_path(record: Callable[[], None]) -> Iterator[None]:
+    """Triton's launch path as on a GPU, down to the compiled kernel's ``run`` (``record``), on a
+    machine without one; for a process of its own (what it patches stays patched)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import autotuner, jit
+    from triton.runtime.driver import driver
+
+    from nlcompile.targets.triton import common, forward, tuning
+
+    if not isinstance(forward.STATES.fn, jit.JITFunction):
+        raise RuntimeError("--triton needs Triton not interpreted (TRITON_INTERPRET unset)")
+
+    class Driver:   # what JITFunction.run asks of the CUDA driver
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    class Compiled:   # a compiled kernel as the JIT launches it (kept in the JIT's cache)
+        function = packed_metadata = None
+
+        def launch_metadata(self, grid, stream, *args):
+            return None
+
+        def run(self, *args):
+            _RECORD[-1]()
+
+    def compile_nothing(self, key, signature, device, *rest, **kwargs):
+        kernel = self.device_caches[device][0][key] = Compiled()
+        return kernel
+
+    if not _RECORD:
+        driver.set_active(Driver())
+        jit.JITFunction._do_compile = compile_nothing
+        autotuner.Autotuner.prune_configs = lambda self, kwargs, *rest: self.configs[:1]   # untimed
+        tuning.tuning_enabled = lambda device: True
+        tuning.ChunkKernel._precompile = lambda self, *args: 0
+        tuning.ChunkKernel._tuned_on_disk = lambda self, *args: False
+        common.INTERPRETED.value = True   # lets CPU tensors past the kernels' device check; nothing compiles
+    _RECORD.append(record)
+    yield
+
+
+def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: bool = False) -> dict[str, float]:
+    """Median host microseconds: to the first launch, the forward call, a forward+backward step."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     launches: list[float] = []
-    original = tuning.ChunkKernel.launch
-    tuning.ChunkKernel.launch = lambda self, *args, **kwargs: launches.append(time.perf_counter())
-    try:
+    with (triton_launch_path if triton else launches_stubbed)(lambda: launches.append(time.perf_counter())):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         gen = torch.Generator(device).manual_seed(0)
         q, k, v = (torch.randn(B, T, H, D, generator=gen, device=device).bfloat16() for _ in range(3))
@@ -69,26 +141,41 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int) -> dict[str
                 torch.cuda.synchronize()
             if i >= warm:
                 step.append(time.perf_counter() - t0)
-    finally:
-        tuning.ChunkKernel.launch = original
     us = lambda xs: statistics.median(xs) * 1e6  # noqa: E731
     return {"to the first launch": us(first), "forward": us(forward), "forward+backward": us(step)}
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--B", type=int, default=1)
     ap.add_argument("--T", type=int, default=64)
     ap.add_argument("--H", type=int, default=2)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--triton", action="store_true", help="through Triton's launch path (machines without a GPU)")
+    ap.add_argument(TRITON_CHILD, action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    print(f"host time per call, kernel launches stubbed (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
+    if args.triton:
+        if torch.cuda.is_available():
+            print("--triton stands in for a GPU: on this one, bench_triton.py's host column times the real "
+                  "launches", file=sys.stderr)
+            return 2
+        env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+        child = [a for a in argv if a != "--triton"] + [TRITON_CHILD]
+        done = subprocess.run([sys.executable, __file__, *child], env=env, capture_output=True, text=True)
+        print(done.stdout, end="")
+        if done.returncode != 0:
+            print(done.stderr, file=sys.stderr, end="")
+        return done.returncode
+    how = ("through Triton's launch path (stand-in CUDA driver and compiled kernels)" if args.triton_child
+           else "kernel launches stubbed")
+    print(f"host time per call, {how} (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
           f"medians of {args.calls} calls)")
     print("| model | to the first launch (us) | forward (us) | forward+backward (us) |")
     print("|---|---|---|---|")
     for model, gated in (("DeltaNet", False), ("Gated DeltaNet", True)):
-        r = measure(gated, args.B, args.T, args.H, args.D, args.calls)
+        r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child)
         print(f"| {model} | {r['to the first launch']:.0f} | {r['forward']:.0f} | {r['forward+backward']:.0f} |")
     return 0
 

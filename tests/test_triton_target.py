@@ -827,15 +827,21 @@ def test_compiled_layer_recomputes_on_request():
         assert torch.equal(g, w)
 
 
-def test_host_overhead_benchmark_runs(capsys):
+@pytest.mark.parametrize("through_triton", [False, True])
+def test_host_overhead_benchmark_runs(capsys, through_triton):
     """benchmarks/host_overhead.py times the Python of the kernels' path (launches stubbed), and
-    puts the launcher back after."""
+    puts the launcher back after; with ``--triton`` (no GPU) through Triton's launch path, in a
+    child process."""
     from nlcompile.targets.triton import tuning
 
+    if through_triton and torch.cuda.is_available():
+        assert load_benchmark("host_overhead").main(["--triton"]) == 2   # the real launches are timed there
+        return
     launch = tuning.ChunkKernel.launch
-    assert load_benchmark("host_overhead").main(["--calls", "20"]) == 0
-    rows = [line.strip("|").split("|") for line in capsys.readouterr().out.splitlines()
-            if line.startswith(("| DeltaNet", "| Gated DeltaNet"))]
+    assert load_benchmark("host_overhead").main(["--calls", "20"] + ["--triton"] * through_triton) == 0
+    out = capsys.readouterr().out
+    assert ("through Triton's launch path" in out) == through_triton
+    rows = [line.strip("|").split("|") for line in out.splitlines() if line.startswith(("| DeltaNet", "| Gated"))]
     assert len(rows) == 2 and all(float(us) > 0 for row in rows for us in row[1:])
     assert tuning.ChunkKernel.launch is launch
 

@@ -98,6 +98,36 @@ def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
         assert key in kernel.tuned.cache
 
 
+def test_a_tuned_key_is_launched_with_its_choice_directly(tuned_on_cpu, monkeypatch):
+    """Once a key is tuned, later launches with it call the kernel with the autotuner's choice and
+    skip the autotuner (its lookup builds a key from every argument: a third of a forward's host
+    time): the same outputs bit for bit; another key (a new head dim) goes through it again."""
+    kernels = (forward.WY_INVERSE, forward.PREPARE, forward.STATES, forward.OUTPUT)
+    tuner_runs, direct = [], []
+    for kernel in kernels:
+        monkeypatch.setattr(kernel.tuned, "run", lambda *a, _run=kernel.tuned.run, _k=kernel, **kw:
+                            tuner_runs.append(_k.name) or _run(*a, **kw))
+
+    def call(dv: int) -> tuple:
+        x = make_inputs("gated_delta", 37, 16, dv)
+        return chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
+
+    first = call(40)
+    assert tuner_runs == [k.name for k in kernels]
+    chosen = {k.name: k.tuned.best_config.all_kwargs() for k in kernels}
+    tuner_runs.clear()
+    for kernel in kernels:
+        monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=kernel.fn.run, _k=kernel, **kw:
+                            direct.append((_k.name, kw)) or _run(*a, **kw))
+    second = call(40)
+    assert tuner_runs == [] and [name for name, _ in direct] == [k.name for k in kernels]
+    for name, kwargs in direct:
+        assert chosen[name].items() <= kwargs.items()
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    call(24)
+    assert tuner_runs == [k.name for k in kernels[1:]]   # the WY inverse takes no dv: its key is the same
+
+
 def test_compile_in_parallel_counts_and_survives_failures():
     seen, configs = [], tuning.Space(value_blocks=(16, 32, 64), warps=(4, 8), stages=(2,)).configs()
 
