@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/host_overhead.py             # DeltaNet and Gated DeltaNet shapes
     .venv/bin/python benchmarks/host_overhead.py --T 2048
     .venv/bin/python benchmarks/host_overhead.py --triton    # through Triton's launch path too (no GPU)
+    .venv/bin/python benchmarks/host_overhead.py --triton --fla --rounds 3   # and fla's, alternated
 
 On a GPU, a call timed alone (as ``bench_triton.py`` times them) leaves the GPU idle until the
 host's first launch, and a host slower than the GPU's work shows in the time of every call: at
@@ -11,16 +12,24 @@ no faster than fla's (README, GPU section).  This measures the Python of that pa
 the host time from the call to its first launch, the whole call (forward, no autograd), and a
 forward + backward step (autograd on q, k, v).  By default ``tuning.ChunkKernel.launch`` is
 replaced by a stub that records when it is called, which leaves out Triton's launch path.
-``--triton`` (no GPU needed; not on one, where ``bench_triton.py``'s host column measures the real
-thing) keeps that path as a GPU runs it, in a child process where Triton compiles for CUDA: the
-autotuner (each key's first candidate taken untimed) and ``JITFunction.run`` (argument binding,
-specialisation, its kernel cache), under a stand-in CUDA driver (an sm_90 target) and with a
-stand-in compiled kernel whose ``run``, where the C launcher would be called, only records the
-launch (what it leaves out: that launcher, a few microseconds a kernel).  Inputs are on the GPU
-where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without ``--triton``: the
-kernels' device check), small (B=1, H=2 by default) and with the initial state given: large CPU
-tensors would add the CPU allocator's and memsets' costs, which a GPU's caching allocator and
-its kernels do not have.  Medians over many calls; absolute times drift with the machine's load.
+
+``--triton`` (no GPU needed; not on one, where ``bench_triton.py``'s host column times the real
+launches) keeps that path as a GPU runs it, in a child process where Triton is not interpreted:
+the autotuner (each key's first candidate taken, untimed) and ``JITFunction.run`` (argument
+binding, specialisation, its kernel cache), under a stand-in CUDA driver (an sm_90 target), with a
+stand-in compiled kernel whose ``run``, where the C launcher would be called, records the launch
+(what it leaves out: that launcher, a few microseconds a kernel).  ``--fla`` adds
+flash-linear-attention's chunk functions on the same path, under ``sm90_vs_fla.py``'s stand-in
+H100, which fla's imports and launchers ask about (fla-core 0.6.0 installed as that script says),
+so that the two Python paths compare on one machine: on this project's CPU (2026-11-27, three
+rounds) fla's forward took 295-354 us against our 157-171, and its first launch came at 66-83 us
+against our 88-98.
+
+Inputs are on the GPU where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without
+``--triton``: the kernels' device check), small (B=1, H=2 by default) and with the initial state
+given: large CPU tensors would add the CPU allocator's and memsets' costs, which a GPU's caching
+allocator and its kernels do not have.  Medians over many calls; absolute times drift with the
+machine's load.
 """
 from __future__ import annotations
 
@@ -31,11 +40,13 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+ROOT = Path(__file__).resolve().parent.parent
 TRITON_CHILD = "--triton-child"   # the child process of --triton (Triton not interpreted there)
 if not torch.cuda.is_available() and TRITON_CHILD not in sys.argv:
     os.environ.setdefault("TRITON_INTERPRET", "1")   # CPU tensors pass the kernels' device check
@@ -54,13 +65,14 @@ def launches_stubbed(record: Callable[[], None]) -> Iterator[None]:
         tuning.ChunkKernel.launch = original
 
 
-_RECORD: list[Callable[[], None]] = []   # the launch recorder of the current triton_launch_path
+_RECORDERS: list[Callable[[], None]] = []   # those of the triton_launch_path contexts entered, innermost last
 
 
 @contextmanager
-def triton_launch_path(record: Callable[[], None]) -> Iterator[None]:
+def triton_launch_path(record: Callable[[], None], own_driver: bool = True) -> Iterator[None]:
     """Triton's launch path as on a GPU, down to the compiled kernel's ``run`` (``record``), on a
-    machine without one; for a process of its own (what it patches stays patched)."""
+    machine without one, under a stand-in CUDA driver (``own_driver=False``: the one already set);
+    for a process of its own (what it patches stays patched)."""
     from triton.backends.compiler import GPUTarget
     from triton.runtime import autotuner, jit
     from triton.runtime.driver import driver
@@ -87,26 +99,33 @@ def triton_launch_path(record: Callable[[], None]) -> Iterator[None]:
             return None
 
         def run(self, *args):
-            _RECORD[-1]()
+            _RECORDERS[-1]()
 
     def compile_nothing(self, key, signature, device, *rest, **kwargs):
         kernel = self.device_caches[device][0][key] = Compiled()
         return kernel
 
-    if not _RECORD:
-        driver.set_active(Driver())
+    if not getattr(jit.JITFunction._do_compile, "stand_in", False):
+        if own_driver:
+            driver.set_active(Driver())
+        compile_nothing.stand_in = True
         jit.JITFunction._do_compile = compile_nothing
         autotuner.Autotuner.prune_configs = lambda self, kwargs, *rest: self.configs[:1]   # untimed
         tuning.tuning_enabled = lambda device: True
         tuning.ChunkKernel._precompile = lambda self, *args: 0
         tuning.ChunkKernel._tuned_on_disk = lambda self, *args: False
         common.INTERPRETED.value = True   # lets CPU tensors past the kernels' device check; nothing compiles
-    _RECORD.append(record)
-    yield
+    _RECORDERS.append(record)
+    try:
+        yield
+    finally:
+        _RECORDERS.pop()
 
 
-def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: bool = False) -> dict[str, float]:
-    """Median host microseconds: to the first launch, the forward call, a forward+backward step."""
+def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: bool = False,
+            fla: bool = False) -> dict[str, float]:
+    """Median host microseconds: to the first launch, the forward call, a forward+backward step;
+    of flash-linear-attention's chunk function instead of ours with ``fla`` (under ``--triton``)."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     launches: list[float] = []
@@ -120,6 +139,12 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: boo
         h0 = torch.zeros(B * H, D, D, device=device)
 
         def call(x):
+            if fla:   # fla's layout of the initial state: [B, H, dk, dv]
+                from fla.ops import chunk_delta_rule, chunk_gated_delta_rule
+
+                kw = dict(q=x[0], k=x[1], v=x[2], beta=beta, scale=1.0, initial_state=h0.view(B, H, D, D),
+                          output_final_state=True)
+                return (chunk_gated_delta_rule(g=g, **kw) if gated else chunk_delta_rule(**kw))[0]
             return triton_chunkwise_scan(x[1], x[2], q=x[0], beta=beta, log_gate=g, out_dtype=torch.bfloat16,
                                          initial_state=h0)[0]
 
@@ -153,30 +178,51 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--H", type=int, default=2)
     ap.add_argument("--D", type=int, default=128)
     ap.add_argument("--calls", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=1, help="every row this many times, the rows alternated")
     ap.add_argument("--triton", action="store_true", help="through Triton's launch path (machines without a GPU)")
+    ap.add_argument("--fla", action="store_true", help="with --triton: also flash-linear-attention's chunk "
+                    "functions, under a stand-in H100 (fla-core 0.6.0 in --fla-site, as sm90_vs_fla.py installs it)")
+    ap.add_argument("--fla-site", type=Path, default=ROOT / ".fla-site")
     ap.add_argument(TRITON_CHILD, action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.fla and not (args.triton or args.triton_child):
+        ap.error("--fla needs --triton (fla's launches go through Triton's launch path)")
     if args.triton:
         if torch.cuda.is_available():
             print("--triton stands in for a GPU: on this one, bench_triton.py's host column times the real "
                   "launches", file=sys.stderr)
             return 2
         env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+        if args.fla:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from sm90_vs_fla import check_fla_site
+
+            check_fla_site(args.fla_site)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(args.fla_site), env.get("PYTHONPATH")) if p)
         child = [a for a in argv if a != "--triton"] + [TRITON_CHILD]
         done = subprocess.run([sys.executable, __file__, *child], env=env, capture_output=True, text=True)
         print(done.stdout, end="")
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr, end="")
         return done.returncode
+    if args.fla:   # the stand-in H100 that fla's imports and launchers ask about, then Triton's path under it
+        from sm90_vs_fla import fla_on_fake_h100
+
+        fla_on_fake_h100()
+        with triton_launch_path(lambda: None, own_driver=False):
+            pass
     how = ("through Triton's launch path (stand-in CUDA driver and compiled kernels)" if args.triton_child
            else "kernel launches stubbed")
     print(f"host time per call, {how} (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
           f"medians of {args.calls} calls)")
     print("| model | to the first launch (us) | forward (us) | forward+backward (us) |")
     print("|---|---|---|---|")
-    for model, gated in (("DeltaNet", False), ("Gated DeltaNet", True)):
-        r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child)
-        print(f"| {model} | {r['to the first launch']:.0f} | {r['forward']:.0f} | {r['forward+backward']:.0f} |")
+    for _ in range(args.rounds):
+        for model, gated in (("DeltaNet", False), ("Gated DeltaNet", True)):
+            for fla in (False, True)[:1 + args.fla]:
+                r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child, fla=fla)
+                print(f"| {'fla ' * fla}{model} | {r['to the first launch']:.0f} | {r['forward']:.0f} | "
+                      f"{r['forward+backward']:.0f} |", flush=True)
     return 0
 
 

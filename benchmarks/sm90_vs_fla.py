@@ -149,19 +149,26 @@ def patch_triton(records: list[dict], state: dict) -> None:
     JITFunction._pack_args, JITFunction.run, JITFunction._do_compile = keep_bound_args, keep_grid, record
 
 
-def record_launches(out: str) -> None:
-    """Child: run fla's chunk functions forward and backward on CPU tensors of the benchmark shape under the
-    fake H100 and pickle the launch records (``patch_triton``) to ``out``."""
+def fla_on_fake_h100() -> None:
+    """The fake H100 (``fake_h100``), and fla imported under it taking its Hopper paths for CPU
+    tensors.  Children only (also ``host_overhead.py --fla``)."""
     fake_h100()
     import fla.utils
     import fla.utils.hardware as hardware
-    import torch
 
     # fla's launchers ask check_shared_mem('hopper', k.device.index): None for CPU tensors, 0 on a GPU
     hardware.get_all_max_shared_mem = lambda: {0: SM90_SHARED_BYTES, None: SM90_SHARED_BYTES}
     hardware.check_shared_mem.cache_clear()
     if not (fla.utils.IS_NVIDIA_HOPPER and hardware.check_shared_mem("hopper", None)):
         raise SystemExit("the fake H100 did not take: fla does not take its Hopper paths")
+
+
+def record_launches(out: str) -> None:
+    """Child: run fla's chunk functions forward and backward on CPU tensors of the benchmark shape under the
+    fake H100 and pickle the launch records (``patch_triton``) to ``out``."""
+    fla_on_fake_h100()
+    import torch
+
     records, state = [], {}
     patch_triton(records, state)
     import fla.ops

@@ -846,6 +846,19 @@ def test_host_overhead_benchmark_runs(capsys, through_triton):
     assert tuning.ChunkKernel.launch is launch
 
 
+def test_host_overhead_benchmark_names_what_fla_needs(tmp_path, capsys):
+    """``--fla`` (fla's Python path beside ours) asks for ``--triton``, and for fla where it is
+    missing, with the command that installs it."""
+    script = load_benchmark("host_overhead")
+    with pytest.raises(SystemExit):
+        script.main(["--fla"])
+    assert "--fla needs --triton" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    with pytest.raises(SystemExit, match="pip install --no-deps --target"):
+        script.main(["--triton", "--fla", "--fla-site", str(tmp_path)])
+
+
 def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     """benchmarks/bench_triton.py on tiny shapes (its GPU numbers need a GPU; this checks the script),
     here with fp16 inputs (``--dtype``), and its table rendered again from the rows it saved; with
