@@ -321,6 +321,10 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                     if T in profile_lengths:
                         with torch.no_grad():
                             row["profile_fwd"] = kernel_profile(lambda: fn(x), top=20)
+                            try:   # a diagnostic: a failure here must not cost the run its rows
+                                row["timeline_fwd"] = call_timeline(lambda: fn(x))
+                            except Exception as e:
+                                print(f"  timeline failed: {e!r}", file=sys.stderr)
                         if row["fwd_bwd"] is not None:   # (a refused backward: none)
                             row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
@@ -364,12 +368,54 @@ def kernel_profile(step, top: int = 10) -> list[tuple[str, float]]:
     return sorted(events, key=lambda e: -e[1])[:top]
 
 
+TIMELINE_MARK = "bench_triton.call"
+
+
+def timeline_of(events, is_kernel) -> dict[str, float]:
+    """Where a profiled call's time went (ms), from its profiler events: the host's time from the
+    call's start (the ``TIMELINE_MARK`` range around it) to its first kernel's start, the kernels'
+    busy time (the union of their ranges), the gaps between the first's start and the last's end
+    where none ran, and the call's host time; ``is_kernel`` picks the device's events."""
+    call = next(e for e in events if e.name == TIMELINE_MARK and not is_kernel(e))
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                   if is_kernel(e) and e.name != TIMELINE_MARK)
+    if not spans:
+        return {"kernels": 0}
+    busy, reach = 0.0, spans[0][0]
+    for start, end in spans:   # the union of the ranges, overlaps counted once
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    first = spans[0][0]
+    return {"kernels": len(spans), "to_first_kernel": (first - call.time_range.start) / 1e3,
+            "busy": busy / 1e3, "gaps": (reach - first - busy) / 1e3,
+            "host": (call.time_range.end - call.time_range.start) / 1e3}
+
+
+def call_timeline(fn) -> dict[str, float]:
+    """``timeline_of`` one call of ``fn`` on the GPU (torch.profiler, host and device; the
+    profiler's own cost is in the host times).  A call timed alone takes about to_first_kernel +
+    busy + gaps: what the kernels took, and what the host left the GPU idle."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with record_function(TIMELINE_MARK):
+            fn()
+        torch.cuda.synchronize()
+    return timeline_of(prof.events(), lambda e: e.device_type == DeviceType.CUDA)
+
+
 def profile_text(row: dict) -> str:
     """Device ms per kernel of one forward (every kernel it launches) and of one fwd+bwd step (rows
     saved before the forward's profile have only the latter)."""
     text = lambda events: "; ".join(f"{name[:60]} {t:.3f}" for name, t in events)  # noqa: E731
     parts = [f"one {what}, device ms per kernel: {text(row[key])}"
              for what, key in (("fwd", "profile_fwd"), ("fwd+bwd", "profile")) if key in row]
+    line = row.get("timeline_fwd")
+    if line and line.get("kernels"):
+        parts.append(f"one fwd's timeline (ms): {line['to_first_kernel']:.3f} from the call to its first kernel, "
+                     f"{line['kernels']} kernels busy {line['busy']:.3f}, gaps {line['gaps']:.3f}, "
+                     f"host {line['host']:.3f}")
     return f"{row['model']} T={row['T']} {row['kernel']}, " + "\n  ".join(parts)
 
 

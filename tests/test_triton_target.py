@@ -894,6 +894,30 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
         [line for line in out.splitlines() if line.startswith("| ")]
 
 
+def test_gpu_benchmark_timeline_accounts_for_a_call():
+    """bench_triton's timeline of a call (``timeline_of``; on a GPU its kernels), here on the CPU
+    profiler's events with two matmuls as the kernels: idle 20 ms before the first and 30 ms
+    between them show as the time to the first kernel and as a gap, the matmuls as busy time."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    bench = load_benchmark("bench_triton")
+    a = torch.randn(256, 256)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(bench.TIMELINE_MARK):
+            time.sleep(0.02)
+            a @ a
+            time.sleep(0.03)
+            a @ a
+    line = bench.timeline_of(prof.events(), lambda e: e.name == "aten::mm")
+    assert line["kernels"] == 2
+    assert 20 <= line["to_first_kernel"] < 30 and 30 <= line["gaps"] < 40
+    assert 0 < line["busy"] < 20 and line["host"] >= line["to_first_kernel"] + line["busy"] + line["gaps"]
+    text = bench.profile_text(dict(model="m", T=1, kernel="k", timeline_fwd=line))
+    assert "2 kernels busy" in text and f"gaps {line['gaps']:.3f}" in text
+
+
 def test_gpu_benchmark_names_far_gradients():
     """bench_triton.far_gradients names the rows whose gradients are not finite or far (over 10x
     and over 1e-2) from the torch target's error on the same inputs."""
