@@ -918,6 +918,31 @@ def test_gpu_benchmark_timeline_accounts_for_a_call():
     assert "2 kernels busy" in text and f"gaps {line['gaps']:.3f}" in text
 
 
+def test_autotune_times_reads_a_gpu_runs_results(tmp_path, capsys):
+    """benchmarks/autotune_times.py prints each kernel's and key's best and slowest candidate from
+    Triton's autotune files, in a folder or in gpu_check.sh's .tgz."""
+    import json
+    import tarfile
+
+    folder = tmp_path / "cache" / "HASH"
+    folder.mkdir(parents=True)
+    config = lambda bv, warps: {"kwargs": {"BV": bv}, "num_warps": warps, "num_stages": 2}  # noqa: E731
+    (folder / "_states_kernel.autotune.json").write_text(json.dumps({
+        "key": [128, 16, "bf16", "torch.bfloat16", "torch.float32"],
+        "configs_timings": [[config(32, 4), [0.25, 0.24, 0.26]], [config(64, 4), [0.199, 0.19, 0.2]],
+                            [config(64, 8), [0.3, 0.29, 0.31]]]}))
+    saved = tmp_path / "triton-autotune.tgz"
+    with tarfile.open(saved, "w:gz") as tar:
+        tar.add(tmp_path / "cache", arcname=".")
+    script = load_benchmark("autotune_times")
+    for source in (tmp_path / "cache", saved):
+        assert script.main([str(source)]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| _states_kernel"))
+        assert row == "| _states_kernel | 128 16 bf16 bf16 fp32 | 199.0 | BV=64 warps=4 stages=2 | 300.0 | 3 |"
+    with pytest.raises(SystemExit):
+        script.main([str(tmp_path / "nothing")])
+
+
 def test_gpu_benchmark_names_far_gradients():
     """bench_triton.far_gradients names the rows whose gradients are not finite or far (over 10x
     and over 1e-2) from the torch target's error on the same inputs."""
