@@ -18,8 +18,9 @@ error; a row far from the torch target's own is named under the table), the devi
 forward+backward step holds at its peak beyond its inputs (``peak_memory``: what is saved for the
 backward, scratch, the loss's temporaries) and what autograd keeps from the forward for the
 backward beyond the inputs (``kept_memory``; on any device), and where a forward call's time goes:
-its host time (the Python and the launches) and its pace with calls queued back to back
-(``host_and_queued``). ``--recompute`` adds each variant of our kernels with
+its host time (the Python and the launches), its pace with calls queued back to back
+(``host_and_queued``) and, for ours and fla's, the forward replayed from a CUDA graph (the GPU's
+time alone: ``graph_replay``). ``--recompute`` adds each variant of our kernels with
 ``recompute=True`` (only the inputs kept; the chunk states formed again in the backward).
 ``--compiled`` adds what a user of ``nlcompile.compile(model, target="triton")`` gets: the zoo's
 per-token loop of the model (``deltanet_matmul_bthd`` / ``gated_deltanet_matmul_bthd``, which
@@ -42,6 +43,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,22 @@ def timed(fn, device: torch.device, repeats: int) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def graph_replay(fn) -> Callable[[], None]:
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream, as ``torch.cuda.graph``
+    asks), returned as its replay: the same kernels with no Python and no launches from the host,
+    so its time is the GPU's alone (the gaps between kernels included)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def make_inputs(model: str, B: int, H: int, T: int, D: int, device, dtype) -> dict:
@@ -328,6 +346,12 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         if row["fwd_bwd"] is not None:   # (a refused backward: none)
                             row["profile"] = kernel_profile(step)
                         print("  " + profile_text(row), file=sys.stderr, flush=True)
+                    if device.type == "cuda" and (name == "fla" or name.startswith("nlcompile-triton")):
+                        with torch.no_grad():
+                            try:   # the GPU's time alone: a diagnostic, which must not cost the run its rows
+                                row["fwd_graph"] = timed(graph_replay(lambda: fn(x)), device, repeats)
+                            except Exception as e:
+                                row["graph_note"] = (str(e).splitlines() or [repr(e)])[0]
                 rows.append(row)
                 if on_row is not None:
                     on_row(rows)
@@ -337,8 +361,9 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                 if row.get("kept_mib") is not None:
                     both += f", kept for the backward {row['kept_mib']:.1f} MiB"
                 grad_err = f", gradients' error {row['grad_err']:.1e}" if "grad_err" in row else ""
+                graph = f", CUDA graph {row['fwd_graph'] * 1e3:.2f}" if "fwd_graph" in row else ""
                 print(f"  {model} T={T} {name}: fwd {row['fwd'] * 1e3:.2f} ms (host {row['fwd_host'] * 1e3:.2f}, "
-                      f"queued {row['fwd_queued'] * 1e3:.2f}), fwd+bwd {both}, "
+                      f"queued {row['fwd_queued'] * 1e3:.2f}{graph}), fwd+bwd {both}, "
                       f"error {row['err']:.1e}{grad_err}, first fwd call {row['first_s']:.1f} s", file=sys.stderr,
                       flush=True)
     return rows
@@ -437,8 +462,8 @@ def table(rows: list[dict], device_name: str) -> str:
     lines = [f"device: {device_name}", "",
              "| model | T | kernel | fwd (ms) | fwd+bwd (ms) | fwd / fla | fwd+bwd / fla | max error vs fp32 "
              "| gradients' max error vs fp32 | first fwd call (s) | fwd+bwd peak memory (MiB) | kept for bwd (MiB) "
-             "| fwd host / queued (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| fwd host / queued (ms) | fwd CUDA graph (ms) / fla's |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     notes, profiles = [], []
     ms = lambda t: "-" if t is None else f"{t * 1e3:.2f}"  # noqa: E731
     ratio = lambda a, b: "-" if a is None or b is None else f"{a / b:.2f}x"  # noqa: E731
@@ -454,9 +479,12 @@ def table(rows: list[dict], device_name: str) -> str:
         grad_err = "-" if r.get("grad_err") is None else f"{r['grad_err']:.1e}"
         lines.append(f"| {r['model']} | {r['T']} | {r['kernel']} | {ms(r['fwd'])} | {ms(r['fwd_bwd'])} | {ratios} | "
                      f"{r['err']:.1e} | {grad_err} | {r['first_s']:.1f} | {peak} | {kept} | "
-                     f"{ms(r.get('fwd_host'))} / {ms(r.get('fwd_queued'))} |")
+                     f"{ms(r.get('fwd_host'))} / {ms(r.get('fwd_queued'))} | "
+                     f"{ms(r.get('fwd_graph'))} / {ratio(r.get('fwd_graph'), ref.get('fwd_graph'))} |")
         if "note" in r:
             notes.append(f"{r['model']} T={r['T']} {r['kernel']} fwd+bwd: {r['note']}")
+        if "graph_note" in r:
+            notes.append(f"{r['model']} T={r['T']} {r['kernel']}: no CUDA graph: {r['graph_note']}")
         if "profile_fwd" in r or "profile" in r:
             profiles.append(profile_text(r))
     if not fla:
