@@ -10,13 +10,17 @@ that first met each key (the benchmark's first length, T=2048 by default), which
 benchmark does not give at that length.  How Triton times them (``do_bench``): the L2 cache is
 flushed before each run, and the autotuner's save and restore of the buffers a kernel updates in
 place (``restore_value``; our states kernels' V') run inside the timed call, so those kernels'
-times include the copies.  This prints, per kernel and key, the best candidate's median and
-configuration and the slowest candidate's median.
+times include the copies.  A file is written when its key is first tuned on a machine, so where
+``gpu_check.sh`` carried an earlier run's files in (``.triton-autotune``), those keys' timings are
+that run's, at its shapes.  This prints, per kernel and key, the best candidate's median and
+configuration, the slowest candidate's that ran, and how many failed (out of resources, or
+compile errors: Triton times them as inf).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tarfile
 from pathlib import Path
 
@@ -55,15 +59,21 @@ def median_us(timing) -> float:
 
 
 def table(entries: list[tuple[str, list, list]]) -> str:
-    lines = ["| kernel | tuning key | best (us) | best config | slowest (us) | candidates |", "|---|---|---|---|---|---|"]
+    lines = ["| kernel | tuning key | best (us) | best config | slowest (us) | candidates (failed) |",
+             "|---|---|---|---|---|---|"]
     for kernel, key, timings in entries:
         if not timings:
             lines.append(f"| {kernel} | {short_key(key)} | - | (no timings kept) | - | 0 |")
             continue
-        ranked = sorted(timings, key=lambda ct: median_us(ct[1]))
-        (best, best_t), (_, worst_t) = ranked[0], ranked[-1]
-        lines.append(f"| {kernel} | {short_key(key)} | {median_us(best_t):.1f} | {describe(best)} | {median_us(worst_t):.1f} | "
-                     f"{len(timings)} |")
+        ran = sorted((ct for ct in timings if math.isfinite(median_us(ct[1]))), key=lambda ct: median_us(ct[1]))
+        failed = len(timings) - len(ran)
+        if not ran:
+            lines.append(f"| {kernel} | {short_key(key)} | - | (every candidate failed) | - | "
+                         f"{len(timings)} ({failed}) |")
+            continue
+        (best, best_t), (_, worst_t) = ran[0], ran[-1]
+        lines.append(f"| {kernel} | {short_key(key)} | {median_us(best_t):.1f} | {describe(best)} | "
+                     f"{median_us(worst_t):.1f} | {len(timings)} ({failed}) |")
     return "\n".join(lines)
 
 

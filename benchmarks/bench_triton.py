@@ -137,10 +137,14 @@ def graph_replay(fn) -> Callable[[], None]:
     with torch.cuda.stream(side):
         for _ in range(2):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
+    stream = torch.cuda.current_stream()
+    stream.wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    finally:   # a failed capture leaves its own stream current (torch.cuda.graph's exit raises first)
+        torch.cuda.set_stream(stream)
     return graph.replay
 
 
@@ -350,8 +354,9 @@ def measure(models, lengths, B, H, D, device, dtype, repeats, dots=("auto",), wa
                         with torch.no_grad():
                             try:   # the GPU's time alone: a diagnostic, which must not cost the run its rows
                                 row["fwd_graph"] = timed(graph_replay(lambda: fn(x)), device, repeats)
-                            except Exception as e:
-                                row["graph_note"] = (str(e).splitlines() or [repr(e)])[0]
+                            except Exception as e:   # the capture's end fails after what made it fail
+                                cause = e.__context__ or e
+                                row["graph_note"] = (str(cause).splitlines() or [repr(cause)])[0]
                 rows.append(row)
                 if on_row is not None:
                     on_row(rows)
@@ -400,10 +405,11 @@ def timeline_of(events, is_kernel) -> dict[str, float]:
     """Where a profiled call's time went (ms), from its profiler events: the host's time from the
     call's start (the ``TIMELINE_MARK`` range around it) to its first kernel's start, the kernels'
     busy time (the union of their ranges), the gaps between the first's start and the last's end
-    where none ran, and the call's host time; ``is_kernel`` picks the device's events."""
+    where none ran, and the call's host time; ``is_kernel`` picks the device's events (on a GPU
+    memsets and copies count as kernels: device work too)."""
     call = next(e for e in events if e.name == TIMELINE_MARK and not is_kernel(e))
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if is_kernel(e) and e.name != TIMELINE_MARK)
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events   # (the mark's device-side copy: not)
+                   if is_kernel(e) and e.name != TIMELINE_MARK and not getattr(e, "is_user_annotation", False))
     if not spans:
         return {"kernels": 0}
     busy, reach = 0.0, spans[0][0]

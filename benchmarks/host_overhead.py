@@ -23,7 +23,10 @@ flash-linear-attention's chunk functions on the same path, under ``sm90_vs_fla.p
 H100, which fla's imports and launchers ask about (fla-core 0.6.0 installed as that script says),
 so that the two Python paths compare on one machine: on this project's CPU (2026-11-27, three
 rounds) fla's forward took 295-354 us against our 157-171, and its first launch came at 66-83 us
-against our 88-98.
+against our 88-98.  The stand-in understates fla's a little: with CPU tensors its ``input_guard``
+enters a null context where on a GPU it enters ``torch.cuda.device`` on each guarded call.  The
+first launch is timed where the C launcher would be called under ``--triton``, at the entry of
+``ChunkKernel.launch`` without it: the two modes' columns do not compare.
 
 Inputs are on the GPU where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without
 ``--triton``: the kernels' device check), small (B=1, H=2 by default) and with the initial state
@@ -124,8 +127,9 @@ def triton_launch_path(record: Callable[[], None], own_driver: bool = True) -> I
 
 def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: bool = False,
             fla: bool = False) -> dict[str, float]:
-    """Median host microseconds: to the first launch, the forward call, a forward+backward step;
-    of flash-linear-attention's chunk function instead of ours with ``fla`` (under ``--triton``)."""
+    """Median host microseconds: to the first launch, the forward call, a forward+backward step
+    (and the kernels a forward launched); of flash-linear-attention's chunk function instead of
+    ours with ``fla`` (under ``--triton``)."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     launches: list[float] = []
@@ -159,6 +163,7 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: boo
             if i >= warm:
                 first.append(launches[0] - t0)
                 forward.append(time.perf_counter() - t0)
+        forward_launches = len(launches)
         for i in range(calls + warm):   # then forward+backward steps
             t0 = time.perf_counter()
             call(leaves).float().sum().backward()
@@ -167,7 +172,8 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: boo
             if i >= warm:
                 step.append(time.perf_counter() - t0)
     us = lambda xs: statistics.median(xs) * 1e6  # noqa: E731
-    return {"to the first launch": us(first), "forward": us(forward), "forward+backward": us(step)}
+    return {"to the first launch": us(first), "forward": us(forward), "forward+backward": us(step),
+            "launches": forward_launches}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,14 +221,14 @@ def main(argv: list[str] | None = None) -> int:
            else "kernel launches stubbed")
     print(f"host time per call, {how} (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
           f"medians of {args.calls} calls)")
-    print("| model | to the first launch (us) | forward (us) | forward+backward (us) |")
-    print("|---|---|---|---|")
+    print("| model | to the first launch (us) | forward (us) | forward+backward (us) | kernels a forward launches |")
+    print("|---|---|---|---|---|")
     for _ in range(args.rounds):
         for model, gated in (("DeltaNet", False), ("Gated DeltaNet", True)):
             for fla in (False, True)[:1 + args.fla]:
                 r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child, fla=fla)
                 print(f"| {'fla ' * fla}{model} | {r['to the first launch']:.0f} | {r['forward']:.0f} | "
-                      f"{r['forward+backward']:.0f} |", flush=True)
+                      f"{r['forward+backward']:.0f} | {r['launches']} |", flush=True)
     return 0
 
 

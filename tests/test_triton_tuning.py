@@ -99,33 +99,45 @@ def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
 
 
 def test_a_tuned_key_is_launched_with_its_choice_directly(tuned_on_cpu, monkeypatch):
-    """Once a key is tuned, later launches with it call the kernel with the autotuner's choice and
-    skip the autotuner (its lookup builds a key from every argument: a third of a forward's host
-    time): the same outputs bit for bit; another key (a new head dim) goes through it again."""
+    """Once a key is tuned, later launches with it call the kernel with the autotuner's choice for
+    that key and skip the autotuner (its lookup builds a key from every argument: a third of a
+    forward's host time): the same outputs bit for bit.  Whatever is in the autotuner's key sends
+    a launch through it again: a head dim (positional), the sequence count N (positional), a
+    constexpr the caller passes (the readout's BEFORE: the output kernel's alone), a dtype (beta's)."""
     kernels = (forward.WY_INVERSE, forward.PREPARE, forward.STATES, forward.OUTPUT)
+    names = [k.name for k in kernels]
     tuner_runs, direct = [], []
     for kernel in kernels:
         monkeypatch.setattr(kernel.tuned, "run", lambda *a, _run=kernel.tuned.run, _k=kernel, **kw:
                             tuner_runs.append(_k.name) or _run(*a, **kw))
-
-    def call(dv: int) -> tuple:
-        x = make_inputs("gated_delta", 37, 16, dv)
-        return chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
-
-    first = call(40)
-    assert tuner_runs == [k.name for k in kernels]
-    chosen = {k.name: k.tuned.best_config.all_kwargs() for k in kernels}
-    tuner_runs.clear()
-    for kernel in kernels:
         monkeypatch.setattr(kernel.fn, "run", lambda *a, _run=kernel.fn.run, _k=kernel, **kw:
-                            direct.append((_k.name, kw)) or _run(*a, **kw))
-    second = call(40)
-    assert tuner_runs == [] and [name for name, _ in direct] == [k.name for k in kernels]
-    for name, kwargs in direct:
-        assert chosen[name].items() <= kwargs.items()
+                            direct.append((_k, a, kw)) or _run(*a, **kw))
+
+    def call(dv: int = 40, sequences: int = 2, before: bool = False, beta_dtype=torch.float32) -> tuple:
+        x = make_inputs("gated_delta", 37, 16, dv)
+        x = {n: None if t is None else t[:sequences] for n, t in x.items()}
+        tuner_runs.clear()
+        direct.clear()
+        return chunk_forward(x["k"], x["v"], x["q"], x["beta"].to(beta_dtype), x["g"], x["h0"], 16, before)
+
+    first = call()
+    assert tuner_runs == names
+    second = call()
+    assert tuner_runs == [] and [k.name for k, _, _ in direct] == names
+    for kernel, args, kwargs in direct:   # the choice of this very key, as the autotuner keeps it
+        tuned = {"BV"} if kernel.space.value_blocks else set()
+        meta = {n: x for n, x in kwargs.items() if n in kernel.fn.arg_names and n not in tuned}
+        chosen = kernel.tuned.cache[kernel.tuning_key(args, meta)].all_kwargs()
+        assert chosen.items() <= kwargs.items()
     assert all(torch.equal(a, b) for a, b in zip(first, second))
-    call(24)
-    assert tuner_runs == [k.name for k in kernels[1:]]   # the WY inverse takes no dv: its key is the same
+    call(dv=24)
+    assert tuner_runs == names[1:]   # the WY inverse takes no dv: its key is the same
+    call(sequences=1)
+    assert tuner_runs == names
+    call(before=True)
+    assert tuner_runs == ["_output_kernel"]
+    call(beta_dtype=torch.bfloat16)
+    assert tuner_runs == names[:2]   # beta is read by the WY inverse and prepare kernels only
 
 
 def test_compile_in_parallel_counts_and_survives_failures():

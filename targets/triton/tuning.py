@@ -150,7 +150,7 @@ class ChunkKernel:
         launch path (``benchmarks/host_overhead.py --triton``, this project's 2-core CPU: DeltaNet /
         Gated DeltaNet forward 231-252 -> 159-171 us, forward+backward 857-925 -> 638-663 us)."""
         return (tuple([args[i] for i in self._key_positions if i < len(args)]), tuple(meta.items()),
-                tuple([x.dtype for x in args if isinstance(x, torch.Tensor)]))
+                tuple([x.dtype for x in args if hasattr(x, "dtype")]))
 
     def _through_autotuner(self, grid: Callable[[dict], tuple], args: tuple, meta: dict,
                            device: torch.device) -> None:
