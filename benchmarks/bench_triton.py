@@ -556,8 +556,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = measure(models, lengths, shape["B"], shape["H"], shape["D"], device,
                    DTYPES[args.dtype], repeats, args.dots.split(","), args.warps.split(","), args.chunks.split(","),
-                   [int(t) for t in args.profile.split(",") if t], on_row=save, compiled=args.compiled, recompute=args.recompute,
-                   fla_unchecked=args.fla_unchecked)
+                   [int(t) for t in args.profile.split(",") if t], on_row=save, compiled=args.compiled,
+                   recompute=args.recompute, fla_unchecked=args.fla_unchecked)
     print(table(rows, device_name))
     return 0
 

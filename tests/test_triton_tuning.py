@@ -100,7 +100,7 @@ def test_candidates_are_compiled_once_per_new_key(tuned_on_cpu, monkeypatch):
 
 def test_a_tuned_key_is_launched_with_its_choice_directly(tuned_on_cpu, monkeypatch):
     """Once a key is tuned, later launches with it call the kernel with the autotuner's choice for
-    that key and skip the autotuner (its lookup builds a key from every argument: a third of a
+    that key and skip the autotuner (its lookup builds a key from every argument: 30% of a
     forward's host time): the same outputs bit for bit.  Whatever is in the autotuner's key sends
     a launch through it again: a head dim (positional), the sequence count N (positional), a
     constexpr the caller passes (the readout's BEFORE: the output kernel's alone), a dtype (beta's)."""

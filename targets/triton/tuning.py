@@ -8,8 +8,8 @@ programs), which static analysis can bound but not rank.  So on CUDA every kerne
 ``triton.autotune`` over a small space (``Space``), keyed on N (the sequences), the kernel's
 constexprs (head count and dims, chunk, gate, readout, dot precision...) and the tensors' dtypes: the first launch
 with a new key compiles and times each candidate (seconds; candidates that do not fit the device
-are dropped by Triton), later launches reuse the choice (launched directly, without the autotuner's
-per-launch lookup), and so do later processes (Triton's disk
+are dropped by Triton), later launches reuse the choice (launched directly, without the
+autotuner's per-launch lookup: ``ChunkKernel._plan``), and so do later processes (Triton's disk
 cache).  The chunk length is not tuned here: it fixes the layout of the buffers the kernels pass
 each other.
 
