@@ -72,28 +72,16 @@ _RECORDERS: list[Callable[[], None]] = []   # those of the triton_launch_path co
 
 
 @contextmanager
-def triton_launch_path(record: Callable[[], None], own_driver: bool = True) -> Iterator[None]:
+def triton_launch_path(record: Callable[[], None]) -> Iterator[None]:
     """Triton's launch path as on a GPU, down to the compiled kernel's ``run`` (``record``), on a
-    machine without one, under a stand-in CUDA driver (``own_driver=False``: the one already set);
-    for a process of its own (what it patches stays patched)."""
-    from triton.backends.compiler import GPUTarget
+    machine without one, under ``sm90_vs_fla.fake_h100``'s stand-in driver; for a process of its
+    own (what it patches stays patched)."""
     from triton.runtime import autotuner, jit
-    from triton.runtime.driver import driver
 
     from nlcompile.targets.triton import common, forward, tuning
 
     if not isinstance(forward.STATES.fn, jit.JITFunction):
         raise RuntimeError("--triton needs Triton not interpreted (TRITON_INTERPRET unset)")
-
-    class Driver:   # what JITFunction.run asks of the CUDA driver
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
 
     class Compiled:   # a compiled kernel as the JIT launches it (kept in the JIT's cache)
         function = packed_metadata = None
@@ -109,8 +97,10 @@ def triton_launch_path(record: Callable[[], None], own_driver: bool = True) -> I
         return kernel
 
     if not getattr(jit.JITFunction._do_compile, "stand_in", False):
-        if own_driver:
-            driver.set_active(Driver())
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from sm90_vs_fla import fake_h100
+
+        fake_h100()
         compile_nothing.stand_in = True
         jit.JITFunction._do_compile = compile_nothing
         autotuner.Autotuner.prune_configs = lambda self, kwargs, *rest: self.configs[:1]   # untimed
@@ -211,12 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr, end="")
         return done.returncode
-    if args.fla:   # the stand-in H100 that fla's imports and launchers ask about, then Triton's path under it
+    if args.fla:   # the stand-in H100, before fla's imports ask about it
         from sm90_vs_fla import fla_on_fake_h100
 
         fla_on_fake_h100()
-        with triton_launch_path(lambda: None, own_driver=False):
-            pass
     how = ("through Triton's launch path (stand-in CUDA driver and compiled kernels)" if args.triton_child
            else "kernel launches stubbed")
     print(f"host time per call, {how} (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
