@@ -31,7 +31,7 @@ from test_triton_backward import chunk_intermediates
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import forward as fwd
 from nlcompile.targets.triton.common import (
-    round_to_tf32, tf32x3_emulated, truncate_to_tf32, unit_lower_inverse,
+    cdiv, round_to_tf32, tf32x3_emulated, truncate_to_tf32, unit_lower_inverse,
 )
 from nlcompile.targets.triton.forward import chunk_forward
 
@@ -89,7 +89,7 @@ def _check(x: dict, chunk: int, before: bool = False, tol: float | None = None):
     o, h_final, H, Vp, W, Tm = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], chunk, before)
     ref_o, ref_h, scan = _reference(x, before)
     t, dk, dv = x["k"].shape[1], x["k"].shape[2], x["v"].shape[2]
-    nc = -(-t // chunk)
+    nc = cdiv(t, chunk)
     if x["q"] is None:
         assert o.numel() == 0
     else:
