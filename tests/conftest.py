@@ -2,8 +2,8 @@
 
 TRITON_INTERPRET is set before any kernel module is imported: ``triton.jit`` reads it at
 decoration time.  With a GPU, the Triton test files (``test_triton_*``) make CUDA the default
-device, so their tensors (and random generators: ``torch.Generator(torch.get_default_device())``)
-live where the kernels run.
+device, so their tensors live where the kernels run; their random data are drawn on the CPU and
+moved there (``_draws.Draws``: the same numbers on both devices).
 """
 import os
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from _compare import low_precision_kernel_tol
+from _draws import Draws
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import backward
 from nlcompile.targets.triton.backward import chunk_backward
@@ -30,12 +31,12 @@ N = 2
 def make_inputs(kind: str, T: int, dk: int, dv: int, *, with_q=True, seed=0, gate_scale=1.0) -> dict:
     """fp32 kernel inputs with realistic gates: g = -gate_scale * softplus(randn), beta in (0, 1),
     l2-normalised keys for the delta family."""
-    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    gen = Draws(seed)
+    rnd = gen.randn
     delta = kind in ("delta", "gated_delta", "kda")
     k = rnd(N, T, dk)
     x = dict(k=F.normalize(k, dim=-1) if delta else k, v=rnd(N, T, dv), q=rnd(N, T, dk) if with_q else None,
-             beta=torch.rand(N, T, generator=gen) if delta else None, g=None, h0=rnd(N, dk, dv))
+             beta=gen.rand(N, T) if delta else None, g=None, h0=rnd(N, dk, dv))
     if kind in ("decay", "gated_delta"):
         x["g"] = -gate_scale * F.softplus(rnd(N, T))
     elif kind in ("decay_channel", "kda"):
@@ -125,9 +126,9 @@ def run_case(kind, T, C, dk, dv, before=False, with_q=True, h0=True, seed=0, gat
     x = make_inputs(kind, T, dk, dv, with_q=with_q, seed=seed, gate_scale=gate_scale)
     if not h0:
         x["h0"] = None
-    gen = torch.Generator(torch.get_default_device()).manual_seed(seed + 1)
-    do = torch.randn(N, T, dv, generator=gen) if with_q else None
-    dh_final = torch.randn(N, dk, dv, generator=gen)
+    gen = Draws(seed + 1)
+    do = gen.randn(N, T, dv) if with_q else None
+    dh_final = gen.randn(N, dk, dv)
     h0_ = x["h0"] if h0 else torch.zeros(N, dk, dv)
     _, _, H, Vp, W, Tm = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], h0_, C, before)
     f32 = lambda t: t.float()  # noqa: E731
@@ -217,8 +218,8 @@ def test_half_precision_inputs_are_upcast(kind, monkeypatch):
     x = make_inputs(kind, 30, 16, 16)
     for nm in ("k", "v", "q"):
         x[nm] = x[nm].bfloat16()
-    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
-    do, dh_final = torch.randn(N, 30, 16, generator=gen), torch.randn(N, 16, 16, generator=gen)
+    gen = Draws(5)
+    do, dh_final = gen.randn(N, 30, 16), gen.randn(N, 16, 16)
     _, _, H, Vp, W, Tm = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], 16, False)
     got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H.float(), Vp.float(), W.float(),
                          Tm.float(), do, dh_final, 16, False)
@@ -235,8 +236,8 @@ def test_chained_with_chunk_forward(kind, before):
     """chunk_forward's H, V', W, Tm feed chunk_backward directly."""
     T, C, dk, dv = 37, 16, 16, 24
     x = make_inputs(kind, T, dk, dv)
-    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
-    do, dh_final = torch.randn(N, T, dv, generator=gen), torch.randn(N, dk, dv, generator=gen)
+    gen = Draws(3)
+    do, dh_final = gen.randn(N, T, dv), gen.randn(N, dk, dv)
     o, h_final, H, Vp, W, Tm = chunk_forward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, before)
     got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, Tm, do, dh_final, C, before)
     assert_grads_close(got, reference_grads(x, do, dh_final, before))

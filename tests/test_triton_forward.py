@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from _compare import low_precision_kernel_tol
+from _draws import Draws
 from test_triton_backward import chunk_intermediates
 from nlcompile.targets.scan import sequential_scan
 from nlcompile.targets.triton import forward as fwd
@@ -44,16 +45,16 @@ def _inputs(kind: str, t: int, dk: int = 16, dv: int = 32, *, seed: int = 0, dty
             growth: bool = False, with_q: bool = True, with_h0: bool = True) -> dict:
     """Inputs of one kind: realistic log-gates -softplus(randn) (gates in (0, 1)), or small
     positive ones (gates > 1) with ``growth``; l2-normalised k and beta in (0, 1) for the delta family."""
-    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
-    randn = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    gen = Draws(seed)
+    randn = gen.randn
     k, v, q = randn(N, t, dk), randn(N, t, dv), randn(N, t, dk)
     beta = g = None
     if kind in ("delta", "gated_delta", "kda"):
         k = F.normalize(k, dim=-1)
-        beta = torch.rand(N, t, generator=gen) * 0.9 + 0.05
+        beta = gen.rand(N, t) * 0.9 + 0.05
     if kind in ("decay", "gated_delta", "channel", "kda"):
         shape = (N, t) if kind not in ("channel", "kda") else (N, t, dk)
-        g = 0.05 * torch.rand(*shape, generator=gen) if growth else -F.softplus(randn(*shape))
+        g = 0.05 * gen.rand(*shape) if growth else -F.softplus(randn(*shape))
     cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
     return dict(k=cast(k), v=cast(v), q=cast(q) if with_q else None, beta=cast(beta), g=g,
                 h0=randn(N, dk, dv) if with_h0 else None)
@@ -213,8 +214,8 @@ def test_wy_inverse_matches_float64(chunk):
     diagonal blocks, then Horner over the block levels; its products at C = 64 are tf32x3, emulated
     here) at fp32 rounding, also for ill-conditioned matrices (entries of the inverse up to ~1e8 at
     C = 64); the diagonal and upper part of ``a`` are ignored."""
-    gen = torch.Generator(torch.get_default_device()).manual_seed(11)
-    a = torch.randn(6, chunk, chunk, generator=gen, dtype=torch.float64)
+    gen = Draws(11)
+    a = gen.randn(6, chunk, chunk, dtype=torch.float64)
     a[:3] *= 0.3
     expected = torch.linalg.inv(torch.eye(chunk, dtype=torch.float64) + a.tril(-1))
     out = torch.empty(6, chunk, chunk)
@@ -231,10 +232,10 @@ def test_blocked_wy_inverse_matches_float64(chunk, uncapped_chunk):
     on the same matrices, also ill-conditioned ones (inverse entries ~1e3, ~1e5 and ~1e12 at chunks
     16, 32, 64).  Keys in {-1, 0, 1} and betas in eighths make Akk exact in fp32, so the error is the
     inverse's alone."""
-    gen = torch.Generator(torch.get_default_device()).manual_seed(5)
+    gen = Draws(5)
     n, t, dk = 4, 2 * chunk, 16
-    k = torch.randint(-1, 2, (n, t, dk), generator=gen).float()
-    beta = torch.randint(1, 9, (n, t), generator=gen) / 8
+    k = gen.randint(-1, 2, (n, t, dk)).float()
+    beta = gen.randint(1, 9, (n, t)) / 8
     tm = chunk_forward(k, torch.zeros(n, t, 16), None, beta, None, None, chunk, False)[5]
     akk = torch.stack([(beta[:, s, None] * (k[:, s] @ k[:, s].transpose(1, 2))).tril(-1)
                        for s in (slice(i * chunk, (i + 1) * chunk) for i in range(t // chunk))], 1)
@@ -263,8 +264,8 @@ def test_tf32x3_emulation_is_fp32_accurate():
     C = 64, ``NLCOMPILE_TRITON_DOT=tf32x3``): operands rounded to tf32 ties away from zero (PTX
     cvt.rna), and three tf32 products that come within fp32 rounding of the float64 product,
     far closer than one tf32 product."""
-    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
-    a, b = (torch.randn(32, 32, generator=gen) for _ in range(2))
+    gen = Draws(3)
+    a, b = (gen.randn(32, 32) for _ in range(2))
     a[0, :3] = torch.tensor([1 + 2 ** -11, -(1 + 2 ** -11), 1 + 3 * 2 ** -12])   # ties, and a round-up
     rounded, x3, trunc = (torch.empty_like(a) for _ in range(3))
     _tf32_kernel[(1,)](a, b, rounded, x3, trunc, C=32)

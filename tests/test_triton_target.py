@@ -25,19 +25,20 @@ from nlcompile.zoo import LAYERS, MODELS
 
 from _benchmarks import load_benchmark
 from _compare import as_tuple, assert_close_outputs, assert_within_eager_error, rel_err, runs_under_autocast
+from _draws import Draws
 
 KINDS = ["additive", "decay", "decay_channel", "delta", "gated_delta", "kda"]
 
 
 def scan_inputs(kind: str, N=2, T=37, dk=16, dv=32, dtype=torch.float32, seed=0):
-    gen = torch.Generator(torch.get_default_device()).manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    gen = Draws(seed)
+    rnd = gen.randn
     k = rnd(N, T, dk)
     if kind in ("delta", "gated_delta", "kda"):
         k = F.normalize(k, dim=-1)
     kw = dict(q=rnd(N, T, dk).to(dtype), initial_state=rnd(N, dk, dv))
     if kind in ("delta", "gated_delta", "kda"):
-        kw["beta"] = torch.rand(N, T, generator=gen).to(dtype)
+        kw["beta"] = gen.rand(N, T).to(dtype)
     if kind in ("decay", "gated_delta"):
         kw["log_gate"] = -F.softplus(rnd(N, T))
     if kind == "decay_channel":
@@ -123,7 +124,7 @@ def test_write_coefficient_is_folded_into_the_kernels(kind):
     delta step): the kernels scale v by it themselves (``coef``); output, state and the gradients
     wrt every input, write included, match float64, in both layouts."""
     k, v, kw = scan_inputs(kind, N=6)
-    kw["write"] = torch.rand(6, 37, generator=torch.Generator(torch.get_default_device()).manual_seed(5)) + 0.5
+    kw["write"] = Draws(5).rand(6, 37) + 0.5
     for layout in ("flat", "heads_last"):
         tensors = {"k": k, "v": v, **{n: x for n, x in kw.items() if torch.is_tensor(x)}}
         leaves = {n: (x if layout == "flat" or n == "initial_state" else heads_last(x, 3)).clone().requires_grad_(True)
@@ -261,8 +262,8 @@ def test_recompute_keeps_only_the_inputs_and_gives_the_same_gradients(kind, mixe
         leaves = [None if x is None else x.detach().requires_grad_(True) for x in given]
         (o, s, states, *_), saved = saved_storages(
             lambda: chunk_scan(*leaves, 16, False, None, None, 0.5, recompute))
-        gen = torch.Generator(torch.get_default_device()).manual_seed(1)
-        loss = (o * torch.randn(o.shape, generator=gen)).sum() + (s * torch.randn(s.shape, generator=gen)).sum()
+        gen = Draws(1)
+        loss = (o * gen.randn(o.shape)).sum() + (s * gen.randn(s.shape)).sum()
         tensors = [x for x in leaves if x is not None]
         inputs = {x.untyped_storage().data_ptr() for x in tensors}
         runs[recompute] = torch.autograd.grad(loss, tensors)
@@ -418,7 +419,7 @@ def assert_within_eager_bf16_error(k, v, kw, run):
     """``run(k, v, kw)``'s output and its gradients wrt k, v, q, beta and the log-gate (for one
     random output cotangent) no further from the float64 reference than the loop run in bf16
     (``eager_in_bf16``; slack 1.5)."""
-    do = torch.randn(k.shape[0], k.shape[1], v.shape[-1], generator=torch.Generator(k.device).manual_seed(1))
+    do = Draws(1).randn(k.shape[0], k.shape[1], v.shape[-1])
     names = ["q"] + [n for n in ("beta", "log_gate") if n in kw]
 
     def out_and_grads(run, dtype):
@@ -461,8 +462,8 @@ def test_zero_log_gates_run_in_the_kernels(kind, zeros):
     interpreter runs it for a scalar gate, 16 for a per-channel one; largest error 4e-5).  Without
     the floor the kernels give NaN (the interpreter raises on -inf - -inf)."""
     k, v, kw = scan_inputs(kind, T=70)
-    gen = torch.Generator(torch.get_default_device()).manual_seed(1)
-    zero = torch.rand(kw["log_gate"].shape, generator=gen) < zeros
+    gen = Draws(1)
+    zero = gen.rand(kw["log_gate"].shape) < zeros
     kw["log_gate"] = kw["log_gate"].masked_fill(zero, float("-inf"))
     check_against_float64(k, v, kw, chunk=64)
 
@@ -676,8 +677,8 @@ def test_a_bf16_loop_runs_the_kernels_in_bf16(monkeypatch):
     is written in bf16 by the kernels (out_dtype); no further from the float64 run than the loop
     run eagerly in bf16 (DESIGN 5: slack 2x + 2e-3)."""
     calls = _spy_on_scans(monkeypatch)
-    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
-    q, k, v = (torch.randn(2, 50, 2, 16, generator=gen).bfloat16() for _ in range(3))
+    gen = Draws(0)
+    q, k, v = (gen.randn(2, 50, 2, 16).bfloat16() for _ in range(3))
     compiled = nlcompile.compile(_linear_attention_in_bf16, target="triton")
     got = compiled(q, k, v)
     eager, exact = _linear_attention_in_bf16(q, k, v), _linear_attention_in_bf16(q.double(), k.double(), v.double())
@@ -710,17 +711,17 @@ def test_a_loop_that_upcasts_bf16_inputs_runs_the_kernels_in_fp32(monkeypatch):
     one rounding to bf16 at the end): output and gradients as close to the float64 run as the
     loop's own eager run (bf16 dots here were 2.5x further on the output)."""
     calls = _spy_on_scans(monkeypatch)
-    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
-    q, k, v = (torch.randn(2, 150, 2, 32, generator=gen).bfloat16() for _ in range(3))
+    gen = Draws(0)
+    q, k, v = (gen.randn(2, 150, 2, 32).bfloat16() for _ in range(3))
     k = F.normalize(k.float(), dim=-1).bfloat16()
-    beta = torch.rand(2, 150, 2, generator=gen)
+    beta = gen.rand(2, 150, 2)
     compiled = nlcompile.compile(_deltanet_upcasting, target="triton")
     runs = {}
     for name, fn, args in (("ours", compiled, (q, k, v, beta)), ("eager", _deltanet_upcasting, (q, k, v, beta)),
                            ("exact", _deltanet_upcasting, tuple(x.double() for x in (q, k, v, beta)))):
         leaves = [x.detach().requires_grad_(True) for x in args]
         out = fn(*leaves)
-        w = torch.randn(out.shape, generator=torch.Generator(torch.get_default_device()).manual_seed(1))
+        w = Draws(1).randn(out.shape)
         runs[name] = (out, *torch.autograd.grad((out.double() * w.double()).sum(), leaves))
     assert calls and all(c[n].dtype == torch.bfloat16 and c["compute_dtype"] == torch.float32
                          for c in calls for n in ("k", "v", "q"))
@@ -783,9 +784,9 @@ def test_a_loop_writing_its_state_back_trains_on_the_kernels(recompute):
     """The op keeps no reference to the initial state it does not need (H_0 is kept), and a copy
     when it recomputes: the program writing the final state back into that tensor trains, with
     eager's gradients (autograd refused it: the op had saved the overwritten tensor)."""
-    gen = torch.Generator(torch.get_default_device()).manual_seed(0)
-    q, k, v = (torch.randn(2, 20, 8, generator=gen) for _ in range(3))
-    state = torch.randn(2, 8, 8, generator=gen)
+    gen = Draws(0)
+    q, k, v = (gen.randn(2, 20, 8) for _ in range(3))
+    state = gen.randn(2, 8, 8)
     compiled = nlcompile.compile(_decay_into_state, target="triton", recompute=recompute)
     runs = []
     for fn in (compiled, _decay_into_state):
@@ -906,7 +907,7 @@ def test_gpu_benchmark_timeline_accounts_for_a_call():
     from torch.profiler import ProfilerActivity, profile, record_function
 
     bench = load_benchmark("bench_triton")
-    a = torch.randn(256, 256)
+    a = torch.randn(256, 256, device="cpu")   # CPU events, also where the tests' default device is CUDA
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         with record_function(bench.TIMELINE_MARK):
             time.sleep(0.02)

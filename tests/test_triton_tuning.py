@@ -13,6 +13,7 @@ import itertools
 import pytest
 import torch
 
+from _draws import Draws
 from nlcompile.targets.triton import backward, forward, tuning
 from nlcompile.targets.triton.backward import chunk_backward
 from nlcompile.targets.triton.common import kernel_blocks
@@ -57,8 +58,8 @@ def test_tuned_launches_match_the_reference(kind, tuned_on_cpu):
     ref_o, ref_final, ref_H, *_ = chunk_intermediates(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], C, False)
     for got, ref in ((o, ref_o), (h_final, ref_final), (H, ref_H)):
         assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
-    gen = torch.Generator(torch.get_default_device()).manual_seed(3)
-    do, dh_final = torch.randn(2, T, dv, generator=gen), torch.randn(2, dk, dv, generator=gen)
+    gen = Draws(3)
+    do, dh_final = gen.randn(2, T, dv), gen.randn(2, dk, dv)
     got = chunk_backward(x["k"], x["v"], x["q"], x["beta"], x["g"], x["h0"], H, Vp, W, Tm, do, dh_final, C, False)
     assert_grads_close(got, reference_grads(x, do, dh_final, False), tol=1e-4)
     assert forward.STATES.chosen() and backward.GRADS.chosen()  # the tuned path ran
