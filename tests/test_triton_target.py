@@ -6,6 +6,7 @@ TRITON_INTERPRET=1), so shapes are small.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.overrides import _pop_mode_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nlcompile
@@ -507,6 +509,59 @@ def test_the_kernels_path_reads_no_value_on_the_host(kind, monkeypatch):
         o, s = triton_chunkwise_scan(k, v, **kw)
         torch.autograd.grad(o.square().sum() + s.sum(), leaves)
     assert len(reads.seen) == (1 if "gate" in kw else 0), reads.seen
+
+
+@contextlib.contextmanager
+def _no_function_mode():
+    """No torch function mode around a call: on a GPU the conftest's default-device mode is left."""
+    if torch._C._is_torch_function_mode_enabled():
+        with _pop_mode_temporarily():
+            yield
+    else:
+        yield
+
+
+def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
+    """A plain eager call with nothing for autograd to record runs the forward op's implementation
+    directly (``ops._plain_eager_inference``), bit-identical to the op; with an input requiring
+    grad, under a dispatch mode, a function mode (a default device), torch.compile or torch.export
+    the op itself runs (and export keeps it as one node)."""
+    import nlcompile.targets.triton.ops as ops
+
+    calls = []
+    op = ops.chunk_scan
+    monkeypatch.setattr(ops, "chunk_scan", lambda *a: calls.append("op") or op(*a))
+    k, v, kw = scan_inputs("gated_delta", T=30)
+    scan = lambda: triton_chunkwise_scan(k, v, **kw)  # noqa: E731
+    with torch.no_grad(), _HostReads():
+        want = scan()
+
+    def path(run) -> str:
+        calls.clear()
+        assert all(torch.equal(got, w) for got, w in zip(run(), want))
+        return "op" if calls else "direct"
+
+    assert calls == ["op"]
+    with _no_function_mode():
+        with torch.no_grad():
+            assert path(scan) == "direct"
+        assert path(scan) == "direct"   # grad on, no input requiring it
+        with torch.no_grad(), torch.device(k.device):
+            assert path(scan) == "op"
+        with torch.no_grad():
+            assert path(lambda: torch.compile(scan, backend="aot_eager")()) == "op"
+        kw["q"].requires_grad_(True)
+        assert path(scan) == "op"
+
+    class Layer(torch.nn.Module):
+        def forward(self, k, v, q, beta, log_gate, h0):
+            return triton_chunkwise_scan(k, v, q=q, beta=beta, log_gate=log_gate, initial_state=h0)
+
+    with torch.no_grad():
+        exported = torch.export.export(Layer(), (k, v, kw["q"].detach(), kw["beta"], kw["log_gate"],
+                                                 kw["initial_state"]))
+    nodes = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert nodes.count(torch.ops.nlcompile.chunk_scan_v4.default) == 1, nodes
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; on the CPU "

@@ -4,12 +4,13 @@
 opaque to ``torch.compile`` / ``torch.export``: each has a fake (meta)
 implementation giving output shapes, and the forward's autograd formula calls
 the backward op, so a compiled graph keeps them as single nodes and Inductor
-fuses the code around them.  The version in their names changes with their schemas: a graph
-that torch.compile cached (AOTAutograd's cache, keyed on the traced graph, not on the schemas of
-the ops it calls) calls the ops as they were when it was compiled, so a changed op takes a new
-name rather than meet an old cache entry (seen here: v2 added the WY inverses to the forward's
-outputs, and a cached backward called the new op with the old arguments; then ``recompute`` and
-``compute_dtype``).
+fuses the code around them (a plain eager call with nothing for autograd to record runs the
+forward op's implementation without its dispatch: ``_plain_eager_inference``).  The version in
+their names changes with their schemas: a graph that torch.compile cached (AOTAutograd's cache,
+keyed on the traced graph, not on the schemas of the ops it calls) calls the ops as they were
+when it was compiled, so a changed op takes a new name rather than meet an old cache entry (seen
+here: v2 added the WY inverses to the forward's outputs, and a cached backward called the new op
+with the old arguments; then ``recompute`` and ``compute_dtype``).
 
 What the backward needs beyond the inputs (the states entering each chunk H, the corrected values
 V', W and the WY inverses: at d = 128 about 4.5x the keys' size at chunk 64, H alone 2x; 6x and 4x
@@ -265,8 +266,29 @@ def triton_chunkwise_scan(
         on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
                 + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    o, final, *_ = chunk_scan(contiguous(k), contiguous(v), contiguous(q),
-                              contiguous(None if beta is None else beta.float()),
-                              contiguous(g), h0.contiguous(), c, readout == "before",
-                              contiguous(coef), out_dtype, q_scale, bool(recompute), compute_dtype)
+    args = (contiguous(k), contiguous(v), contiguous(q), contiguous(None if beta is None else beta.float()),
+            contiguous(g), h0.contiguous(), c, readout == "before", contiguous(coef), out_dtype, q_scale)
+    if _plain_eager_inference(given):   # the op's own implementation, without its dispatch
+        o, final, *_ = chunk_forward(*args, compute_dtype)
+    else:
+        o, final, *_ = chunk_scan(*args, bool(recompute), compute_dtype)
     return (o if q is not None else None), final
+
+
+def _plain_eager_inference(tensors: list[Tensor]) -> bool:
+    """Whether a call may run the forward op's implementation (``chunk_forward``) directly: nothing
+    for autograd to record (grad off, or no input requiring it), and nothing that must see the op as
+    such (torch.compile tracing, a dispatch or function mode such as export's fake tensors, a
+    functorch transform, a tensor subclass).  The op's dispatch (autograd's no-grad path, the
+    redispatch, its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20
+    of them before its first launch, while a GPU waits idle at the start of every call
+    (``benchmarks/host_overhead.py --triton``'s forward on this project's 2-core CPU, DeltaNet and
+    Gated DeltaNet, the two paths alternated three times in one process)."""
+    if torch.compiler.is_compiling():   # first: what follows is not for the tracer
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()):
+        return False
+    return all(type(x) is Tensor for x in tensors)
