@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from torch.autograd import forward_ad
 from torch.overrides import _pop_mode_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -521,11 +522,28 @@ def _no_function_mode():
         yield
 
 
+def test_forward_mode_ad_is_refused_not_dropped():
+    """Dual tensors (forward-mode AD) would leave the kernels' outputs without a tangent, silently:
+    the scan refuses them, naming reverse mode."""
+    k, v, kw = scan_inputs("delta", T=20)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(v, torch.ones_like(v))
+        with pytest.raises(NotImplementedError, match="forward-mode AD .* reverse mode"):
+            triton_chunkwise_scan(k, dual, **kw)
+        o, _ = triton_chunkwise_scan(k, v, **kw)   # without a tangent, as ever
+    assert torch.isfinite(o).all()
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
 def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
     """A plain eager call with nothing for autograd to record runs the forward op's implementation
     directly (``ops._plain_eager_inference``), bit-identical to the op; with an input requiring
-    grad, under a dispatch mode, a function mode (a default device), torch.compile or torch.export
-    the op itself runs (and export keeps it as one node)."""
+    grad, under a dispatch mode, a function mode (a default device), torch.compile, torch.vmap or
+    torch.export, and for meta tensors or a tensor subclass, the op itself runs (export keeps it as
+    one node, meta tensors get its fake implementation's shapes)."""
     import nlcompile.targets.triton.ops as ops
 
     calls = []
@@ -550,6 +568,13 @@ def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
             assert path(scan) == "op"
         with torch.no_grad():
             assert path(lambda: torch.compile(scan, backend="aot_eager")()) == "op"
+            assert path(lambda: [x[0] for x in torch.vmap(lambda k: triton_chunkwise_scan(k, v, **kw))(k[None])]) \
+                == "op"
+            assert path(lambda: triton_chunkwise_scan(k.as_subclass(_Subclass), v, **kw)) == "op"
+            calls.clear()
+            meta = {n: x.to("meta") if torch.is_tensor(x) else x for n, x in kw.items()}
+            o, s = triton_chunkwise_scan(k.to("meta"), v.to("meta"), **meta)
+            assert calls == ["op"] and o.is_meta and o.shape == want[0].shape and s.shape == want[1].shape
         kw["q"].requires_grad_(True)
         assert path(scan) == "op"
 

@@ -34,6 +34,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan, recomputing
@@ -230,6 +231,10 @@ def triton_chunkwise_scan(
     if isinstance(q_scale, bool) or not isinstance(q_scale, (int, float)):
         raise TypeError(f"q_scale must be a Python number, got {type(q_scale).__name__}")
     given = [x for x in (k, v, q, beta, write, gate, log_gate, initial_state) if x is not None]
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(x).tangent is not None for x in given):
+        raise NotImplementedError("forward-mode AD (dual tensors) through the Triton kernels: they have no "
+                                  "forward-mode derivative, and their outputs would carry no tangent; take "
+                                  "gradients in reverse mode (torch.autograd.grad, .backward())")
     why = _unsupported(k, v, beta, gate, log_gate, given, gate_first, compute_dtype)
     if why is not None:
         _fallback(why)
@@ -279,7 +284,7 @@ def _plain_eager_inference(tensors: list[Tensor]) -> bool:
     """Whether a call may run the forward op's implementation (``chunk_forward``) directly: nothing
     for autograd to record (grad off, or no input requiring it), and nothing that must see the op as
     such (torch.compile tracing, a dispatch or function mode such as export's fake tensors, a
-    functorch transform, a tensor subclass).  The op's dispatch (autograd's no-grad path, the
+    functorch transform, a tensor subclass, meta tensors).  The op's dispatch (autograd's no-grad path, the
     redispatch, its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20
     of them before its first launch, while a GPU waits idle at the start of every call
     (``benchmarks/host_overhead.py --triton``'s forward on this project's 2-core CPU, DeltaNet and
@@ -291,4 +296,4 @@ def _plain_eager_inference(tensors: list[Tensor]) -> bool:
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
         return False
-    return all(type(x) is Tensor for x in tensors)
+    return all(type(x) is Tensor and not x.is_meta for x in tensors)   # meta: the op's fake implementation
