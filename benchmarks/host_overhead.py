@@ -23,10 +23,11 @@ flash-linear-attention's chunk functions on the same path, under ``sm90_vs_fla.p
 H100, which fla's imports and launchers ask about (fla-core 0.6.0 installed as that script says),
 so that the two Python paths compare on one machine: on this project's CPU (2026-11-27, three
 rounds, DeltaNet and Gated DeltaNet) fla's forward took 317-364 us against our 137-145, and its
-first launch came at 72-85 us against our 75-82.  The stand-in understates fla's a little: with CPU tensors its ``input_guard``
-enters a null context where on a GPU it enters ``torch.cuda.device`` on each guarded call.  The
-first launch is timed where the C launcher would be called under ``--triton``, at the entry of
-``ChunkKernel.launch`` without it: the two modes' columns do not compare.
+first launch came at 72-85 us against our 75-82.  The stand-in understates fla's a little: with
+CPU tensors its ``input_guard`` enters a null context where on a GPU it enters
+``torch.cuda.device`` on each guarded call.  The first launch is timed where the C launcher would
+be called under ``--triton``, at the entry of ``ChunkKernel.launch`` without it: the two modes'
+columns do not compare.
 
 Inputs are on the GPU where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without
 ``--triton``: the kernels' device check), small (B=1, H=2 by default) and with the initial state

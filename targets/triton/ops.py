@@ -284,9 +284,9 @@ def _plain_eager_inference(tensors: list[Tensor]) -> bool:
     """Whether a call may run the forward op's implementation (``chunk_forward``) directly: nothing
     for autograd to record (grad off, or no input requiring it), and nothing that must see the op as
     such (torch.compile tracing, a dispatch or function mode such as export's fake tensors, a
-    functorch transform, a tensor subclass, meta tensors).  The op's dispatch (autograd's no-grad path, the
-    redispatch, its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20
-    of them before its first launch, while a GPU waits idle at the start of every call
+    functorch transform, a tensor subclass, meta tensors).  The op's dispatch (autograd's no-grad
+    path, the redispatch, its compiler guard) took 26-30 us of a forward call's 164-174 us of host
+    time, 17-20 of them before its first launch, while a GPU waits idle at the start of every call
     (``benchmarks/host_overhead.py --triton``'s forward on this project's 2-core CPU, DeltaNet and
     Gated DeltaNet, the two paths alternated three times in one process)."""
     if torch.compiler.is_compiling():   # first: what follows is not for the tracer
