@@ -31,9 +31,10 @@ columns do not compare.
 
 Inputs are on the GPU where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without
 ``--triton``: the kernels' device check), small (B=1, H=2 by default) and with the initial state
-given: large CPU tensors would add the CPU allocator's and memsets' costs, which a GPU's caching
-allocator and its kernels do not have.  Medians over many calls; absolute times drift with the
-machine's load.
+given (``--no-initial-state``: none, as ``bench_triton.py`` calls the kernels; then our path fills a
+zero state, after its first launch): large CPU tensors would add the CPU allocator's and memsets'
+costs, which a GPU's caching allocator and its kernels do not have.  Medians over many calls;
+absolute times drift with the machine's load.
 """
 from __future__ import annotations
 
@@ -117,10 +118,10 @@ def triton_launch_path(record: Callable[[], None]) -> Iterator[None]:
 
 
 def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: bool = False,
-            fla: bool = False) -> dict[str, float]:
+            fla: bool = False, initial_state: bool = True) -> dict[str, float]:
     """Median host microseconds: to the first launch, the forward call, a forward+backward step
     (and the kernels a forward launched); of flash-linear-attention's chunk function instead of
-    ours with ``fla`` (under ``--triton``)."""
+    ours with ``fla`` (under ``--triton``); without ``initial_state``, none given (zeros)."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     launches: list[float] = []
@@ -131,14 +132,14 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: boo
         k = F.normalize(k.float(), dim=-1).bfloat16()
         beta = torch.rand(B, T, H, generator=gen, device=device)
         g = F.logsigmoid(torch.randn(B, T, H, generator=gen, device=device)) if gated else None
-        h0 = torch.zeros(B * H, D, D, device=device)
+        h0 = torch.zeros(B * H, D, D, device=device) if initial_state else None
 
         def call(x):
             if fla:   # fla's layout of the initial state: [B, H, dk, dv]
                 from fla.ops import chunk_delta_rule, chunk_gated_delta_rule
 
-                kw = dict(q=x[0], k=x[1], v=x[2], beta=beta, scale=1.0, initial_state=h0.view(B, H, D, D),
-                          output_final_state=True)
+                kw = dict(q=x[0], k=x[1], v=x[2], beta=beta, scale=1.0, output_final_state=True,
+                          initial_state=None if h0 is None else h0.view(B, H, D, D))
                 return (chunk_gated_delta_rule(g=g, **kw) if gated else chunk_delta_rule(**kw))[0]
             return triton_chunkwise_scan(x[1], x[2], q=x[0], beta=beta, log_gate=g, out_dtype=torch.bfloat16,
                                          initial_state=h0)[0]
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fla", action="store_true", help="with --triton: also flash-linear-attention's chunk "
                     "functions, under a stand-in H100 (fla-core 0.6.0 in --fla-site, as sm90_vs_fla.py installs it)")
     ap.add_argument("--fla-site", type=Path, default=ROOT / ".fla-site")
+    ap.add_argument("--no-initial-state", action="store_true", help="give no initial state (as bench_triton.py "
+                    "calls the kernels: ours then fill a zero state, fla's read none)")
     ap.add_argument(TRITON_CHILD, action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.fla and not (args.triton or args.triton_child):
@@ -209,13 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     how = ("through Triton's launch path (stand-in CUDA driver and compiled kernels)" if args.triton_child
            else "kernel launches stubbed")
     print(f"host time per call, {how} (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
-          f"medians of {args.calls} calls)")
+          f"{'no' if args.no_initial_state else 'an'} initial state, medians of {args.calls} calls)")
     print("| model | to the first launch (us) | forward (us) | forward+backward (us) | kernels a forward launches |")
     print("|---|---|---|---|---|")
     for _ in range(args.rounds):
         for model, gated in (("DeltaNet", False), ("Gated DeltaNet", True)):
             for fla in (False, True)[:1 + args.fla]:
-                r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child, fla=fla)
+                r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child, fla=fla,
+                            initial_state=not args.no_initial_state)
                 print(f"| {'fla ' * fla}{model} | {r['to the first launch']:.0f} | {r['forward']:.0f} | "
                       f"{r['forward+backward']:.0f} | {r['launches']} |", flush=True)
     return 0

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch.autograd import forward_ad
 from torch.overrides import _pop_mode_temporarily
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import nlcompile
 from nlcompile.memory import saved_storages
@@ -587,6 +587,71 @@ def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
                                                  kw["initial_state"]))
     nodes = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert nodes.count(torch.ops.nlcompile.chunk_scan_v4.default) == 1, nodes
+
+
+class _DeviceWork(TorchDispatchMode):
+    """Records the aten ops a call runs, and (``launch``, patched over ``tuning.ChunkKernel.launch``)
+    each kernel launch by name, in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def launch(self, original):
+        def recorded(kernel, *args, **kwargs):
+            self.seen.append(kernel.name)
+            with _disable_current_modes():   # the interpreted kernel's own tensor work is not the call's
+                return original(kernel, *args, **kwargs)
+        return recorded
+
+
+@pytest.mark.parametrize("kind", ["delta", "gated_delta"])
+def test_a_call_allocates_each_buffer_just_before_the_launch_that_writes_it(kind, monkeypatch):
+    """A GPU waits idle from a call's start until its first launch, so before it the host does only
+    what that launch needs (the log-gates' floor, the WY inverses' buffer), and each other buffer is
+    allocated, and a zero initial state filled, just before the launch that first writes (reads) it
+    (``forward.chunk_forward``; the direct path, ``ops._plain_eager_inference``, which a dispatch
+    mode turns off, forced here)."""
+    import nlcompile.targets.triton.ops as ops
+    from nlcompile.targets.triton import tuning
+
+    work = _DeviceWork()
+    monkeypatch.setattr(tuning.ChunkKernel, "launch", work.launch(tuning.ChunkKernel.launch))
+    monkeypatch.setattr(ops, "_plain_eager_inference", lambda given: True)
+    k, v, kw = scan_inputs(kind, T=30)
+    del kw["initial_state"]
+    with torch.no_grad(), work:
+        o, final = triton_chunkwise_scan(k, v, **kw)
+    assert work.seen == ["clamp"] * (kind == "gated_delta") + [
+        "empty", "_wy_inverse_kernel", "empty", "empty", "_prepare_kernel",
+        "empty", "empty", "zeros", "_states_kernel", "empty", "_output_kernel"], work.seen
+    want_o, want_final = reference(k, v, kw)
+    assert rel_err(o, want_o) < 1e-4 and rel_err(final, want_final) < 1e-4
+
+
+@pytest.mark.parametrize("N,T", [(2, 0), (0, 5)])
+def test_no_steps_or_no_sequences_launch_nothing_and_keep_the_initial_state(N, T, monkeypatch):
+    """With T = 0 (or N = 0) no kernel runs: the output is empty, the final state is the initial
+    one (zeros when none is given), and its gradient passes through unchanged."""
+    from nlcompile.targets.triton import tuning
+
+    monkeypatch.setattr(tuning.ChunkKernel, "launch", lambda *a, **kw: pytest.fail("a kernel launched"))
+    gen = Draws(0)
+    k, q, v = F.normalize(gen.randn(N, T, 16), dim=-1), gen.randn(N, T, 16), gen.randn(N, T, 32)
+    h0, beta = gen.randn(N, 16, 32), gen.rand(N, T)
+    with torch.no_grad():
+        for given in (h0, None):
+            o, final = triton_chunkwise_scan(k, v, q=q, beta=beta, initial_state=given)
+            assert o.shape == (N, T, 32) and torch.equal(final, h0 if given is not None else torch.zeros_like(h0))
+    h0.requires_grad_(True)
+    o, final = triton_chunkwise_scan(k, v, q=q, beta=beta, initial_state=h0)
+    cotangent = gen.randn(N, 16, 32)
+    (grad,) = torch.autograd.grad((final * cotangent).sum(), h0)
+    assert torch.equal(final, h0) and torch.equal(grad, cotangent)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU; on the CPU "

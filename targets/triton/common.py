@@ -8,6 +8,7 @@ the one place where block sizes and warps are chosen per device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import triton
@@ -494,20 +495,29 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec
     the tile cap (for measuring: with fp32 "ieee" dots at chunk 64 and dk = dv = 128 the backward
     kernels spill 1.5-7 KB per thread).
     """
+    precs = (prec,) if isinstance(prec, str) else tuple(prec)
+    blocks = _blocks(torch.device(device).type, dk, dv, chunk, precs, knobs.triton_chunk(), knobs.triton_warps())
+    if blocks.chunk != chunk and not shrink:
+        raise ValueError(f"chunk {chunk} is too long for dk={dk}, dv={dv} with {'/'.join(precs)} dots on "
+                         f"{device}: at most {blocks.chunk} (ops.kernel_chunk picks it)")
+    return blocks
+
+
+@lru_cache(maxsize=256)
+def _blocks(device_type: str, dk: int, dv: int, chunk: int, precs: tuple[str, ...], forced_chunk: int | None,
+            forced_warps: int | None) -> Blocks:
+    """``kernel_blocks``' choice, a pure function of its arguments and the two knobs (``forced_*``), kept:
+    every call of the scan asks it before its first launch, which a GPU waits idle for."""
     bk = block(dk)
-    if torch.device(device).type == "cuda":
-        precs = (prec,) if isinstance(prec, str) else tuple(prec)
+    if device_type == "cuda":
         tile = min(_CUDA_TILE_BF16 if p.startswith("bf16") else _CUDA_TILE for p in precs)
         longest = _CUDA_MAX_CHUNK_IEEE if "ieee" in precs else chunk
         c = chunk
-        while c > 16 and (c * max(bk, block(dv)) > tile or c > longest) and not knobs.triton_chunk():
+        while c > 16 and (c * max(bk, block(dv)) > tile or c > longest) and not forced_chunk:
             c //= 2
         bv = min(block(dv), _CUDA_MAX_BV, max(16, _CUDA_TILE // bk))
-        warps = knobs.triton_warps() or _CUDA_WARPS
+        warps = forced_warps or _CUDA_WARPS
         bkd = min(bk, _CUDA_BKD)
-        if c != chunk and not shrink:
-            raise ValueError(f"chunk {chunk} is too long for dk={dk}, dv={dv} with {'/'.join(precs)} dots on "
-                             f"{device}: at most {c} (ops.kernel_chunk picks it)")
     else:
         c = chunk
         bv = min(block(dv), 64 if bk <= 128 else 32)

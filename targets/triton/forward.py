@@ -277,46 +277,45 @@ def chunk_forward(
     nc = cdiv(t, c)
     L = nc * c
     f32 = dict(device=dev, dtype=torch.float32)
+    operands = dict(device=dev, dtype=operand_dtype(prec))
     k, v = k.contiguous(), v.contiguous()
     q = None if q is None else q.contiguous()
     beta = None if beta is None else beta.contiguous()
     coef = None if coef is None else coef.contiguous()
     g = None if g is None else g.contiguous()
-    h0 = torch.zeros(n, dk, dv, **f32) if h0 is None else h0.contiguous()
     delta = beta is not None
-
-    if q is not None:
-        o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32)
-    else:
-        o = torch.empty(0, **f32)
-    operands = dict(device=dev, dtype=operand_dtype(prec))
-    H = torch.empty(n, nc, dk, dv, **operands)
-    h_final = torch.empty(n, dk, dv, **f32)
-    Vp = torch.empty(n, L, dv, **operands) if delta else torch.empty(0, **f32)
-    W = torch.empty(n, L, dk, **operands) if delta else torch.empty(0, **f32)
-    Tm = torch.empty(n, L, c, **operands) if delta else torch.empty(0, **f32)
-    if t == 0 or n == 0:
-        h_final.copy_(h0)
-        return o, h_final, H, Vp, W, Tm
-
     meta = dict(C=c, BK=blocks.BK, GATE=gate, PREC=prec)
     g_arg = g if g is not None else k  # dummy pointer, never read when GATE == 0
-    unused = torch.empty(1, **f32)     # dummy for buffers a kernel neither reads nor writes here
-    if delta:
-        if gate != 2:
-            WY_INVERSE.launch(lambda m: (nc, n), (k, beta, g_arg, Tm, t, n, L, heads, dk),
-                              dict(C=c, BK=blocks.BK, BKD=inverse_key_block(blocks, dev), GATE=gate, PREC=prec),
-                              blocks, dev)
+
+    # Each buffer allocated, and the zero initial state filled, just before the launch that first
+    # writes (reads) it: the GPU waits idle from a call's start until its first launch.
+    runs = t > 0 and n > 0
+    nothing = lambda: torch.empty(0, **f32)  # noqa: E731
+    Tm = torch.empty(n, L, c, **operands) if delta else nothing()
+    if runs and delta and gate != 2:
+        WY_INVERSE.launch(lambda m: (nc, n), (k, beta, g_arg, Tm, t, n, L, heads, dk),
+                          dict(C=c, BK=blocks.BK, BKD=inverse_key_block(blocks, dev), GATE=gate, PREC=prec),
+                          blocks, dev)
+    Vp, W = (torch.empty(n, L, dv, **operands), torch.empty(n, L, dk, **operands)) if delta else (nothing(), nothing())
+    if runs and delta:
         PREPARE.launch(lambda m: (nc, n), (k, v, beta, beta if coef is None else coef, g_arg, W, Vp, Tm, t, n, L,
                                            heads, dk, dv),
                        dict(meta, BV=blocks.BV_prepare, BKC=blocks.BKC, HAS_COEF=coef is not None),
                        blocks, dev)
+    H = torch.empty(n, nc, dk, dv, **operands)
+    h_final = torch.empty(n, dk, dv, **f32)
+    h0 = torch.zeros(n, dk, dv, **f32) if h0 is None else h0.contiguous()
     src, src_rows, src_heads = (Vp, L, 1) if delta else (v, t, heads)   # V' in our layout, v in the inputs'
-    STATES.launch(lambda m: (n, cdiv(dv, m["BV"])),
-                  (k, src, g_arg, W if delta else unused, Vp if delta else unused, h0, H, h_final,
-                   t, n, src_rows, nc, heads, src_heads, dk, dv),
-                  dict(meta, HAS_BETA=delta), blocks, dev)
-    if q is not None:
+    if runs:
+        # without beta W and V' are neither read nor written: a dummy element (not the caller's v: ``STATES``)
+        w_arg, vp_arg = (W, Vp) if delta else (torch.empty(1, **f32),) * 2
+        STATES.launch(lambda m: (n, cdiv(dv, m["BV"])),
+                      (k, src, g_arg, w_arg, vp_arg, h0, H, h_final, t, n, src_rows, nc, heads, src_heads, dk, dv),
+                      dict(meta, HAS_BETA=delta), blocks, dev)
+    else:
+        h_final.copy_(h0)
+    o = torch.empty(*prefix, dv, device=dev, dtype=out_dtype or torch.float32) if q is not None else nothing()
+    if runs and q is not None:
         OUTPUT.launch(lambda m: (nc, n, cdiv(dv, m["BV"])),
                       (q, k, src, g_arg, H, o, t, n, src_rows, nc, float(scale), heads, src_heads, dk, dv),
                       dict(meta, BKC=blocks.BKC, BKD=blocks.BKD, BEFORE=bool(before)), blocks, dev)

@@ -260,9 +260,8 @@ def triton_chunkwise_scan(
         g = log_gate.float().clamp(min=LOG_GATE_FLOOR)
     else:   # gates, not floored: a tiny gate's gradient is not tiny (d/da of a S is S)
         g = gate.float().log() if gate is not None else None
-    h0 = (initial_state.float() if initial_state is not None
-          else k.new_zeros(n, dk, dv, dtype=torch.float32))
-    if recompute and initial_state is not None and torch.is_grad_enabled():
+    h0 = initial_state.float() if initial_state is not None else None   # None: zeros
+    if recompute and h0 is not None and torch.is_grad_enabled():
         h0 = h0.clone()   # kept for the recomputation: a copy, as in ``targets.scan.checkpointed``
     per_channel = g is not None and g.dim() == k.dim()
     fwd, bwd = dot_precision(k, q, compute_dtype=compute_dtype), dot_precision(k, q, True, compute_dtype)
@@ -271,9 +270,12 @@ def triton_chunkwise_scan(
         on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
                 + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
+    direct = _plain_eager_inference(given)   # the op's own implementation, without its dispatch
+    if h0 is None and not direct:   # the op's schema takes a tensor (chunk_forward fills its own after a launch)
+        h0 = k.new_zeros(n, dk, dv, dtype=torch.float32)
     args = (contiguous(k), contiguous(v), contiguous(q), contiguous(None if beta is None else beta.float()),
-            contiguous(g), h0.contiguous(), c, readout == "before", contiguous(coef), out_dtype, q_scale)
-    if _plain_eager_inference(given):   # the op's own implementation, without its dispatch
+            contiguous(g), contiguous(h0), c, readout == "before", contiguous(coef), out_dtype, q_scale)
+    if direct:
         o, final, *_ = chunk_forward(*args, compute_dtype)
     else:
         o, final, *_ = chunk_scan(*args, bool(recompute), compute_dtype)
