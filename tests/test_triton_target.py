@@ -114,8 +114,8 @@ def test_query_scale_is_applied_by_the_kernels(kind, readout, monkeypatch):
     (and to dO in the backward): q reaches them unscaled, not as a scaled copy."""
     import nlcompile.targets.triton.ops as ops
 
-    seen, op = [], ops.chunk_scan
-    monkeypatch.setattr(ops, "chunk_scan", lambda k, v, q, *rest: seen.append(q) or op(k, v, q, *rest))
+    seen, run = [], ops.chunk_forward   # what every path runs (the op's implementation, and without it)
+    monkeypatch.setattr(ops, "chunk_forward", lambda k, v, q, *rest, **kw: seen.append(q) or run(k, v, q, *rest, **kw))
     k, v, kw = scan_inputs(kind, T=37)
     check_against_float64(k, v, kw, readout, q_scale=0.3)
     assert seen and seen[0] is kw["q"]
@@ -538,17 +538,26 @@ class _Subclass(torch.Tensor):
     pass
 
 
-def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
-    """A plain eager call with nothing for autograd to record runs the forward op's implementation
-    directly (``ops._plain_eager_inference``), bit-identical to the op; with an input requiring
-    grad, under a dispatch mode, a function mode (a default device), torch.compile, torch.vmap or
-    torch.export, and for meta tensors or a tensor subclass, the op itself runs (export keeps it as
-    one node, meta tensors get its fake implementation's shapes)."""
+def test_a_plain_eager_call_skips_the_ops_dispatch(monkeypatch):
+    """A plain eager call runs the ops' implementations directly (``ops._plain_eager``): the forward
+    op's (``chunk_forward``) with nothing for autograd to record, else ``ops._EagerScan`` (the op's
+    autograd formula around them, no op), both bit-identical to the op, gradients too; under a
+    dispatch mode, a function mode (a default device), torch.compile, torch.vmap or torch.export,
+    and for meta tensors or a tensor subclass, the op itself runs (export keeps it as one node,
+    meta tensors get its fake implementation's shapes)."""
     import nlcompile.targets.triton.ops as ops
 
     calls = []
     op = ops.chunk_scan
     monkeypatch.setattr(ops, "chunk_scan", lambda *a: calls.append("op") or op(*a))
+
+    class Recorded(ops._EagerScan):
+        @classmethod
+        def apply(cls, *args):
+            calls.append("eager autograd")
+            return super().apply(*args)
+
+    monkeypatch.setattr(ops, "_EagerScan", Recorded)
     k, v, kw = scan_inputs("gated_delta", T=30)
     scan = lambda: triton_chunkwise_scan(k, v, **kw)  # noqa: E731
     with torch.no_grad(), _HostReads():
@@ -557,7 +566,7 @@ def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
     def path(run) -> str:
         calls.clear()
         assert all(torch.equal(got, w) for got, w in zip(run(), want))
-        return "op" if calls else "direct"
+        return calls[0] if calls else "direct"
 
     assert calls == ["op"]
     with _no_function_mode():
@@ -575,8 +584,21 @@ def test_an_eager_call_without_autograd_skips_the_ops_dispatch(monkeypatch):
             meta = {n: x.to("meta") if torch.is_tensor(x) else x for n, x in kw.items()}
             o, s = triton_chunkwise_scan(k.to("meta"), v.to("meta"), **meta)
             assert calls == ["op"] and o.is_meta and o.shape == want[0].shape and s.shape == want[1].shape
-        kw["q"].requires_grad_(True)
-        assert path(scan) == "op"
+        leaves = [kw["q"].requires_grad_(True), kw["initial_state"].requires_grad_(True)]
+        grads = {}
+        for mode in (contextlib.nullcontext(), torch.device(k.device)):
+            calls.clear()
+            with mode:
+                o, s = scan()
+                grads[calls[0]] = torch.autograd.grad(o.square().sum() + s.sum(), leaves)
+        assert list(grads) == ["eager autograd", "op"], list(grads)
+        assert all(torch.equal(a, b) for a, b in zip(grads["eager autograd"], grads["op"]))
+        with pytest.raises(RuntimeError, match="differentiate twice"):   # as the op's: no second derivative
+            o, s = scan()
+            (dq,) = torch.autograd.grad(o.square().sum(), kw["q"], create_graph=True)
+            dq.sum().backward()
+        kw["q"].requires_grad_(False)
+        kw["initial_state"].requires_grad_(False)
 
     class Layer(torch.nn.Module):
         def forward(self, k, v, q, beta, log_gate, h0):
@@ -614,14 +636,14 @@ def test_a_call_allocates_each_buffer_just_before_the_launch_that_writes_it(kind
     """A GPU waits idle from a call's start until its first launch, so before it the host does only
     what that launch needs (the log-gates' floor, the WY inverses' buffer), and each other buffer is
     allocated, and a zero initial state filled, just before the launch that first writes (reads) it
-    (``forward.chunk_forward``; the direct path, ``ops._plain_eager_inference``, which a dispatch
+    (``forward.chunk_forward``; the direct path, ``ops._plain_eager``, which a dispatch
     mode turns off, forced here)."""
     import nlcompile.targets.triton.ops as ops
     from nlcompile.targets.triton import tuning
 
     work = _DeviceWork()
     monkeypatch.setattr(tuning.ChunkKernel, "launch", work.launch(tuning.ChunkKernel.launch))
-    monkeypatch.setattr(ops, "_plain_eager_inference", lambda given: True)
+    monkeypatch.setattr(ops, "_plain_eager", lambda given: True)
     k, v, kw = scan_inputs(kind, T=30)
     del kw["initial_state"]
     with torch.no_grad(), work:

@@ -496,7 +496,8 @@ def kernel_blocks(device: torch.device | str, dk: int, dv: int, chunk: int, prec
     kernels spill 1.5-7 KB per thread).
     """
     precs = (prec,) if isinstance(prec, str) else tuple(prec)
-    blocks = _blocks(torch.device(device).type, dk, dv, chunk, precs, knobs.triton_chunk(), knobs.triton_warps())
+    choose = _blocks.__wrapped__ if torch.compiler.is_compiling() else _blocks   # (Dynamo warns of lru_cache)
+    blocks = choose(torch.device(device).type, dk, dv, chunk, precs, knobs.triton_chunk(), knobs.triton_warps())
     if blocks.chunk != chunk and not shrink:
         raise ValueError(f"chunk {chunk} is too long for dk={dk}, dv={dv} with {'/'.join(precs)} dots on "
                          f"{device}: at most {blocks.chunk} (ops.kernel_chunk picks it)")

@@ -4,8 +4,8 @@
 opaque to ``torch.compile`` / ``torch.export``: each has a fake (meta)
 implementation giving output shapes, and the forward's autograd formula calls
 the backward op, so a compiled graph keeps them as single nodes and Inductor
-fuses the code around them (a plain eager call with nothing for autograd to record runs the
-forward op's implementation without its dispatch: ``_plain_eager_inference``).  The version in
+fuses the code around them (a plain eager call runs the ops' implementations without their
+dispatch: ``_plain_eager``, ``_EagerScan``).  The version in
 their names changes with their schemas: a graph that torch.compile cached (AOTAutograd's cache,
 keyed on the traced graph, not on the schemas of the ops it calls) calls the ops as they were
 when it was compiled, so a changed op takes a new name rather than meet an old cache entry (seen
@@ -35,6 +35,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
+from torch.autograd.function import once_differentiable
 
 from nlcompile import knobs
 from nlcompile.targets.scan import Readout, chunkwise_scan, recomputing
@@ -123,28 +124,51 @@ def _setup_context(ctx, inputs, output):
     # then run at the forward's precision whatever the queries' dtype
     ctx.compute_dtype = kernel_dtype(k, q, compute_dtype)
     ctx.mark_non_differentiable(*intermediates)
+    ctx.eager = False
 
 
 def _backward(ctx, do, dh_final, *_intermediates):
     k, v, q, beta, g, h0, coef, *intermediates = ctx.saved_tensors
+    # the ops' implementations themselves where the forward ran as ``_EagerScan`` (no tracer here)
+    forward, backward = (chunk_forward, chunk_backward) if ctx.eager else (chunk_scan, chunk_scan_backward)
     if h0 is None:   # only its shape matters to the backward
         h0 = k.new_empty(ctx.h0_shape, dtype=torch.float32)
     if not intermediates:   # recompute: the forward's WY-inverse, prepare and states kernels again (no readout)
-        intermediates = chunk_scan(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef,
-                                   compute_dtype=ctx.compute_dtype)[2:]
+        intermediates = forward(k, v, None, beta, g, h0, ctx.chunk, ctx.before, coef,
+                                compute_dtype=ctx.compute_dtype)[2:]
     states, v_new, w, tm = intermediates
     if dh_final is None:
         dh_final = torch.zeros_like(h0, dtype=torch.float32)
     if q is not None and do is None:
         do = k.new_zeros(*k.shape[:-1], v.shape[-1], dtype=torch.float32)
-    grads = chunk_scan_backward(k, v, q, beta, g, h0, states, v_new, w, tm, do if q is not None else None,
-                                dh_final, ctx.chunk, ctx.before, coef, ctx.scale, ctx.compute_dtype)
+    grads = backward(k, v, q, beta, g, h0, states, v_new, w, tm, do if q is not None else None,
+                     dh_final, ctx.chunk, ctx.before, coef, ctx.scale, ctx.compute_dtype)
     inputs = (k, v, q, beta, g, h0, coef)
     dk, dv, dq, dbeta, dg, dh0, dcoef = [None if x is None else gx.to(x.dtype) for x, gx in zip(inputs, grads)]
     return dk, dv, dq, dbeta, dg, dh0, None, None, dcoef, None, None, None, None
 
 
 chunk_scan.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerScan(torch.autograd.Function):
+    """``chunk_scan`` and its autograd formula, without the op: for a plain eager call that autograd
+    records (``_plain_eager``), where the op's dispatch, its argument normalisation for the formula
+    and the backward op's dispatch are host time the GPU may wait for."""
+
+    @staticmethod
+    def forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, recompute, compute_dtype):
+        return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, compute_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _setup_context(ctx, inputs, output)
+        ctx.eager = True
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        return _backward(ctx, *grads)
 
 
 def kernel_chunk(chunk_size: int, per_channel: bool, device: torch.device | str, dk: int, dv: int,
@@ -270,30 +294,29 @@ def triton_chunkwise_scan(
         on_plan(f"the Triton kernels, chunk {c}, {fwd} dots" + ("" if bwd == fwd else f" ({bwd} in the backward)")
                 + (", chunk states recomputed in the backward" if recompute else ""))
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
-    direct = _plain_eager_inference(given)   # the op's own implementation, without its dispatch
-    if h0 is None and not direct:   # the op's schema takes a tensor (chunk_forward fills its own after a launch)
+    eager = _plain_eager(given)   # the op's implementation (and formula), without its dispatch
+    inference = eager and not (torch.is_grad_enabled() and any(x.requires_grad for x in given))
+    if h0 is None and not inference:   # the op's schema takes a tensor (chunk_forward fills its own after a launch)
         h0 = k.new_zeros(n, dk, dv, dtype=torch.float32)
     args = (contiguous(k), contiguous(v), contiguous(q), contiguous(None if beta is None else beta.float()),
             contiguous(g), contiguous(h0), c, readout == "before", contiguous(coef), out_dtype, q_scale)
-    if direct:
+    if inference:
         o, final, *_ = chunk_forward(*args, compute_dtype)
     else:
-        o, final, *_ = chunk_scan(*args, bool(recompute), compute_dtype)
+        o, final, *_ = (_EagerScan.apply if eager else chunk_scan)(*args, bool(recompute), compute_dtype)
     return (o if q is not None else None), final
 
 
-def _plain_eager_inference(tensors: list[Tensor]) -> bool:
-    """Whether a call may run the forward op's implementation (``chunk_forward``) directly: nothing
-    for autograd to record (grad off, or no input requiring it), and nothing that must see the op as
-    such (torch.compile tracing, a dispatch or function mode such as export's fake tensors, a
-    functorch transform, a tensor subclass, meta tensors).  The op's dispatch (autograd's no-grad
-    path, the redispatch, its compiler guard) took 26-30 us of a forward call's 164-174 us of host
-    time, 17-20 of them before its first launch, while a GPU waits idle at the start of every call
-    (``benchmarks/host_overhead.py --triton``'s forward on this project's 2-core CPU, DeltaNet and
-    Gated DeltaNet, the two paths alternated three times in one process)."""
+def _plain_eager(tensors: list[Tensor]) -> bool:
+    """Whether a call may run the ops' implementations directly (``chunk_forward``, and with autograd
+    recording ``_EagerScan``): nothing that must see the op as such (torch.compile tracing, a
+    dispatch or function mode such as export's fake tensors, a functorch transform, a tensor
+    subclass, meta tensors).  The forward op's dispatch (autograd's no-grad path, the redispatch,
+    its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20 of them
+    before its first launch, while a GPU waits idle at the start of every call; the ops' path of a
+    forward+backward step some 100 us of 650-664 (``benchmarks/host_overhead.py --triton`` on this
+    project's 2-core CPU, DeltaNet and Gated DeltaNet, the two paths alternated three times)."""
     if torch.compiler.is_compiling():   # first: what follows is not for the tracer
-        return False
-    if torch.is_grad_enabled() and any(x.requires_grad for x in tensors):
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
