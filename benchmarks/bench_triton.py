@@ -43,7 +43,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -221,21 +221,30 @@ def fla_kernel(model: str, unchecked: bool = False):
     return call
 
 
-def variant_knobs(prec: str, warps: str, chunk: str) -> dict[str, str]:
-    """The environment knobs of one variant of our kernels: tl.dot precision, warps ("auto": the
-    launchers' choice, autotuned on CUDA; "fixed": their untuned configuration) and chunk length
-    ("auto": ``ops.kernel_chunk``'s choice)."""
-    return {"NLCOMPILE_TRITON_DOT": prec,
-            "NLCOMPILE_TRITON_WARPS": "auto" if warps == "fixed" else warps,
-            "NLCOMPILE_TRITON_TUNE": "0" if warps == "fixed" else "auto",
-            "NLCOMPILE_TRITON_CHUNK": chunk}
+def variant_knobs(prec: str, warps: str, chunk: str) -> dict[str, Optional[str]]:
+    """The environment knobs one variant of our kernels sets (None: unset): tl.dot precision, warps
+    ("fixed": the untuned configuration) and chunk length.  "auto" sets nothing: the launchers'
+    choice under the environment as it is, which the variant's label names too (its dots and
+    chunk, "tuned" where tuning is on: with ``NLCOMPILE_TRITON_TUNE=0`` set, as the GPU test stage
+    of ``gpu_check.sh`` sets it, the "auto" variant runs untuned, not tuning every test shape)."""
+    knobs: dict[str, Optional[str]] = {}
+    if prec != "auto":
+        knobs["NLCOMPILE_TRITON_DOT"] = prec
+    if chunk != "auto":
+        knobs["NLCOMPILE_TRITON_CHUNK"] = chunk
+    if warps == "fixed":
+        knobs.update(NLCOMPILE_TRITON_WARPS=None, NLCOMPILE_TRITON_TUNE="0")
+    elif warps != "auto":   # forced warps are the untuned launch's (``tuning.tuning_enabled``)
+        knobs["NLCOMPILE_TRITON_WARPS"] = warps
+    return knobs
 
 
 @contextlib.contextmanager
-def kernel_knobs(wanted: dict[str, str]):
-    """Set the knobs ("auto": unset) while timing, the backward included (it launches later, from autograd)."""
+def kernel_knobs(wanted: dict[str, Optional[str]]):
+    """Set the knobs (None: unset) while timing, the backward included (it launches later, from
+    autograd); the others as they are."""
     old = {name: os.environ.pop(name, None) for name in wanted}
-    os.environ.update({name: value for name, value in wanted.items() if value != "auto"})
+    os.environ.update({name: value for name, value in wanted.items() if value is not None})
     try:
         yield
     finally:
@@ -508,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dots", default="auto", help="comma-separated tl.dot precisions to time our kernels with: "
                     "auto (by the inputs' dtype here), ieee, tf32x3, tf32, bf16")
     ap.add_argument("--warps", default="auto", help="comma-separated warps per program to time our kernels with "
-                    "(auto: autotuned on CUDA; fixed: the untuned launch), crossed with --dots")
+                    "(auto: autotuned on CUDA unless NLCOMPILE_TRITON_TUNE=0; fixed: the untuned launch), "
+                    "crossed with --dots")
     ap.add_argument("--models", default="DeltaNet,GatedDeltaNet", help="comma-separated: DeltaNet, GatedDeltaNet")
     ap.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="q, k, v dtype (beta, gates: fp32)")
     ap.add_argument("--dim", type=int, default=128, help="head dim D of q, k, v (not with --smoke)")

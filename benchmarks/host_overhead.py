@@ -32,9 +32,9 @@ columns do not compare.
 Inputs are on the GPU where there is one, else on the CPU (under ``TRITON_INTERPRET=1`` without
 ``--triton``: the kernels' device check), small (B=1, H=2 by default) and with the initial state
 given (``--no-initial-state``: none, as ``bench_triton.py`` calls the kernels; then our path fills a
-zero state, after its first launch): large CPU tensors would add the CPU allocator's and memsets'
-costs, which a GPU's caching allocator and its kernels do not have.  Medians over many calls;
-absolute times drift with the machine's load.
+zero state, after its first launch where autograd records nothing): large CPU tensors would add the
+CPU allocator's and memsets' costs, which a GPU's caching allocator and its kernels do not have.
+Medians over many calls; absolute times drift with the machine's load.
 """
 from __future__ import annotations
 

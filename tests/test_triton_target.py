@@ -548,8 +548,9 @@ def test_a_plain_eager_call_skips_the_ops_dispatch(monkeypatch):
     import nlcompile.targets.triton.ops as ops
 
     calls = []
-    op = ops.chunk_scan
+    op, backward_op = ops.chunk_scan, ops.chunk_scan_backward
     monkeypatch.setattr(ops, "chunk_scan", lambda *a: calls.append("op") or op(*a))
+    monkeypatch.setattr(ops, "chunk_scan_backward", lambda *a: calls.append("backward op") or backward_op(*a))
 
     class Recorded(ops._EagerScan):
         @classmethod
@@ -591,6 +592,7 @@ def test_a_plain_eager_call_skips_the_ops_dispatch(monkeypatch):
             with mode:
                 o, s = scan()
                 grads[calls[0]] = torch.autograd.grad(o.square().sum() + s.sum(), leaves)
+            assert calls == [calls[0], *["backward op"] * (calls[0] == "op")], calls   # the backward alike
         assert list(grads) == ["eager autograd", "op"], list(grads)
         assert all(torch.equal(a, b) for a, b in zip(grads["eager autograd"], grads["op"]))
         with pytest.raises(RuntimeError, match="differentiate twice"):   # as the op's: no second derivative
@@ -609,6 +611,58 @@ def test_a_plain_eager_call_skips_the_ops_dispatch(monkeypatch):
                                                  kw["initial_state"]))
     nodes = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert nodes.count(torch.ops.nlcompile.chunk_scan_v4.default) == 1, nodes
+
+
+class _ZeroFills(TorchDispatchMode):
+    """Records the shapes of the tensors that zero-filling aten ops produce."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if "zero" in func.overloadpacket.__name__:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("path", ["eager autograd", "op"])
+def test_the_backward_gets_no_zero_gradients_for_outputs_the_loss_ignores(path):
+    """Outputs that the loss does not use reach the autograd formula as None
+    (``ctx.set_materialize_grads(False)``), not as zero tensors autograd would allocate and fill: the
+    chunk states, V', W and the WY inverses (288 MiB at the benchmark's shape, every backward);
+    only the final state's zero cotangent, which the kernels read, is filled."""
+    k, v, kw = scan_inputs("gated_delta", T=40)
+    for x in (k, v, kw["q"]):
+        x.requires_grad_(True)
+    with torch.device(k.device) if path == "op" else contextlib.nullcontext():   # a function mode: the op
+        o, final = triton_chunkwise_scan(k, v, chunk_size=16, **kw)
+    fills = _ZeroFills()
+    with fills:
+        grads = torch.autograd.grad(o.square().sum(), (k, v, kw["q"]))
+    assert fills.shapes == [tuple(final.shape)], fills.shapes
+    want = torch.autograd.grad(reference(k, v, kw)[0].square().sum(), (k, v, kw["q"]))
+    assert all(rel_err(g, w) < 1e-4 for g, w in zip(grads, want))
+
+
+def test_compiled_autograd_sees_the_ops_after_an_eager_forward():
+    """A forward recorded eagerly (``ops._EagerScan``) whose backward compiled autograd traces: the
+    formula calls the ops then (a tracer must not reach the launchers), with the plain backward's
+    gradients."""
+    import torch._dynamo.compiled_autograd as compiled_autograd
+
+    grads = []
+    for compiled in (False, True):
+        k, v, kw = scan_inputs("gated_delta", T=20)
+        leaves = (k, v, kw["q"], kw["initial_state"])
+        for x in leaves:
+            x.requires_grad_(True)
+        o, s = triton_chunkwise_scan(k, v, chunk_size=16, **kw)
+        with compiled_autograd._enable(torch.compile(backend="eager")) if compiled else contextlib.nullcontext():
+            (o.square().sum() + s.sum()).backward()
+        grads.append([x.grad for x in leaves])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
 class _DeviceWork(TorchDispatchMode):
@@ -1063,6 +1117,28 @@ def test_gpu_benchmark_script_runs_in_smoke_mode(capsys, tmp_path):
     rendered = capsys.readouterr().out
     assert [line for line in rendered.splitlines() if line.startswith("| ")] == \
         [line for line in out.splitlines() if line.startswith("| ")]
+
+
+def test_gpu_benchmark_variants_set_only_the_knobs_they_fix(monkeypatch):
+    """bench_triton's "auto" variant leaves the environment as it is (the launchers' choice, which its
+    label names: with ``NLCOMPILE_TRITON_TUNE=0``, as gpu_check.sh runs the tests, untuned, not
+    tuning every shape of the smoke test); the others set their knobs while they run, then restore."""
+    import os
+
+    bench = load_benchmark("bench_triton")
+    monkeypatch.setenv("NLCOMPILE_TRITON_TUNE", "0")
+    monkeypatch.setenv("NLCOMPILE_TRITON_WARPS", "4")
+    monkeypatch.delenv("NLCOMPILE_TRITON_DOT", raising=False)
+    monkeypatch.delenv("NLCOMPILE_TRITON_CHUNK", raising=False)
+    before = dict(os.environ)
+    assert bench.variant_knobs("auto", "auto", "auto") == {}
+    with bench.kernel_knobs(bench.variant_knobs("bf16", "fixed", "32")):
+        assert [os.environ.get(name) for name in ("NLCOMPILE_TRITON_DOT", "NLCOMPILE_TRITON_TUNE",
+                                                  "NLCOMPILE_TRITON_WARPS", "NLCOMPILE_TRITON_CHUNK")] \
+            == ["bf16", "0", None, "32"]
+    with bench.kernel_knobs(bench.variant_knobs("auto", "8", "auto")):
+        assert os.environ["NLCOMPILE_TRITON_WARPS"] == "8" and os.environ["NLCOMPILE_TRITON_TUNE"] == "0"
+    assert dict(os.environ) == before
 
 
 def test_gpu_benchmark_timeline_accounts_for_a_call():

@@ -124,13 +124,18 @@ def _setup_context(ctx, inputs, output):
     # then run at the forward's precision whatever the queries' dtype
     ctx.compute_dtype = kernel_dtype(k, q, compute_dtype)
     ctx.mark_non_differentiable(*intermediates)
+    # outputs without a gradient reach the backward as None, not as zeros autograd would allocate
+    # and fill (the intermediates' alone: 288 MB at B=8, H=16, T=2048, d=128, bf16 dots)
+    ctx.set_materialize_grads(False)
     ctx.eager = False
 
 
 def _backward(ctx, do, dh_final, *_intermediates):
     k, v, q, beta, g, h0, coef, *intermediates = ctx.saved_tensors
-    # the ops' implementations themselves where the forward ran as ``_EagerScan`` (no tracer here)
-    forward, backward = (chunk_forward, chunk_backward) if ctx.eager else (chunk_scan, chunk_scan_backward)
+    # the ops' implementations themselves where the forward ran as ``_EagerScan``, unless a tracer
+    # (compiled autograd) runs this backward: it must see the ops
+    direct = ctx.eager and not torch.compiler.is_compiling()
+    forward, backward = (chunk_forward, chunk_backward) if direct else (chunk_scan, chunk_scan_backward)
     if h0 is None:   # only its shape matters to the backward
         h0 = k.new_empty(ctx.h0_shape, dtype=torch.float32)
     if not intermediates:   # recompute: the forward's WY-inverse, prepare and states kernels again (no readout)
@@ -296,8 +301,8 @@ def triton_chunkwise_scan(
     contiguous = lambda x: None if x is None else x.contiguous()  # noqa: E731
     eager = _plain_eager(given)   # the op's implementation (and formula), without its dispatch
     inference = eager and not (torch.is_grad_enabled() and any(x.requires_grad for x in given))
-    if h0 is None and not inference:   # the op's schema takes a tensor (chunk_forward fills its own after a launch)
-        h0 = k.new_zeros(n, dk, dv, dtype=torch.float32)
+    if h0 is None and not inference:   # for the op's schema and the autograd formula (chunk_forward fills its
+        h0 = k.new_zeros(n, dk, dv, dtype=torch.float32)   # own zeros after its first launch)
     args = (contiguous(k), contiguous(v), contiguous(q), contiguous(None if beta is None else beta.float()),
             contiguous(g), contiguous(h0), c, readout == "before", contiguous(coef), out_dtype, q_scale)
     if inference:
@@ -314,7 +319,7 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
     subclass, meta tensors).  The forward op's dispatch (autograd's no-grad path, the redispatch,
     its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20 of them
     before its first launch, while a GPU waits idle at the start of every call; the ops' path of a
-    forward+backward step some 100 us of 650-664 (``benchmarks/host_overhead.py --triton`` on this
+    forward+backward step 90-100 us of 650-664 (``benchmarks/host_overhead.py --triton`` on this
     project's 2-core CPU, DeltaNet and Gated DeltaNet, the two paths alternated three times)."""
     if torch.compiler.is_compiling():   # first: what follows is not for the tracer
         return False
