@@ -595,6 +595,11 @@ def test_a_plain_eager_call_skips_the_ops_dispatch(monkeypatch):
             assert calls == [calls[0], *["backward op"] * (calls[0] == "op")], calls   # the backward alike
         assert list(grads) == ["eager autograd", "op"], list(grads)
         assert all(torch.equal(a, b) for a, b in zip(grads["eager autograd"], grads["op"]))
+        learned = torch.nn.Parameter(kw["initial_state"].detach().clone())   # a learned initial state
+        calls.clear()
+        o, s = triton_chunkwise_scan(k, v, **dict(kw, initial_state=learned))
+        assert calls == ["eager autograd"] and torch.equal(
+            torch.autograd.grad(o.square().sum() + s.sum(), learned)[0], grads["op"][1])
         with pytest.raises(RuntimeError, match="differentiate twice"):   # as the op's: no second derivative
             o, s = scan()
             (dq,) = torch.autograd.grad(o.square().sum(), kw["q"], create_graph=True)
@@ -613,18 +618,28 @@ def test_a_plain_eager_call_skips_the_ops_dispatch(monkeypatch):
     assert nodes.count(torch.ops.nlcompile.chunk_scan_v4.default) == 1, nodes
 
 
-class _ZeroFills(TorchDispatchMode):
-    """Records the shapes of the tensors that zero-filling aten ops produce."""
+class _DeviceWork(TorchDispatchMode):
+    """Records the aten ops a call runs, and (``launch``, patched over ``tuning.ChunkKernel.launch``)
+    each kernel launch by name, in order; ``zero_fills``: the shapes of the tensors that zero-filling
+    ops produce."""
 
     def __init__(self):
         super().__init__()
-        self.shapes = []
+        self.seen, self.zero_fills = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if "zero" in func.overloadpacket.__name__:
-            self.shapes.append(tuple(out.shape))
+        self.seen.append(func.overloadpacket.__name__)
+        if "zero" in self.seen[-1]:
+            self.zero_fills.append(tuple(out.shape))
         return out
+
+    def launch(self, original):
+        def recorded(kernel, *args, **kwargs):
+            self.seen.append(kernel.name)
+            with _disable_current_modes():   # the interpreted kernel's own tensor work is not the call's
+                return original(kernel, *args, **kwargs)
+        return recorded
 
 
 @pytest.mark.parametrize("path", ["eager autograd", "op"])
@@ -638,10 +653,10 @@ def test_the_backward_gets_no_zero_gradients_for_outputs_the_loss_ignores(path):
         x.requires_grad_(True)
     with torch.device(k.device) if path == "op" else contextlib.nullcontext():   # a function mode: the op
         o, final = triton_chunkwise_scan(k, v, chunk_size=16, **kw)
-    fills = _ZeroFills()
-    with fills:
+    work = _DeviceWork()
+    with work:
         grads = torch.autograd.grad(o.square().sum(), (k, v, kw["q"]))
-    assert fills.shapes == [tuple(final.shape)], fills.shapes
+    assert work.zero_fills == [tuple(final.shape)], work.zero_fills
     want = torch.autograd.grad(reference(k, v, kw)[0].square().sum(), (k, v, kw["q"]))
     assert all(rel_err(g, w) < 1e-4 for g, w in zip(grads, want))
 
@@ -663,26 +678,6 @@ def test_compiled_autograd_sees_the_ops_after_an_eager_forward():
             (o.square().sum() + s.sum()).backward()
         grads.append([x.grad for x in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
-
-
-class _DeviceWork(TorchDispatchMode):
-    """Records the aten ops a call runs, and (``launch``, patched over ``tuning.ChunkKernel.launch``)
-    each kernel launch by name, in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-    def launch(self, original):
-        def recorded(kernel, *args, **kwargs):
-            self.seen.append(kernel.name)
-            with _disable_current_modes():   # the interpreted kernel's own tensor work is not the call's
-                return original(kernel, *args, **kwargs)
-        return recorded
 
 
 @pytest.mark.parametrize("kind", ["delta", "gated_delta"])

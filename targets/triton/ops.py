@@ -125,7 +125,7 @@ def _setup_context(ctx, inputs, output):
     ctx.compute_dtype = kernel_dtype(k, q, compute_dtype)
     ctx.mark_non_differentiable(*intermediates)
     # outputs without a gradient reach the backward as None, not as zeros autograd would allocate
-    # and fill (the intermediates' alone: 288 MB at B=8, H=16, T=2048, d=128, bf16 dots)
+    # and fill (the intermediates' alone: 288 MiB at B=8, H=16, T=2048, d=128, bf16 dots)
     ctx.set_materialize_grads(False)
     ctx.eager = False
 
@@ -316,7 +316,7 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
     """Whether a call may run the ops' implementations directly (``chunk_forward``, and with autograd
     recording ``_EagerScan``): nothing that must see the op as such (torch.compile tracing, a
     dispatch or function mode such as export's fake tensors, a functorch transform, a tensor
-    subclass, meta tensors).  The forward op's dispatch (autograd's no-grad path, the redispatch,
+    subclass other than ``nn.Parameter``, meta tensors).  The forward op's dispatch (autograd's no-grad path, the redispatch,
     its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20 of them
     before its first launch, while a GPU waits idle at the start of every call; the ops' path of a
     forward+backward step 90-100 us of 650-664 (``benchmarks/host_overhead.py --triton`` on this
@@ -326,4 +326,8 @@ def _plain_eager(tensors: list[Tensor]) -> bool:
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()):
         return False
-    return all(type(x) is Tensor and not x.is_meta for x in tensors)   # meta: the op's fake implementation
+    # nn.Parameter: a plain tensor to dispatch (a learned initial state); meta: the op's fake implementation
+    return all(type(x) in _PLAIN and not x.is_meta for x in tensors)
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
