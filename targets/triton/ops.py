@@ -313,14 +313,15 @@ def triton_chunkwise_scan(
 
 
 def _plain_eager(tensors: list[Tensor]) -> bool:
-    """Whether a call may run the ops' implementations directly (``chunk_forward``, and with autograd
-    recording ``_EagerScan``): nothing that must see the op as such (torch.compile tracing, a
-    dispatch or function mode such as export's fake tensors, a functorch transform, a tensor
-    subclass other than ``nn.Parameter``, meta tensors).  The forward op's dispatch (autograd's no-grad path, the redispatch,
-    its compiler guard) took 26-30 us of a forward call's 164-174 us of host time, 17-20 of them
-    before its first launch, while a GPU waits idle at the start of every call; the ops' path of a
-    forward+backward step 90-100 us of 650-664 (``benchmarks/host_overhead.py --triton`` on this
-    project's 2-core CPU, DeltaNet and Gated DeltaNet, the two paths alternated three times)."""
+    """Whether a call may run the ops' implementations directly (``chunk_forward``, and with
+    autograd recording ``_EagerScan``): nothing that must see the op as such (torch.compile tracing,
+    a dispatch or function mode such as export's fake tensors, a functorch transform, a tensor
+    subclass other than ``nn.Parameter``, meta tensors). The forward op's dispatch (autograd's
+    no-grad path, the redispatch, its compiler guard) took 26-30 us of a forward call's 164-174 us
+    of host time, 17-20 of them before its first launch, while a GPU waits idle at the start of
+    every call; the ops' path of a forward+backward step 90-100 us of 650-664
+    (``benchmarks/host_overhead.py --triton`` on this project's 2-core CPU, DeltaNet and Gated
+    DeltaNet, the two paths alternated three times)."""
     if torch.compiler.is_compiling():   # first: what follows is not for the tracer
         return False
     if (torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
