@@ -119,9 +119,10 @@ def triton_launch_path(record: Callable[[], None]) -> Iterator[None]:
 
 def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: bool = False,
             fla: bool = False, initial_state: bool = True) -> dict[str, float]:
-    """Median host microseconds: to the first launch, the forward call, a forward+backward step
-    (and the kernels a forward launched); of flash-linear-attention's chunk function instead of
-    ours with ``fla`` (under ``--triton``); without ``initial_state``, none given (zeros)."""
+    """Median host microseconds: to the first launch, the forward call, a forward+backward step and
+    its first launch ("first of step": the forward's, autograd recording), and the kernels a forward
+    launched; of flash-linear-attention's chunk function instead of ours with ``fla`` (under
+    ``--triton``); without ``initial_state``, none given (zeros)."""
     from nlcompile.targets.triton.ops import triton_chunkwise_scan
 
     launches: list[float] = []
@@ -144,7 +145,7 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: boo
             return triton_chunkwise_scan(x[1], x[2], q=x[0], beta=beta, log_gate=g, out_dtype=torch.bfloat16,
                                          initial_state=h0)[0]
 
-        first, forward, step = [], [], []
+        first, forward, step, step_first = [], [], [], []
         leaves = tuple(x.detach().requires_grad_(True) for x in (q, k, v))
         warm = calls // 10
         for i in range(calls + warm):   # forward calls in a row, as bench_triton.py times them
@@ -157,15 +158,17 @@ def measure(gated: bool, B: int, T: int, H: int, D: int, calls: int, triton: boo
                 forward.append(time.perf_counter() - t0)
         forward_launches = len(launches)
         for i in range(calls + warm):   # then forward+backward steps
+            launches.clear()
             t0 = time.perf_counter()
             call(leaves).float().sum().backward()
             if device.type == "cuda":   # the loss's own kernels are real: wait for them
                 torch.cuda.synchronize()
             if i >= warm:
                 step.append(time.perf_counter() - t0)
+                step_first.append(launches[0] - t0)
     us = lambda xs: statistics.median(xs) * 1e6  # noqa: E731
     return {"to the first launch": us(first), "forward": us(forward), "forward+backward": us(step),
-            "launches": forward_launches}
+            "first of step": us(step_first), "launches": forward_launches}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,15 +216,16 @@ def main(argv: list[str] | None = None) -> int:
            else "kernel launches stubbed")
     print(f"host time per call, {how} (B={args.B} T={args.T} H={args.H} D={args.D}, bf16, "
           f"{'no' if args.no_initial_state else 'an'} initial state, medians of {args.calls} calls)")
-    print("| model | to the first launch (us) | forward (us) | forward+backward (us) | kernels a forward launches |")
-    print("|---|---|---|---|---|")
+    print("| model | to the first launch (us) | forward (us) | forward+backward (us) | a step's first launch (us) "
+          "| kernels a forward launches |")
+    print("|---|---|---|---|---|---|")
     for _ in range(args.rounds):
         for model, gated in (("DeltaNet", False), ("Gated DeltaNet", True)):
             for fla in (False, True)[:1 + args.fla]:
                 r = measure(gated, args.B, args.T, args.H, args.D, args.calls, triton=args.triton_child, fla=fla,
                             initial_state=not args.no_initial_state)
                 print(f"| {'fla ' * fla}{model} | {r['to the first launch']:.0f} | {r['forward']:.0f} | "
-                      f"{r['forward+backward']:.0f} | {r['launches']} |", flush=True)
+                      f"{r['forward+backward']:.0f} | {r['first of step']:.0f} | {r['launches']} |", flush=True)
     return 0
 
 

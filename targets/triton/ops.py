@@ -159,16 +159,18 @@ chunk_scan.register_autograd(_backward, setup_context=_setup_context)
 class _EagerScan(torch.autograd.Function):
     """``chunk_scan`` and its autograd formula, without the op: for a plain eager call that autograd
     records (``_plain_eager``), where the op's dispatch, its argument normalisation for the formula
-    and the backward op's dispatch are host time the GPU may wait for."""
+    and the backward op's dispatch are host time the GPU may wait for.  The context is set up inside
+    ``forward``, not in a ``setup_context`` of its own: with one, ``Function.apply`` binds every call's
+    arguments to ``forward``'s signature (``inspect``), which functorch transforms need and this
+    path never meets (``_plain_eager``)."""
 
     @staticmethod
-    def forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, recompute, compute_dtype):
-        return chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, compute_dtype)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
+    def forward(ctx, *inputs):
+        k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, _, compute_dtype = inputs
+        output = chunk_forward(k, v, q, beta, g, h0, chunk, before, coef, out_dtype, scale, compute_dtype)
         _setup_context(ctx, inputs, output)
         ctx.eager = True
+        return output
 
     @staticmethod
     @once_differentiable
