@@ -47,6 +47,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
+import triton
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -554,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
         shape, lengths, repeats = dict(B=8, H=16, D=args.dim), [int(t) for t in args.lengths.split(",")], 10
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU (Triton interpreter: {os.environ.get('TRITON_INTERPRET', '0')})"
-    device_name += f"; B={shape['B']} H={shape['H']} D={shape['D']}, {args.dtype} q, k, v"
+    device_name += f"; B={shape['B']} H={shape['H']} D={shape['D']}, {args.dtype} q, k, v" \
+                   f"; torch {torch.__version__}, triton {triton.__version__}"
     models = args.models.split(",")
     unknown = set(models) - {"DeltaNet", "GatedDeltaNet"}
     if unknown:

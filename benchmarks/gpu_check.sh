@@ -30,7 +30,8 @@
 # $OUT/triton-autotune.tgz after the benchmark (one file: the device tool returns at most 8, so the
 # install log is kept only when the install fails); a folder .triton-autotune/ holding them (carried
 # from an earlier run) is put into the cache first, so a rerun skips the tuning of unchanged kernels
-# (its "first fwd call" times are then not cold; an H100's results serve an H200 too, both sm_90).
+# (its "first fwd call" times are then not cold; seen 2026-11-28: a fresh H100 used an H100's results
+# but tuned again over an H200's, so carry the kind's own).
 # To carry them: `mkdir -p .triton-autotune && tar xzf triton-autotune.tgz -C .triton-autotune`
 # (git-ignored) and add .triton-autotune to the run's carry list beside .whl.
 set -u
