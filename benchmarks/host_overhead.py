@@ -9,11 +9,11 @@ On a GPU, a call timed alone (as ``bench_triton.py`` times them) leaves the GPU 
 host's first launch, and a host slower than the GPU's work shows in the time of every call: at
 T=2048 on an H200 (2026-11-27) our forward took 0.95 ms against fla's 0.82 while its kernels' work
 grew with T no faster than fla's (``docs/triton-notes.md``, earlier GPU runs); on an H100
-(2026-11-28) its host time was 0.26-0.54 ms against fla's 0.49-0.97 (README).  This measures the
-Python of that path on the host: the host time from the call to its first launch, the whole call
-(forward, no autograd), and a forward + backward step (autograd on q, k, v).  By default
-``tuning.ChunkKernel.launch`` is replaced by a stub that records when it is called, which leaves
-out Triton's launch path.
+(2026-11-28) its host time at T=2048 was 0.26-0.57 ms against fla's 0.49-0.97 (README).  This
+measures the Python of that path on the host: the host time from the call to its first launch, the
+whole call (forward, no autograd), and a forward + backward step (autograd on q, k, v).  By
+default ``tuning.ChunkKernel.launch`` is replaced by a stub that records when it is called, which
+leaves out Triton's launch path.
 
 ``--triton`` (no GPU needed; not on one, where ``bench_triton.py``'s host column times the real
 launches) keeps that path as a GPU runs it, in a child process where Triton is not interpreted:
